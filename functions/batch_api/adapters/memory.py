@@ -1,0 +1,251 @@
+"""In-memory adapters of every storage port: the fakes for logic tests, and the reference the
+contract suite holds the local and AWS adapters to."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from batch_api.contract.errors import AlreadyExists, ConditionFailed
+from batch_api.contract.models import (
+    TERMINAL_STATUSES,
+    BatchRecord,
+    ChunkProgress,
+    FileRecord,
+    UploadPartRecord,
+    UploadRecord,
+)
+
+
+def _apply(record: Any, changes: Mapping[str, Any]) -> Any:
+    data = record.model_dump()
+    for key, value in changes.items():
+        data[key] = value.model_dump() if hasattr(value, "model_dump") else value
+    return type(record).model_validate(data)
+
+
+def _after(items: list[Any], after: str | None) -> list[Any]:
+    if after is None:
+        return items
+    for i, item in enumerate(items):
+        if item.id == after:
+            return items[i + 1 :]
+    return []
+
+
+class MemoryMetadataStore:
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.files: dict[str, FileRecord] = {}
+        self.uploads: dict[str, UploadRecord] = {}
+        self.parts: dict[str, list[UploadPartRecord]] = {}
+        self.batches: dict[str, BatchRecord] = {}
+        self.progress: dict[str, dict[int, ChunkProgress]] = {}
+        self.idempotency: dict[tuple[str, str], str] = {}
+
+    # files
+    def create_file(self, record: FileRecord) -> None:
+        with self._lock:
+            if record.id in self.files:
+                raise AlreadyExists(record.id)
+            self.files[record.id] = record.model_copy(deep=True)
+
+    def get_file(self, project_id: str, file_id: str) -> FileRecord | None:
+        record = self.files.get(file_id)
+        return record.model_copy(deep=True) if record and record.project_id == project_id else None
+
+    def list_files(
+        self, project_id: str, *, purpose: str | None, order: str, after: str | None, limit: int, now: int
+    ) -> list[FileRecord]:
+        with self._lock:
+            items = [
+                f
+                for f in self.files.values()
+                if f.project_id == project_id and f.is_live(now) and (purpose is None or f.purpose == purpose)
+            ]
+        items.sort(key=lambda f: (f.created_at, f.id), reverse=(order == "desc"))
+        return [f.model_copy(deep=True) for f in _after(items, after)[:limit]]
+
+    def mark_file_deleted(self, project_id: str, file_id: str) -> bool:
+        with self._lock:
+            record = self.files.get(file_id)
+            if record is None or record.project_id != project_id or record.deleted:
+                return False
+            self.files[file_id] = _apply(record, {"deleted": True})
+            return True
+
+    def list_expired_files(self, now: int, limit: int) -> list[FileRecord]:
+        with self._lock:
+            items = [
+                f for f in self.files.values() if not f.deleted and f.expires_at is not None and f.expires_at <= now
+            ]
+        items.sort(key=lambda f: (f.expires_at or 0, f.id))
+        return [f.model_copy(deep=True) for f in items[:limit]]
+
+    # uploads
+    def create_upload(self, record: UploadRecord) -> None:
+        with self._lock:
+            if record.id in self.uploads:
+                raise AlreadyExists(record.id)
+            self.uploads[record.id] = record.model_copy(deep=True)
+
+    def get_upload(self, project_id: str, upload_id: str) -> UploadRecord | None:
+        record = self.uploads.get(upload_id)
+        return record.model_copy(deep=True) if record and record.project_id == project_id else None
+
+    def update_upload(
+        self, project_id: str, upload_id: str, changes: Mapping[str, Any], *, expected_status: Iterable[str]
+    ) -> UploadRecord:
+        with self._lock:
+            record = self.uploads.get(upload_id)
+            if record is None or record.project_id != project_id or record.status not in set(expected_status):
+                raise ConditionFailed(upload_id)
+            self.uploads[upload_id] = _apply(record, changes)
+            return self.uploads[upload_id].model_copy(deep=True)
+
+    def add_upload_part(self, part: UploadPartRecord) -> None:
+        with self._lock:
+            self.parts.setdefault(part.upload_id, []).append(part.model_copy(deep=True))
+
+    def get_upload_parts(self, upload_id: str) -> list[UploadPartRecord]:
+        with self._lock:
+            return [p.model_copy(deep=True) for p in self.parts.get(upload_id, [])]
+
+    # batches
+    def create_batch(self, record: BatchRecord) -> None:
+        with self._lock:
+            if record.id in self.batches:
+                raise AlreadyExists(record.id)
+            self.batches[record.id] = record.model_copy(deep=True)
+
+    def get_batch(self, project_id: str, batch_id: str) -> BatchRecord | None:
+        record = self.batches.get(batch_id)
+        return record.model_copy(deep=True) if record and record.project_id == project_id else None
+
+    def list_batches(self, project_id: str, *, after: str | None, limit: int) -> list[BatchRecord]:
+        with self._lock:
+            items = [b for b in self.batches.values() if b.project_id == project_id]
+        items.sort(key=lambda b: (b.created_at, b.id), reverse=True)
+        return [b.model_copy(deep=True) for b in _after(items, after)[:limit]]
+
+    def update_batch(
+        self, project_id: str, batch_id: str, changes: Mapping[str, Any], *, expected_status: Iterable[str]
+    ) -> BatchRecord:
+        with self._lock:
+            record = self.batches.get(batch_id)
+            if record is None or record.project_id != project_id or record.status not in set(expected_status):
+                raise ConditionFailed(batch_id)
+            self.batches[batch_id] = _apply(record, changes)
+            return self.batches[batch_id].model_copy(deep=True)
+
+    def list_active_batches(self) -> list[BatchRecord]:
+        with self._lock:
+            items = [b for b in self.batches.values() if b.status not in TERMINAL_STATUSES]
+        items.sort(key=lambda b: (b.created_at, b.id))
+        return [b.model_copy(deep=True) for b in items]
+
+    def put_chunk_progress(self, batch_id: str, progress: ChunkProgress) -> None:
+        with self._lock:
+            self.progress.setdefault(batch_id, {})[progress.index] = progress.model_copy(deep=True)
+
+    def list_chunk_progress(self, batch_id: str) -> list[ChunkProgress]:
+        with self._lock:
+            chunks = self.progress.get(batch_id, {})
+            return [chunks[i].model_copy(deep=True) for i in sorted(chunks)]
+
+    def claim_idempotency_key(self, project_id: str, key: str, resource_id: str, created_at: int) -> str:
+        with self._lock:
+            return self.idempotency.setdefault((project_id, key), resource_id)
+
+
+class MemoryBlobStore:
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.objects: dict[str, bytes] = {}
+        self.expiry: dict[str, int] = {}
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self.objects[key] = bytes(data)
+
+    def write_stream(self, key: str, chunks: Iterable[bytes]) -> int:
+        data = b"".join(chunks)
+        self.put(key, data)
+        return len(data)
+
+    def get(self, key: str) -> bytes:
+        with self._lock:
+            return self.objects[key]
+
+    def iter_range(
+        self, key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes]:
+        data = self.get(key)
+        stop = len(data) if end is None else min(end, len(data))
+        for offset in range(start, stop, chunk_size):
+            yield data[offset : min(offset + chunk_size, stop)]
+
+    def size(self, key: str) -> int:
+        return len(self.get(key))
+
+    def exists(self, key: str) -> bool:
+        return key in self.objects
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self.objects.pop(key, None)
+
+    def delete_prefix(self, prefix: str) -> None:
+        with self._lock:
+            for key in [k for k in self.objects if k.startswith(prefix)]:
+                del self.objects[key]
+
+    def list_keys(self, prefix: str) -> list[str]:
+        with self._lock:
+            return sorted(k for k in self.objects if k.startswith(prefix))
+
+    def set_expiry(self, key: str, expires_at: int) -> None:
+        self.expiry[key] = expires_at
+
+    def download_url(self, key: str, *, filename: str, expires_in: int) -> str | None:
+        return None
+
+
+class MemoryJournal:
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.lines: dict[tuple[str, int], list[bytes]] = {}
+
+    def append(self, batch_id: str, chunk_index: int, lines: list[bytes]) -> None:
+        with self._lock:
+            self.lines.setdefault((batch_id, chunk_index), []).extend(lines)
+
+    def read(self, batch_id: str, chunk_index: int) -> Iterator[bytes]:
+        with self._lock:
+            lines = list(self.lines.get((batch_id, chunk_index), []))
+        yield from lines
+
+    def delete_batch(self, batch_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self.lines if k[0] == batch_id]:
+                del self.lines[key]
+
+
+class RecordingEventSink:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, detail_type: str, detail: Mapping[str, Any]) -> None:
+        self.events.append((detail_type, dict(detail)))
+
+
+class RecordingWorkflow:
+    """Remembers which batches were started; tests drive the steps themselves."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, str]] = []
+
+    def start(self, project_id: str, batch_id: str) -> None:
+        if (project_id, batch_id) not in self.started:
+            self.started.append((project_id, batch_id))

@@ -1,0 +1,69 @@
+"""One typed settings model, read from `BATCH_API_*` environment variables at the entry points only.
+
+Nothing below the entry points (CLI, Lambda handlers) reads `os.environ`; they pass `Settings` down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BATCH_API_", extra="ignore")
+
+    # local server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Path("./.batch-api")
+    public_base_url: str | None = None  # how clients reach this server (download links); default http://host:port
+
+    # upstream model endpoint
+    upstream: Literal["http", "mock"] | None = None  # None: "http" when upstream_url is set, else "mock"
+    upstream_url: str | None = None  # an OpenAI-compatible base URL, e.g. http://localhost:8001/v1
+    upstream_api_key: SecretStr | None = None
+    upstream_timeout_seconds: float = Field(default=600.0, gt=0)
+    upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    upstream_max_retries: int = Field(default=5, ge=0, le=20)
+    upstream_backoff_base_seconds: float = Field(default=0.5, ge=0)
+    upstream_backoff_max_seconds: float = Field(default=60.0, ge=0)
+    mock_latency_seconds: float = Field(default=0.0, ge=0)
+
+    # workflow
+    chunk_max_lines: int = Field(default=1000, ge=1)
+    chunk_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    chunk_concurrency: int = Field(default=4, ge=1, le=1000)  # chunks processed at once
+    requests_per_chunk: int = Field(default=32, ge=1, le=1024)  # requests in flight per chunk
+    completion_window_seconds: int = Field(default=86400, ge=1)  # the length of the "24h" window
+    progress_interval_seconds: float = Field(default=1.0, gt=0)  # how often counts and cancel are checked
+    max_batch_errors: int = Field(default=1000, ge=1)  # validation errors kept in Batch.errors
+
+    # API
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: no auth, one local project
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)  # bigger files: Uploads API
+    max_inline_download_bytes: int = Field(default=8 * 1024 * 1024, ge=0)  # bigger: 302 to a signed link
+    file_sweep_interval_seconds: float = Field(default=60.0, gt=0)
+
+    log_level: str = "INFO"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @property
+    def upstream_kind(self) -> Literal["http", "mock"]:
+        if self.upstream is not None:
+            return self.upstream
+        return "http" if self.upstream_url else "mock"
+
+    @property
+    def base_url(self) -> str:
+        if self.public_base_url:
+            return self.public_base_url.rstrip("/")
+        return f"http://{self.host}:{self.port}"

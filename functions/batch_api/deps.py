@@ -1,0 +1,25 @@
+"""The bundle of ports a use case or workflow step runs against. Built in one place per entry point
+(`local/bootstrap.py` for the local server, the Lambda handlers' module scope on AWS)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from batch_api.config import Settings
+from batch_api.ports import BlobStore, Clock, EventSink, MetadataStore, ResultJournal, UpstreamFactory, Workflow
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    metadata: MetadataStore
+    blobs: BlobStore
+    journal: ResultJournal
+    events: EventSink
+    workflow: Workflow
+    upstream_factory: UpstreamFactory
+    clock: Clock = field(default=time.time)
+
+    def now(self) -> int:
+        return int(self.clock())

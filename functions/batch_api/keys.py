@@ -1,0 +1,23 @@
+"""Object keys, the same in S3 and under the local data directory (DESIGN section 4)."""
+
+from __future__ import annotations
+
+
+def file_key(file_id: str) -> str:
+    return f"files/{file_id}"
+
+
+def upload_part_key(upload_id: str, part_id: str) -> str:
+    return f"uploads/{upload_id}/parts/{part_id}"
+
+
+def upload_prefix(upload_id: str) -> str:
+    return f"uploads/{upload_id}/"
+
+
+def manifest_key(batch_id: str) -> str:
+    return f"batches/{batch_id}/manifest.json"
+
+
+def batch_prefix(batch_id: str) -> str:
+    return f"batches/{batch_id}/"

@@ -1,0 +1,168 @@
+"""The ports: small Protocols the service layer and the workflow steps depend on.
+
+Adapters live in `adapters/local` (SQLite, a data directory, an in-process runner) and
+`adapters/aws` (DynamoDB, S3, Step Functions, EventBridge). Only adapters touch storage SDKs.
+Every method is synchronous; the async upstream client is the one exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from batch_api.contract.models import BatchRecord, ChunkProgress, FileRecord, UploadPartRecord, UploadRecord
+
+
+class MetadataStore(Protocol):
+    """Records scoped by project. Conditional writes raise `ConditionFailed` / `AlreadyExists`."""
+
+    # files
+    def create_file(self, record: FileRecord) -> None:
+        """Insert; `AlreadyExists` if the id is taken (same id twice is how finalize stays idempotent)."""
+
+    def get_file(self, project_id: str, file_id: str) -> FileRecord | None:
+        """The record, including deleted/expired ones; callers decide liveness."""
+
+    def list_files(
+        self, project_id: str, *, purpose: str | None, order: str, after: str | None, limit: int, now: int
+    ) -> list[FileRecord]:
+        """Live files (not deleted, not expired at `now`) ordered by (created_at, id) `order`,
+        strictly after the file `after` in that order, at most `limit` of them."""
+
+    def mark_file_deleted(self, project_id: str, file_id: str) -> bool:
+        """Return False when there was no live record to delete."""
+
+    def list_expired_files(self, now: int, limit: int) -> list[FileRecord]:
+        """Files (any project) not yet deleted whose expires_at <= now."""
+
+    # uploads
+    def create_upload(self, record: UploadRecord) -> None: ...
+
+    def get_upload(self, project_id: str, upload_id: str) -> UploadRecord | None: ...
+
+    def update_upload(
+        self, project_id: str, upload_id: str, changes: Mapping[str, Any], *, expected_status: Iterable[str]
+    ) -> UploadRecord:
+        """Apply `changes` only if the status is one of `expected_status`; else `ConditionFailed`."""
+
+    def add_upload_part(self, part: UploadPartRecord) -> None: ...
+
+    def get_upload_parts(self, upload_id: str) -> list[UploadPartRecord]: ...
+
+    # batches
+    def create_batch(self, record: BatchRecord) -> None: ...
+
+    def get_batch(self, project_id: str, batch_id: str) -> BatchRecord | None: ...
+
+    def list_batches(self, project_id: str, *, after: str | None, limit: int) -> list[BatchRecord]:
+        """Newest first by (created_at, id); strictly after the batch `after` in that order."""
+
+    def update_batch(
+        self, project_id: str, batch_id: str, changes: Mapping[str, Any], *, expected_status: Iterable[str]
+    ) -> BatchRecord:
+        """Apply `changes` (field -> new value, pydantic values as dicts or models) if the status is
+        one of `expected_status`; return the new record; else `ConditionFailed`."""
+
+    def list_active_batches(self) -> list[BatchRecord]:
+        """Every batch (any project) whose status is not terminal: what a restart must resume."""
+
+    def put_chunk_progress(self, batch_id: str, progress: ChunkProgress) -> None:
+        """Overwrite the progress of one chunk."""
+
+    def list_chunk_progress(self, batch_id: str) -> list[ChunkProgress]: ...
+
+    # idempotency keys
+    def claim_idempotency_key(self, project_id: str, key: str, resource_id: str, created_at: int) -> str:
+        """Record key -> resource_id if absent; return the resource id stored for the key either way."""
+
+
+class BlobStore(Protocol):
+    """File bodies by key (`files/{id}`, `uploads/{id}/parts/{part}`, `batches/{id}/...`)."""
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write whole, atomically: readers see the old object or the new one, never a part."""
+
+    def write_stream(self, key: str, chunks: Iterable[bytes]) -> int:
+        """Write whole from an iterable without holding it in memory; atomic; return the size."""
+
+    def get(self, key: str) -> bytes: ...
+
+    def iter_range(self, key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Stream bytes [start, end) (end None: to the end). `KeyError` if absent."""
+
+    def size(self, key: str) -> int:
+        """`KeyError` if absent."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None:
+        """Absent is fine."""
+
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys under prefix, sorted."""
+
+    def set_expiry(self, key: str, expires_at: int) -> None:
+        """Hint the store to delete the object after `expires_at` (S3: lifecycle tag; local: no-op,
+        the sweep removes expired files)."""
+
+    def download_url(self, key: str, *, filename: str, expires_in: int) -> str | None:
+        """A URL a client can GET the bytes from (S3 presigned, local signed link), or None."""
+
+
+class ResultJournal(Protocol):
+    """Append-only result lines per (batch, chunk), so finished requests survive a crash.
+
+    Lines are the final output/error JSONL lines (bytes ending in b"\\n"). A torn last line
+    (crash mid-write) is dropped on read.
+    """
+
+    def append(self, batch_id: str, chunk_index: int, lines: list[bytes]) -> None: ...
+
+    def read(self, batch_id: str, chunk_index: int) -> Iterator[bytes]: ...
+
+    def delete_batch(self, batch_id: str) -> None: ...
+
+
+class Workflow(Protocol):
+    def start(self, project_id: str, batch_id: str) -> None:
+        """Start processing; starting the same batch twice is harmless."""
+
+
+class EventSink(Protocol):
+    def publish(self, detail_type: str, detail: Mapping[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    """What came back for one request: an HTTP answer (status_code set) or a transport failure (error set)."""
+
+    status_code: int | None
+    body: Any = None  # parsed JSON when status_code is set
+    request_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    attempts: int = 1
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class Upstream(Protocol):
+    """An OpenAI-compatible model endpoint. Async: one client serves many requests in flight."""
+
+    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+        """POST `body` (the input line's body, unchanged) to `endpoint` (e.g. "/v1/chat/completions"),
+        with retries; never raises for upstream or transport failures."""
+
+    async def aclose(self) -> None: ...
+
+
+class UpstreamFactory(Protocol):
+    def __call__(self) -> Upstream:
+        """A fresh client bound to the running event loop."""
+
+
+class Clock(Protocol):
+    def __call__(self) -> float:
+        """Unix time in seconds."""
