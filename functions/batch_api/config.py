@@ -43,7 +43,8 @@ class Settings(BaseSettings):
 
     # API
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: no auth, one local project
-    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)  # bigger files: Uploads API
+    # one HTTP request body: fits a 64 MiB Uploads part with its multipart framing; bigger files: Uploads API
+    max_request_bytes: int = Field(default=80 * 1024 * 1024, ge=1024)
     max_inline_download_bytes: int = Field(default=8 * 1024 * 1024, ge=0)  # bigger: 302 to a signed link
     file_sweep_interval_seconds: float = Field(default=60.0, gt=0)
 

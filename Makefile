@@ -1,0 +1,48 @@
+# Two commands matter: `make run` (the local server on its embedded defaults) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test unit contract integration e2e lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/batch-api serve
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -q
+
+unit: $(STAMP)
+	$(PY) -m pytest -m unit -q
+
+contract: $(STAMP)
+	$(PY) -m pytest -m contract -q
+
+integration: $(STAMP)
+	$(PY) -m pytest -m integration -q
+
+e2e: $(STAMP)
+	$(PY) -m pytest -m e2e -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check functions tests bench
+	$(VENV)/bin/ruff format --check functions tests bench
+	$(VENV)/bin/mypy functions
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix functions tests bench
+	$(VENV)/bin/ruff format functions tests bench
+
+bench: $(STAMP)
+	$(PY) bench/upstream_client.py
+	$(PY) bench/memory_200mb.py
+	$(PY) bench/pipeline_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,84 @@
+"""The one place where exceptions become HTTP answers in the OpenAI error envelope.
+
+Every non-2xx answer is `{"error": {"message", "type", "param", "code"}}` with all four keys. Bad input
+is always a 400 that names the parameter, never Powertools' 422 and never a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.event_handler.exceptions import NotFoundError
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from batch_api.contract.errors import ApiError, InvalidRequest, NotFound, ServerError
+
+logger = Logger(service="batch-api")
+
+SERVER_ERROR_MESSAGE = "The server had an error while processing your request. Sorry about that!"
+
+
+def error_response(error: ApiError) -> Response[Any]:
+    headers = {"x-should-retry": "false"} if error.retryable is False else None
+    return Response(
+        status_code=error.status_code,
+        content_type=content_types.APPLICATION_JSON,
+        body=error.envelope(),
+        headers=headers,
+    )
+
+
+def _param_from_loc(loc: tuple[int | str, ...] | list[int | str]) -> str | None:
+    param = ""
+    for item in loc:
+        if isinstance(item, int):
+            param += f"[{item}]"
+        elif item != "body":  # Powertools' request validation prefixes the source
+            param += f".{item}" if param else str(item)
+    return param or None
+
+
+def invalid_request_from(errors: list[Any]) -> InvalidRequest:
+    """The first pydantic error as an OpenAI 400 naming the parameter."""
+    if not errors:
+        return InvalidRequest("Invalid request.")
+    first = errors[0]
+    param = _param_from_loc(tuple(first.get("loc", ())))
+    kind = first.get("type", "")
+    if kind == "missing":
+        return InvalidRequest(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
+    code = "invalid_type" if kind.endswith("_type") or kind.endswith("_parsing") else "invalid_value"
+    return InvalidRequest(
+        f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code=code
+    )
+
+
+def register_error_handlers(app: APIGatewayRestResolver) -> None:
+    @app.exception_handler(ApiError)
+    def _api_error(error: ApiError) -> Response[Any]:
+        if error.status_code >= 500:
+            logger.exception("server error answered to the client")
+        return error_response(error)
+
+    @app.not_found
+    def _unknown_route(_: NotFoundError) -> Response[Any]:
+        event = app.current_event
+        return error_response(NotFound(f"Invalid URL ({event.http_method} {event.path})"))
+
+    @app.exception_handler(ValidationError)
+    def _pydantic_error(error: ValidationError) -> Response[Any]:
+        return error_response(invalid_request_from(list(error.errors())))
+
+    @app.exception_handler(RequestValidationError)
+    def _request_validation_error(error: RequestValidationError) -> Response[Any]:
+        return error_response(invalid_request_from(list(error.errors())))
+
+    @app.exception_handler(Exception)
+    def _unexpected(error: Exception) -> Response[Any]:
+        logger.exception("unhandled error")
+        return error_response(ServerError(SERVER_ERROR_MESSAGE))

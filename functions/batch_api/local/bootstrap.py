@@ -1,0 +1,92 @@
+"""Wires the local adapters into `Deps`, in one place."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from batch_api.adapters.local.events import LogEventSink
+from batch_api.adapters.local.filesystem import FilesystemBlobStore, FilesystemJournal
+from batch_api.adapters.local.sqlite import SqliteMetadataStore
+from batch_api.config import Settings
+from batch_api.deps import Deps
+from batch_api.upstreams import make_upstream_factory
+from batch_api.workflow.runner_local import LocalWorkflow
+
+logger = logging.getLogger(__name__)
+
+
+class DataDirLocked(Exception):
+    """Another process already serves this data directory."""
+
+
+@dataclass
+class LocalApp:
+    settings: Settings
+    deps: Deps
+    workflow: LocalWorkflow
+    blobs: FilesystemBlobStore
+    signing_key: bytes
+    api: Any
+    lock_handle: IO[str]
+
+    def close(self) -> None:
+        self.workflow.stop()
+        self.lock_handle.close()
+
+
+def _signing_key(data_dir: Path) -> bytes:
+    """A per-data-directory secret for download links, kept across restarts so links stay valid."""
+    path = data_dir / "signing.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def _lock(data_dir: Path) -> IO[str]:
+    handle = (data_dir / "server.lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.close()
+        raise DataDirLocked(f"another batch-api process is using {data_dir}") from exc
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def build_local_app(settings: Settings) -> LocalApp:
+    from batch_api.handlers.api import create_app
+
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock_handle = _lock(data_dir)
+    signing_key = _signing_key(data_dir)
+    blobs = FilesystemBlobStore(data_dir / "blobs", base_url=settings.base_url, signing_key=signing_key)
+    workflow = LocalWorkflow()
+    deps = Deps(
+        settings=settings,
+        metadata=SqliteMetadataStore(data_dir / "metadata.sqlite3"),
+        blobs=blobs,
+        journal=FilesystemJournal(data_dir / "journal"),
+        events=LogEventSink(data_dir / "events.jsonl"),
+        workflow=workflow,
+        upstream_factory=make_upstream_factory(settings),
+    )
+    workflow.bind(deps)
+    return LocalApp(
+        settings=settings,
+        deps=deps,
+        workflow=workflow,
+        blobs=blobs,
+        signing_key=signing_key,
+        api=create_app(deps),
+        lock_handle=lock_handle,
+    )

@@ -1,0 +1,157 @@
+"""`batch-api`: the command line of the local twin.
+
+    batch-api serve            the Batch API on http://127.0.0.1:8000/v1 (data in ./.batch-api)
+    batch-api mock-upstream    the built-in deterministic mock as an OpenAI-compatible HTTP server
+
+Every flag of `serve` has a BATCH_API_* environment variable; a flag wins over the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+
+from batch_api.config import Settings
+
+logger = logging.getLogger("batch_api")
+
+# flag -> settings field, for flags whose value passes through unchanged
+_SERVE_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--host", "host", str, "interface to listen on (default 127.0.0.1)"),
+    ("--port", "port", int, "port to listen on (default 8000)"),
+    ("--data-dir", "data_dir", str, "where metadata and file bodies live (default ./.batch-api)"),
+    ("--public-base-url", "public_base_url", str, "how clients reach this server, for download links"),
+    ("--upstream-url", "upstream_url", str, "OpenAI-compatible base URL, e.g. http://localhost:8001/v1"),
+    ("--upstream-timeout", "upstream_timeout_seconds", float, "seconds one upstream request may take (600)"),
+    ("--upstream-max-retries", "upstream_max_retries", int, "retries on 429/5xx/timeouts/connection errors (5)"),
+    ("--upstream-backoff-base", "upstream_backoff_base_seconds", float, "first retry delay in seconds (0.5)"),
+    ("--mock-latency", "mock_latency_seconds", float, "seconds the built-in mock waits per request (0)"),
+    ("--chunk-max-lines", "chunk_max_lines", int, "requests per chunk (1000)"),
+    ("--chunk-max-bytes", "chunk_max_bytes", int, "bytes of input per chunk (16 MiB)"),
+    ("--chunk-concurrency", "chunk_concurrency", int, "chunks processed at once, across batches (4)"),
+    ("--requests-per-chunk", "requests_per_chunk", int, "requests in flight per chunk (32)"),
+    ("--completion-window-seconds", "completion_window_seconds", int, "length of the '24h' window (86400)"),
+    ("--max-request-bytes", "max_request_bytes", int, "largest HTTP request body (80 MiB)"),
+    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING (INFO)"),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batch-api", description="An OpenAI-compatible Batch API.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the Batch API as one durable local process")
+    for flag, field, kind, text in _SERVE_FLAGS:
+        serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    serve.add_argument("--upstream", dest="upstream", choices=["mock", "http"], default=None,
+                       help="'mock' for the built-in deterministic mock (the default without --upstream-url)")
+    serve.add_argument("--upstream-api-key", dest="upstream_api_key", default=None,
+                       help="API key sent upstream as a Bearer token (env BATCH_API_UPSTREAM_API_KEY; never logged)")
+    serve.add_argument("--api-key", dest="api_keys", action="append", default=None,
+                       help="require this API key from clients (repeatable; each key is its own project)")
+
+    mock = commands.add_parser("mock-upstream", help="serve the deterministic mock as an OpenAI-compatible server")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8001)
+    mock.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for _, field, _, _ in _SERVE_FLAGS:
+        value = getattr(args, field)
+        if value is not None:
+            overrides[field] = value
+    if args.upstream is not None:
+        overrides["upstream"] = args.upstream
+    if args.upstream_api_key is not None:
+        overrides["upstream_api_key"] = SecretStr(args.upstream_api_key)
+    if args.api_keys:
+        overrides["api_keys"] = [SecretStr(k) for k in args.api_keys]
+    return Settings(**overrides)
+
+
+def serve(settings: Settings) -> int:
+    from batch_api.local.bootstrap import DataDirLocked, build_local_app
+    from batch_api.local.server import LocalHTTPServer
+    from batch_api.service.files import sweep_expired_files
+
+    if settings.upstream_kind == "http" and not settings.upstream_url:
+        logger.error("--upstream http needs --upstream-url (or BATCH_API_UPSTREAM_URL)")
+        return 2
+    try:
+        app = build_local_app(settings)
+    except DataDirLocked as exc:
+        logger.error("%s; stop it first or use another --data-dir", exc)
+        return 2
+    try:
+        server = LocalHTTPServer(
+            (settings.host, settings.port), app=app.api, blobs=app.blobs,
+            signing_key=app.signing_key, max_request_bytes=settings.max_request_bytes,
+        )
+    except OSError as exc:
+        logger.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
+        app.close()
+        return 2
+
+    if settings.upstream_kind == "mock":
+        logger.warning(
+            "No upstream model server configured: using the built-in deterministic mock. "
+            "Results are SYNTHETIC. Pass --upstream-url http://host:port/v1 to run real requests."
+        )
+    else:
+        logger.info(
+            "upstream: %s (API key %s)", settings.upstream_url,
+            "set" if settings.upstream_api_key else "not set",
+        )
+    logger.info("data directory: %s", settings.data_dir.resolve())
+    resumed = app.workflow.resume()
+    if resumed:
+        logger.info("resumed %d unfinished batch(es)", resumed)
+    app.workflow.start_sweeper(lambda: sweep_expired_files(app.deps, limit=1000))
+
+    def stop(signum: int, _frame: Any) -> None:
+        logger.info("received %s, shutting down", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host, port = server.server_address[:2]
+    logger.info("Batch API listening on http://%s:%s/v1", host, port)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        app.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "mock-upstream":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from batch_api.upstreams.mock_server import run
+
+        run(args.host, args.port, args.latency)
+        return 0
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"batch-api: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

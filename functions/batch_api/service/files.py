@@ -1,0 +1,188 @@
+"""Files: create, list, retrieve, delete, download, and the sweep of expired files.
+
+A file is a blob (`files/{id}`) plus a FileRecord. The blob is written first and the record last, so a
+record always points at a complete body; a failed record write removes the blob again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from batch_api import keys
+from batch_api.contract import ids
+from batch_api.contract.errors import InvalidRequest, NotFound
+from batch_api.contract.models import (
+    BATCH_INPUT_DEFAULT_TTL,
+    OUTPUT_EXPIRES_MAX,
+    OUTPUT_EXPIRES_MIN,
+    UPLOADABLE_PURPOSES,
+    FileRecord,
+)
+from batch_api.deps import Deps
+
+FILE_LIST_MAX_LIMIT = 10_000
+FILE_ORDERS = ("asc", "desc")
+
+
+def validate_purpose(purpose: object) -> str:
+    """The purposes a caller may upload with (`batch_output` is ours to write)."""
+    if not isinstance(purpose, str) or purpose not in UPLOADABLE_PURPOSES:
+        raise InvalidRequest(
+            f"Invalid value for 'purpose': {purpose!r}. Supported values are: {', '.join(UPLOADABLE_PURPOSES)}.",
+            param="purpose",
+            code="invalid_value",
+        )
+    return purpose
+
+
+def expires_after_seconds(expires_after: Mapping[str, Any] | None, *, param: str) -> int | None:
+    """Check an `{anchor: "created_at", seconds}` expiry policy; return its seconds (None when absent).
+
+    `param` names the policy in errors (`expires_after`, `output_expires_after`).
+    """
+    if expires_after is None:
+        return None
+    if not isinstance(expires_after, Mapping):
+        raise InvalidRequest(
+            f"Invalid type for '{param}': expected an object.", param=param, code="invalid_type"
+        )
+    anchor = expires_after.get("anchor")
+    if anchor != "created_at":
+        raise InvalidRequest(
+            f"Invalid value for '{param}.anchor': {anchor!r}. Supported values are: 'created_at'.",
+            param=f"{param}.anchor",
+            code="invalid_value",
+        )
+    seconds = expires_after.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, int):
+        raise InvalidRequest(
+            f"Invalid type for '{param}.seconds': expected an integer.",
+            param=f"{param}.seconds",
+            code="invalid_type",
+        )
+    if not OUTPUT_EXPIRES_MIN <= seconds <= OUTPUT_EXPIRES_MAX:
+        raise InvalidRequest(
+            f"Invalid value for '{param}.seconds': {seconds}. It must be between {OUTPUT_EXPIRES_MIN} (1 hour) "
+            f"and {OUTPUT_EXPIRES_MAX} (30 days).",
+            param=f"{param}.seconds",
+            code="invalid_value",
+        )
+    return seconds
+
+
+def file_expires_at(purpose: str, created_at: int, seconds: int | None) -> int | None:
+    """An explicit policy wins; `batch` input files expire after 30 days; other files never do."""
+    if seconds is not None:
+        return created_at + seconds
+    if purpose == "batch":
+        return created_at + BATCH_INPUT_DEFAULT_TTL
+    return None
+
+
+def _not_found(file_id: str) -> NotFound:
+    return NotFound(f"No such File object: {file_id}", param="id")
+
+
+def create_file(
+    deps: Deps,
+    project_id: str,
+    filename: str,
+    purpose: str,
+    data: bytes,
+    expires_after: Mapping[str, Any] | None = None,
+) -> FileRecord:
+    validate_purpose(purpose)
+    seconds = expires_after_seconds(expires_after, param="expires_after")
+    if not filename:
+        raise InvalidRequest("The uploaded file must have a filename.", param="file", code="invalid_value")
+    now = deps.now()
+    file_id = ids.new_file_id()
+    record = FileRecord(
+        id=file_id,
+        project_id=project_id,
+        bytes=len(data),
+        created_at=now,
+        expires_at=file_expires_at(purpose, now, seconds),
+        filename=filename,
+        purpose=purpose,
+        blob_key=keys.file_key(file_id),
+    )
+    store_file(deps, record, lambda: deps.blobs.put(record.blob_key, data))
+    return record
+
+
+def store_file(deps: Deps, record: FileRecord, write_blob: Callable[[], object]) -> None:
+    """Write the body (via `write_blob()`), then the record; undo the body if the record write fails."""
+    write_blob()
+    try:
+        if record.expires_at is not None:
+            deps.blobs.set_expiry(record.blob_key, record.expires_at)
+        deps.metadata.create_file(record)
+    except BaseException:
+        deps.blobs.delete(record.blob_key)
+        raise
+
+
+def list_files(
+    deps: Deps,
+    project_id: str,
+    *,
+    purpose: str | None = None,
+    order: str = "desc",
+    limit: int = FILE_LIST_MAX_LIMIT,
+    after: str | None = None,
+) -> tuple[list[FileRecord], bool]:
+    """Live files of the project, one page; the bool says whether more follow."""
+    if order not in FILE_ORDERS:
+        raise InvalidRequest(
+            f"Invalid value for 'order': {order!r}. Supported values are: 'asc', 'desc'.",
+            param="order",
+            code="invalid_value",
+        )
+    if not 1 <= limit <= FILE_LIST_MAX_LIMIT:
+        raise InvalidRequest(
+            f"Invalid value for 'limit': {limit}. It must be between 1 and {FILE_LIST_MAX_LIMIT}.",
+            param="limit",
+            code="invalid_value",
+        )
+    records = deps.metadata.list_files(
+        project_id, purpose=purpose, order=order, after=after, limit=limit + 1, now=deps.now()
+    )
+    return records[:limit], len(records) > limit
+
+
+def retrieve_file(deps: Deps, project_id: str, file_id: str) -> FileRecord:
+    """The live file, else 404: unknown, another project's, deleted and expired look the same."""
+    record = deps.metadata.get_file(project_id, file_id)
+    if record is None or not record.is_live(deps.now()):
+        raise _not_found(file_id)
+    return record
+
+
+def delete_file(deps: Deps, project_id: str, file_id: str) -> dict[str, Any]:
+    record = retrieve_file(deps, project_id, file_id)
+    # The record goes first: a reader never finds a live record whose body is gone.
+    if not deps.metadata.mark_file_deleted(project_id, file_id):
+        raise _not_found(file_id)
+    deps.blobs.delete(record.blob_key)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+def file_content(deps: Deps, project_id: str, file_id: str) -> tuple[FileRecord, str]:
+    """The live file and the blob key of its body; the handler decides between inline and redirect."""
+    record = retrieve_file(deps, project_id, file_id)
+    return record, record.blob_key
+
+
+def sweep_expired_files(deps: Deps, limit: int = 1000) -> int:
+    """Delete the bodies of files whose `expires_at` passed and mark them deleted; return how many.
+
+    The body goes first, so a crash in between leaves a record the next sweep finishes, never an
+    orphaned body. Expired files are already invisible to the API, whatever the sweep's lag.
+    """
+    expired = deps.metadata.list_expired_files(deps.now(), limit)
+    for record in expired:
+        deps.blobs.delete(record.blob_key)
+        deps.metadata.mark_file_deleted(record.project_id, record.id)
+    return len(expired)

@@ -1,0 +1,213 @@
+"""Uploads: a large file sent as parts, then stitched into one file.
+
+Parts live at `uploads/{id}/parts/{part}` until `complete` stream-concatenates them, in the order the
+caller names, into `files/{file_id}` (never the whole file in memory), creates the FileRecord and
+drops the parts. API parts cannot map 1:1 to S3 multipart parts (those must be >= 5 MiB), hence
+the copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from batch_api import keys
+from batch_api.contract import ids
+from batch_api.contract.errors import ConditionFailed, InvalidRequest, NotFound, PayloadTooLarge
+from batch_api.contract.models import UPLOAD_TTL, FileRecord, UploadPartRecord, UploadRecord
+from batch_api.deps import Deps
+from batch_api.service.files import expires_after_seconds, file_expires_at, store_file, validate_purpose
+
+MAX_UPLOAD_BYTES = 8 * 1024**3
+MAX_PART_BYTES = 64 * 1024**2
+
+
+def _get_upload(deps: Deps, project_id: str, upload_id: str) -> UploadRecord:
+    record = deps.metadata.get_upload(project_id, upload_id)
+    if record is None:
+        raise NotFound(f"No such Upload object: {upload_id}", param="upload_id")
+    return record
+
+
+def _require_pending(deps: Deps, upload: UploadRecord) -> None:
+    if upload.status != "pending":
+        raise InvalidRequest(
+            f"Upload {upload.id} is already {upload.status}.", param="upload_id", code="invalid_upload_status"
+        )
+    if upload.expires_at <= deps.now():
+        raise InvalidRequest(f"Upload {upload.id} has expired.", param="upload_id", code="upload_expired")
+
+
+def create_upload(
+    deps: Deps,
+    project_id: str,
+    filename: str,
+    purpose: str,
+    byte_count: int,
+    mime_type: str,
+    expires_after: Mapping[str, Any] | None = None,
+) -> UploadRecord:
+    """Open an upload of `byte_count` bytes; it takes parts for one hour."""
+    validate_purpose(purpose)
+    file_ttl = expires_after_seconds(expires_after, param="expires_after")
+    if not filename:
+        raise InvalidRequest("'filename' must not be empty.", param="filename", code="invalid_value")
+    if not mime_type:
+        raise InvalidRequest("'mime_type' must not be empty.", param="mime_type", code="invalid_value")
+    if not 0 <= byte_count <= MAX_UPLOAD_BYTES:
+        raise InvalidRequest(
+            f"Invalid value for 'bytes': {byte_count}. An Upload can hold at most {MAX_UPLOAD_BYTES} bytes (8 GB).",
+            param="bytes",
+            code="invalid_value",
+        )
+    now = deps.now()
+    record = UploadRecord(
+        id=ids.new_upload_id(),
+        project_id=project_id,
+        bytes=byte_count,
+        created_at=now,
+        expires_at=now + UPLOAD_TTL,
+        filename=filename,
+        purpose=purpose,
+        mime_type=mime_type,
+        file_expires_after_seconds=file_ttl,
+    )
+    deps.metadata.create_upload(record)
+    return record
+
+
+def add_part(deps: Deps, project_id: str, upload_id: str, data: bytes) -> UploadPartRecord:
+    upload = _get_upload(deps, project_id, upload_id)
+    _require_pending(deps, upload)
+    if len(data) > MAX_PART_BYTES:
+        raise PayloadTooLarge(
+            f"A Part can hold at most {MAX_PART_BYTES} bytes (64 MB); this one has {len(data)}.", param="data"
+        )
+    part_id = ids.new_part_id()
+    part = UploadPartRecord(
+        id=part_id,
+        upload_id=upload_id,
+        created_at=deps.now(),
+        bytes=len(data),
+        blob_key=keys.upload_part_key(upload_id, part_id),
+    )
+    deps.blobs.put(part.blob_key, data)
+    try:
+        deps.metadata.add_upload_part(part)
+    except BaseException:
+        deps.blobs.delete(part.blob_key)
+        raise
+    return part
+
+
+def _ordered_parts(
+    upload: UploadRecord, stored: list[UploadPartRecord], part_ids: list[str]
+) -> list[UploadPartRecord]:
+    by_id = {part.id: part for part in stored}
+    if len(set(part_ids)) != len(part_ids):
+        raise InvalidRequest("'part_ids' must not name a Part twice.", param="part_ids", code="invalid_value")
+    ordered = []
+    for index, part_id in enumerate(part_ids):
+        part = by_id.get(part_id)
+        if part is None:
+            raise InvalidRequest(
+                f"Part {part_id} does not belong to Upload {upload.id}.",
+                param=f"part_ids[{index}]",
+                code="invalid_value",
+            )
+        ordered.append(part)
+    total = sum(part.bytes for part in ordered)
+    if total != upload.bytes:
+        raise InvalidRequest(
+            f"The Parts add up to {total} bytes, but Upload {upload.id} was created with bytes={upload.bytes}.",
+            param="part_ids",
+            code="invalid_value",
+        )
+    return ordered
+
+
+def complete_upload(
+    deps: Deps, project_id: str, upload_id: str, part_ids: list[str], md5: str | None = None
+) -> tuple[UploadRecord, FileRecord]:
+    """Stitch the named parts into a new file; the upload becomes `completed` with that file."""
+    upload = _get_upload(deps, project_id, upload_id)
+    _require_pending(deps, upload)
+    parts = _ordered_parts(upload, deps.metadata.get_upload_parts(upload_id), part_ids)
+
+    now = deps.now()
+    file_id = ids.new_file_id()
+    record = FileRecord(
+        id=file_id,
+        project_id=project_id,
+        bytes=upload.bytes,
+        created_at=now,
+        expires_at=file_expires_at(upload.purpose, now, upload.file_expires_after_seconds),
+        filename=upload.filename,
+        purpose=upload.purpose,
+        blob_key=keys.file_key(file_id),
+    )
+    digest = hashlib.md5(usedforsecurity=False)
+
+    def concatenated() -> Iterator[bytes]:
+        for part in parts:
+            for chunk in deps.blobs.iter_range(part.blob_key):
+                digest.update(chunk)
+                yield chunk
+
+    def write_checked() -> None:
+        deps.blobs.write_stream(record.blob_key, concatenated())
+        if md5 is not None and digest.hexdigest() != md5.lower():
+            deps.blobs.delete(record.blob_key)
+            raise InvalidRequest(
+                f"The md5 of the Parts is {digest.hexdigest()}, not the {md5} that was given.",
+                param="md5",
+                code="invalid_value",
+            )
+
+    store_file(deps, record, write_checked)
+    try:
+        completed = deps.metadata.update_upload(
+            project_id, upload_id, {"status": "completed", "file_id": file_id}, expected_status=["pending"]
+        )
+    except ConditionFailed:
+        # Another complete or a cancel won the race: take our file back and report the state it won with.
+        deps.metadata.mark_file_deleted(project_id, file_id)
+        deps.blobs.delete(record.blob_key)
+        _require_pending(deps, _get_upload(deps, project_id, upload_id))
+        raise
+    deps.blobs.delete_prefix(keys.upload_prefix(upload_id))
+    return completed, record
+
+
+def cancel_upload(deps: Deps, project_id: str, upload_id: str) -> UploadRecord:
+    """pending -> cancelled and drop the parts; cancelling again returns the cancelled upload."""
+    upload = _get_upload(deps, project_id, upload_id)
+    if upload.status == "cancelled":
+        return upload
+    if upload.status != "pending":
+        raise InvalidRequest(
+            f"Upload {upload_id} is already {upload.status} and cannot be cancelled.",
+            param="upload_id",
+            code="invalid_upload_status",
+        )
+    try:
+        cancelled = deps.metadata.update_upload(
+            project_id, upload_id, {"status": "cancelled"}, expected_status=["pending"]
+        )
+    except ConditionFailed:
+        return cancel_upload(deps, project_id, upload_id)  # the state moved; answer for the new one
+    deps.blobs.delete_prefix(keys.upload_prefix(upload_id))
+    return cancelled
+
+
+def upload_wire(
+    deps: Deps, project_id: str, upload: UploadRecord, file: FileRecord | None = None
+) -> dict[str, Any]:
+    """The Upload object; a pending upload past its expiry shows as `expired`, and a completed one
+    carries its file."""
+    if upload.status == "pending" and upload.expires_at <= deps.now():
+        upload = upload.model_copy(update={"status": "expired"})
+    if file is None and upload.file_id is not None:
+        file = deps.metadata.get_file(project_id, upload.file_id)
+    return upload.to_wire(file)

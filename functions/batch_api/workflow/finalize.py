@@ -1,0 +1,264 @@
+"""Step 3: finalize a batch (output and error files, counts, terminal status), and the catch-all fail.
+
+Idempotent at every point: file ids are deterministic and a file whose record exists is not written
+again; the terminal update is conditional; journals are deleted only after the terminal status is
+stored, and a batch in a terminal status returns at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from batch_api import keys
+from batch_api.contract.errors import AlreadyExists, ConditionFailed, NotFound
+from batch_api.contract.ids import output_file_id
+from batch_api.contract.models import (
+    ACTIVE_STATUSES,
+    BatchErrorEntry,
+    BatchRecord,
+    ChunkPlan,
+    FileRecord,
+    RequestCounts,
+    Usage,
+)
+from batch_api.deps import Deps
+from batch_api.workflow.lines import is_success, never_ran_line, parse_line, split_lines
+from batch_api.workflow.process import ChunkTally, read_tally
+from batch_api.workflow.validate import load_manifest
+
+logger = logging.getLogger(__name__)
+
+WRITE_PIECE_BYTES = 1 << 20  # lines are handed to write_stream in pieces of about this size
+
+NEVER_RAN_MESSAGES = {
+    "batch_cancelled": "The batch was cancelled before this request ran.",
+    "batch_expired": "The batch expired (its completion window ended) before this request ran.",
+}
+
+
+class FinalizeError(RuntimeError):
+    """The batch is in a state finalize cannot make sense of: a bug in the caller or a step."""
+
+
+def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
+    """Write the output/error files and set the terminal status; input {"project_id", "batch_id"}.
+
+    Returns {"project_id", "batch_id", "status"} with the terminal status.
+    """
+    project_id, batch_id = event["project_id"], event["batch_id"]
+    ids = {"project_id": project_id, "batch_id": batch_id}
+    batch = _get_batch(deps, project_id, batch_id)
+    if batch.is_terminal:
+        return {**ids, "status": batch.status}
+    if batch.status == "in_progress":
+        try:
+            batch = deps.metadata.update_batch(
+                project_id,
+                batch_id,
+                {"status": "finalizing", "finalizing_at": deps.now()},
+                expected_status={"in_progress"},
+            )
+        except ConditionFailed:  # the user cancelled (or another run moved on) meanwhile
+            batch = _get_batch(deps, project_id, batch_id)
+            if batch.is_terminal:
+                return {**ids, "status": batch.status}
+    if batch.status not in ("finalizing", "cancelling"):
+        raise FinalizeError(f"batch {batch_id} cannot be finalized from status {batch.status!r}")
+
+    cancelling = batch.status == "cancelling"
+    now = deps.now()
+    chunks = _chunks(deps, batch, cancelling)
+    tallies = [read_tally(deps, batch_id, chunk.index, batch.endpoint) for chunk in chunks]
+    never_ran = sum(
+        max(0, chunk.lines - len(tally.done_ids)) for chunk, tally in zip(chunks, tallies, strict=True)
+    )
+    never_ran_code: str | None = None
+    if never_ran:
+        if cancelling:
+            never_ran_code = "batch_cancelled"
+        elif now >= batch.expires_at:
+            never_ran_code = "batch_expired"
+        else:
+            raise FinalizeError(
+                f"batch {batch_id}: {never_ran} requests never ran, but the batch is neither cancelled nor expired"
+            )
+
+    completed = sum(t.completed for t in tallies)
+    failed = sum(t.failed for t in tallies) + never_ran
+    usage = Usage()
+    for tally in tallies:
+        usage = usage.add(tally.usage)
+
+    output_id = (
+        _write_file(
+            deps, batch, "output", _coalesce(_journal_lines(deps, batch_id, chunks, successes=True)), now
+        )
+        if completed
+        else None
+    )
+    error_id = (
+        _write_file(
+            deps,
+            batch,
+            "error",
+            _coalesce(_error_lines(deps, batch, chunks, tallies, never_ran_code)),
+            now,
+        )
+        if failed
+        else None
+    )
+
+    status = "cancelled" if cancelling else "expired" if never_ran else "completed"
+    changes = {
+        "status": status,
+        f"{status}_at": now,
+        "output_file_id": output_id,
+        "error_file_id": error_id,
+        "request_counts": RequestCounts(total=batch.request_counts.total, completed=completed, failed=failed),
+        "usage": usage,
+    }
+    try:
+        final = deps.metadata.update_batch(
+            project_id, batch_id, changes, expected_status={"finalizing", "cancelling"}
+        )
+    except ConditionFailed:
+        current = _get_batch(deps, project_id, batch_id)
+        if current.is_terminal:  # a concurrent run finished first
+            return {**ids, "status": current.status}
+        raise
+    deps.events.publish(f"batch.{status}", {**final.to_wire(), "project_id": project_id})
+    # the files now hold every result and the terminal status is stored: the journals have done their job
+    deps.journal.delete_batch(batch_id)
+    logger.info("batch %s %s: %d completed, %d failed", batch_id, status, completed, failed)
+    return {**ids, "status": status}
+
+
+def fail_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
+    """Mark a batch failed after a step failed unexpectedly; input {"project_id", "batch_id", "error":
+    {"code", "message"}}. A batch already terminal is left as it is."""
+    project_id, batch_id = event["project_id"], event["batch_id"]
+    ids = {"project_id": project_id, "batch_id": batch_id}
+    error = event.get("error") or {}
+    entry = BatchErrorEntry(
+        code=error.get("code") or "internal_error",
+        message=error.get("message") or "The batch failed because of an internal error.",
+    )
+    try:
+        failed = deps.metadata.update_batch(
+            project_id,
+            batch_id,
+            {"status": "failed", "failed_at": deps.now(), "errors": [entry.model_dump()]},
+            expected_status=ACTIVE_STATUSES,
+        )
+    except ConditionFailed:
+        current = deps.metadata.get_batch(project_id, batch_id)
+        return {**ids, "status": current.status if current is not None else None}
+    deps.events.publish("batch.failed", {**failed.to_wire(), "project_id": project_id})
+    deps.journal.delete_batch(batch_id)  # no output will be written from them
+    return {**ids, "status": "failed"}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _get_batch(deps: Deps, project_id: str, batch_id: str) -> BatchRecord:
+    batch = deps.metadata.get_batch(project_id, batch_id)
+    if batch is None:
+        raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
+    return batch
+
+
+def _chunks(deps: Deps, batch: BatchRecord, cancelling: bool) -> list[ChunkPlan]:
+    try:
+        return load_manifest(deps, batch.id)
+    except KeyError:
+        if cancelling:  # cancelled before any plan existed: there is nothing to account for
+            return []
+        raise
+
+
+def _journal_lines(deps: Deps, batch_id: str, chunks: list[ChunkPlan], *, successes: bool) -> Iterator[bytes]:
+    """The journal lines of every chunk, successes or failures, each custom_id once."""
+    for chunk in chunks:
+        seen: set[str] = set()
+        for line in deps.journal.read(batch_id, chunk.index):
+            obj = parse_line(line)
+            if obj["custom_id"] in seen:
+                continue
+            seen.add(obj["custom_id"])
+            if is_success(obj) == successes:
+                yield line
+
+
+def _error_lines(
+    deps: Deps, batch: BatchRecord, chunks: list[ChunkPlan], tallies: list[ChunkTally], code: str | None
+) -> Iterator[bytes]:
+    yield from _journal_lines(deps, batch.id, chunks, successes=False)
+    if code is None:
+        return
+    blob_key = _input_blob_key(deps, batch)
+    if blob_key is None:
+        logger.warning(
+            "batch %s: the input file is gone, so never-ran requests are counted as failed without lines",
+            batch.id,
+        )
+        return
+    message = NEVER_RAN_MESSAGES[code]
+    for chunk, tally in zip(chunks, tallies, strict=True):
+        if len(tally.done_ids) >= chunk.lines:
+            continue
+        for _start, _end, raw in split_lines(
+            deps.blobs.iter_range(blob_key, chunk.start, chunk.end), chunk.start
+        ):
+            if not raw.strip():
+                continue
+            custom_id = parse_line(raw)["custom_id"]
+            if custom_id not in tally.done_ids:
+                yield never_ran_line(batch.id, custom_id, code, message)
+
+
+def _input_blob_key(deps: Deps, batch: BatchRecord) -> str | None:
+    record = deps.metadata.get_file(batch.project_id, batch.input_file_id)
+    if record is None or not deps.blobs.exists(record.blob_key):
+        return None
+    return record.blob_key
+
+
+def _coalesce(lines: Iterable[bytes], size: int = WRITE_PIECE_BYTES) -> Iterator[bytes]:
+    """Group lines into pieces of about `size` bytes: fewer, larger writes to the blob store."""
+    piece: list[bytes] = []
+    length = 0
+    for line in lines:
+        piece.append(line)
+        length += len(line)
+        if length >= size:
+            yield b"".join(piece)
+            piece, length = [], 0
+    if piece:
+        yield b"".join(piece)
+
+
+def _write_file(deps: Deps, batch: BatchRecord, kind: str, pieces: Iterable[bytes], now: int) -> str:
+    """Write the batch's output or error file once and register it; a re-run finds the record and skips."""
+    file_id = output_file_id(batch.id, kind)
+    if deps.metadata.get_file(batch.project_id, file_id) is not None:
+        return file_id  # the record is created after the body is whole, so the body is there
+    blob_key = keys.file_key(file_id)
+    size = deps.blobs.write_stream(blob_key, pieces)
+    record = FileRecord(
+        id=file_id,
+        project_id=batch.project_id,
+        bytes=size,
+        created_at=now,
+        expires_at=now + batch.output_expires_after_seconds,
+        filename=f"{batch.id}_{kind}.jsonl",
+        purpose="batch_output",
+        blob_key=blob_key,
+    )
+    with contextlib.suppress(AlreadyExists):  # a concurrent run registered it first; the bodies are the same
+        deps.metadata.create_file(record)
+    deps.blobs.set_expiry(blob_key, record.expires_at or now)
+    return file_id

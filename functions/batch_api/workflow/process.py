@@ -1,0 +1,297 @@
+"""Step 2: run one chunk's requests against the upstream model endpoint.
+
+The chunk's journal is the cursor: a request whose result line is in the journal is done and is
+never sent again, so a retry, a resume after kill -9, or a Lambda that ran out of time all continue
+where the last run stopped. Result lines are journaled as soon as they complete (lines that complete
+together share one append), so a crash loses only requests that were still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from batch_api.contract.errors import NotFound
+from batch_api.contract.models import BatchRecord, ChunkPlan, ChunkProgress, Usage
+from batch_api.deps import Deps
+from batch_api.ports import Upstream, UpstreamResponse
+from batch_api.workflow.lines import is_success, parse_line, result_line, split_lines, usage_of
+
+logger = logging.getLogger(__name__)
+
+# Lambda time budget. We stop starting requests when the remaining time drops below
+# max(TIME_MARGIN_FLOOR_SECONDS, 2 x the slowest request seen in this invocation): requests already in
+# flight then have room to finish and be journaled, and the state machine calls us again. Doubling the
+# slowest observed request (rather than the configured upstream timeout, up to 10 minutes, which would
+# leave almost no working time) adapts to the model's real latency; the floor covers the first requests,
+# before any latency is known, and a final progress write. If time runs out anyway, the in-flight
+# requests are abandoned at HARD_STOP_SECONDS so the journal and progress get written before Lambda kills us.
+TIME_MARGIN_FLOOR_SECONDS = 30.0
+HARD_STOP_SECONDS = 5.0
+
+# Statuses in which requests may be sent. `validating` cannot normally be seen here (the manifest is
+# published only after the batch moved on) but is harmless.
+RUNNABLE_STATUSES = frozenset({"in_progress", "validating"})
+
+TimeLeft = Callable[[], float]
+
+
+@dataclass
+class ChunkTally:
+    """Counts over the whole journal of a chunk; the first line per custom_id wins (a duplicate can only
+    come from a retried append)."""
+
+    done_ids: set[str] = field(default_factory=set)
+    completed: int = 0
+    failed: int = 0
+    usage: Usage = field(default_factory=Usage)
+
+    def add(self, custom_id: str, success: bool, usage: Usage) -> None:
+        if custom_id in self.done_ids:
+            return
+        self.done_ids.add(custom_id)
+        if success:
+            self.completed += 1
+            self.usage = self.usage.add(usage)
+        else:
+            self.failed += 1
+
+    def progress(self, plan: ChunkPlan) -> ChunkProgress:
+        return ChunkProgress(
+            index=plan.index,
+            completed=self.completed,
+            failed=self.failed,
+            usage=self.usage,
+            done=len(self.done_ids) >= plan.lines,
+        )
+
+
+def read_tally(deps: Deps, batch_id: str, index: int, endpoint: str) -> ChunkTally:
+    """Tally what the chunk's journal already holds."""
+    tally = ChunkTally()
+    for line in deps.journal.read(batch_id, index):
+        obj = parse_line(line)
+        success = is_success(obj)
+        body = obj["response"]["body"] if success else None
+        tally.add(obj["custom_id"], success, usage_of(endpoint, body) if success else Usage())
+    return tally
+
+
+def stop_reason(batch: BatchRecord, now: int) -> str | None:
+    """Why no new request may start: "cancelled" or "expired"; None when there is no such reason."""
+    if batch.status in ("cancelling", "cancelled"):
+        return "cancelled"
+    if batch.status == "expired" or now >= batch.expires_at:
+        return "expired"
+    return None
+
+
+def process_chunk(event: dict[str, Any], deps: Deps, *, time_left: TimeLeft | None = None) -> dict[str, Any]:
+    """Run one chunk: input {"project_id", "batch_id", "chunk": ChunkPlan dict}.
+
+    `time_left` returns the seconds this invocation may still run (a Lambda context's remaining time);
+    None means no limit. Returns {"project_id", "batch_id", "index", "done", "stopped"}: `done` false
+    means call again (time ran low), `stopped` is "cancelled" / "expired" when requests were left unrun.
+    """
+    return asyncio.run(process_chunk_async(event, deps, time_left=time_left))
+
+
+async def process_chunk_async(
+    event: dict[str, Any], deps: Deps, *, time_left: TimeLeft | None = None
+) -> dict[str, Any]:
+    """The async body of `process_chunk`, for callers that already run an event loop."""
+    project_id, batch_id = event["project_id"], event["batch_id"]
+    plan = ChunkPlan.model_validate(event["chunk"])
+    batch = deps.metadata.get_batch(project_id, batch_id)
+    if batch is None:
+        raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
+    tally = read_tally(deps, batch_id, plan.index, batch.endpoint)
+    result = {"project_id": project_id, "batch_id": batch_id, "index": plan.index}
+
+    reason = stop_reason(batch, deps.now())
+    if batch.status not in RUNNABLE_STATUSES or reason is not None:
+        if not batch.is_terminal:
+            deps.metadata.put_chunk_progress(batch_id, tally.progress(plan))
+        complete = len(tally.done_ids) >= plan.lines
+        return {**result, "done": True, "stopped": None if complete else reason}
+
+    input_file = deps.metadata.get_file(project_id, batch.input_file_id)
+    if input_file is None:
+        raise RuntimeError(f"batch {batch_id}: input file {batch.input_file_id} has no record")
+    run = _ChunkRun(deps, batch, plan, input_file.blob_key, tally, time_left)
+    stopped = await run.run()
+    complete = len(tally.done_ids) >= plan.lines
+    if complete:
+        return {**result, "done": True, "stopped": None}
+    if stopped in ("cancelled", "expired"):
+        return {**result, "done": True, "stopped": stopped}
+    return {**result, "done": False, "stopped": None}
+
+
+class _ChunkRun:
+    """One invocation's work on a chunk: dispatch, journal, checkpoint."""
+
+    def __init__(
+        self,
+        deps: Deps,
+        batch: BatchRecord,
+        plan: ChunkPlan,
+        blob_key: str,
+        tally: ChunkTally,
+        time_left: TimeLeft | None,
+    ) -> None:
+        self.deps = deps
+        self.batch = batch
+        self.plan = plan
+        self.blob_key = blob_key
+        self.tally = tally
+        self.time_left = time_left
+        self.stopped: str | None = None  # "cancelled" | "expired" | "time"
+        self.started = 0
+        self.slowest = 0.0
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.pending: list[tuple[str, bytes, bool, Usage]] = []
+        self.flush_scheduled = False
+        self.flush_error: BaseException | None = None
+
+    # ---------------------------------------------------------------- input
+
+    def requests(self) -> Iterator[tuple[str, bytes]]:
+        """(custom_id, body) of each request line of the chunk not yet in the journal, in file order."""
+        pieces = self.deps.blobs.iter_range(self.blob_key, self.plan.start, self.plan.end)
+        for _start, _end, raw in split_lines(pieces, self.plan.start):
+            if not raw.strip():
+                continue
+            obj = orjson.loads(raw)
+            custom_id = obj["custom_id"]
+            if custom_id not in self.tally.done_ids:
+                yield custom_id, orjson.dumps(obj["body"])
+
+    # ---------------------------------------------------------------- the loop
+
+    async def run(self) -> str | None:
+        settings = self.deps.settings
+        slots = asyncio.Semaphore(settings.requests_per_chunk)
+        upstream = self.deps.upstream_factory()
+        ticker = asyncio.create_task(self._tick(settings.progress_interval_seconds))
+        try:
+            for custom_id, body in self.requests():
+                await slots.acquire()
+                if self.flush_error is not None:
+                    slots.release()
+                    raise self.flush_error
+                self.stopped = self.stopped or self._stop_before_start()
+                if self.stopped is not None:
+                    slots.release()
+                    break
+                task = asyncio.create_task(self._send(upstream, slots, custom_id, body))
+                self.in_flight.add(task)
+                task.add_done_callback(self.in_flight.discard)
+                self.started += 1
+            # nothing new starts now; cancelled (hard stop) requests simply stay unjournaled
+            await asyncio.gather(*list(self.in_flight), return_exceptions=True)
+        finally:
+            ticker.cancel()
+            for task in list(self.in_flight):  # only left when an error is propagating
+                task.cancel()
+            await asyncio.gather(ticker, *list(self.in_flight), return_exceptions=True)
+            await upstream.aclose()
+            self._flush()
+        if self.flush_error is not None:
+            raise self.flush_error
+        self.deps.metadata.put_chunk_progress(self.batch.id, self.tally.progress(self.plan))
+        logger.info(
+            "batch %s chunk %d: sent %d, %d/%d lines done, stopped=%s",
+            self.batch.id,
+            self.plan.index,
+            self.started,
+            len(self.tally.done_ids),
+            self.plan.lines,
+            self.stopped,
+        )
+        return self.stopped
+
+    def _stop_before_start(self) -> str | None:
+        """The cheap checks made before every request: the deadline and this invocation's time budget."""
+        if self.deps.now() >= self.batch.expires_at:
+            return "expired"
+        if self.time_left is not None and self.started > 0:
+            margin = max(TIME_MARGIN_FLOOR_SECONDS, 2 * self.slowest)
+            if self.time_left() < margin:
+                return "time"
+        return None
+
+    async def _send(self, upstream: Upstream, slots: asyncio.Semaphore, custom_id: str, body: bytes) -> None:
+        began = time.monotonic()
+        try:
+            try:
+                response = await upstream.send(self.batch.endpoint, body)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the port promises not to raise; a bug there must not lose the batch
+                logger.exception("upstream client raised for %s", custom_id)
+                response = UpstreamResponse(
+                    status_code=None,
+                    error_code="internal_error",
+                    error_message=f"The request failed: {exc!r}",
+                )
+        finally:
+            slots.release()
+        self.slowest = max(self.slowest, time.monotonic() - began)
+        success = response.status_code is not None and 200 <= response.status_code < 300
+        usage = usage_of(self.batch.endpoint, response.body) if success else Usage()
+        self.pending.append((custom_id, result_line(self.batch.id, custom_id, response), success, usage))
+        if not self.flush_scheduled:
+            # runs after every task resumed in this loop iteration: lines that complete together share one append
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if not self.pending:
+            return
+        batch = self.pending
+        try:
+            self.deps.journal.append(self.batch.id, self.plan.index, [line for _, line, _, _ in batch])
+        except Exception as exc:
+            # keep the lines for the final flush; reading dedupes if part of this append landed
+            logger.exception("journal append failed for batch %s chunk %d", self.batch.id, self.plan.index)
+            self.flush_error = exc
+            return
+        self.flush_error = None
+        self.pending = []
+        for custom_id, _, success, usage in batch:
+            self.tally.add(custom_id, success, usage)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    async def _tick(self, interval: float) -> None:
+        """Every interval: publish progress, notice cancel and deadline, and abandon in-flight requests
+        if a Lambda is about to be killed."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.time_left is not None and self.time_left() < HARD_STOP_SECONDS:
+                self.stopped = self.stopped or "time"
+                for task in list(self.in_flight):
+                    task.cancel()
+            try:
+                self._checkpoint()
+            except Exception:  # transient store trouble: the final write reports a lasting one
+                logger.warning("progress checkpoint failed for batch %s", self.batch.id, exc_info=True)
+
+    def _checkpoint(self) -> None:
+        self.deps.metadata.put_chunk_progress(self.batch.id, self.tally.progress(self.plan))
+        current = self.deps.metadata.get_batch(self.batch.project_id, self.batch.id)
+        if current is None:
+            return
+        reason = stop_reason(current, self.deps.now())
+        if reason is None and current.status not in RUNNABLE_STATUSES:
+            reason = "cancelled"  # finalized or failed under us: nothing more should start
+        if reason is not None and self.stopped is None:
+            self.stopped = reason

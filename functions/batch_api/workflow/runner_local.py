@@ -1,0 +1,195 @@
+"""The local twin of the Step Functions state machine: the same steps, in the same order, in-process.
+
+validate -> process every chunk of the manifest (at most `chunk_concurrency` chunks at once across
+all batches, like the Distributed Map's MaxConcurrency) -> finalize. A step that raises is retried
+with backoff, like a Lambda task's Retry; when the retries run out the batch ends `failed`, like the
+state machine's Catch. Durability comes from the steps, not from here: every step is idempotent and
+the journal records each finished request, so `resume()` after a crash simply runs the batch again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from batch_api.deps import Deps
+
+logger = logging.getLogger(__name__)
+
+STEP_ATTEMPTS = 4
+STEP_BACKOFF_SECONDS = 1.0
+
+
+class StepFailed(Exception):
+    """A step kept failing after its retries."""
+
+
+class LocalWorkflow:
+    """Implements the Workflow port for the local process.
+
+    Create it, build `Deps` with it, then `bind(deps)`; `resume()` picks up what a previous process
+    left unfinished.
+    """
+
+    def __init__(self, *, step_attempts: int = STEP_ATTEMPTS, step_backoff_seconds: float = STEP_BACKOFF_SECONDS):
+        self._deps: Deps | None = None
+        self._lock = threading.Lock()
+        self._running: dict[str, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self._chunk_pool: ThreadPoolExecutor | None = None
+        self._sweeper: threading.Thread | None = None
+        self._step_attempts = step_attempts
+        self._step_backoff = step_backoff_seconds
+
+    def bind(self, deps: Deps) -> None:
+        self._deps = deps
+        self._chunk_pool = ThreadPoolExecutor(
+            max_workers=deps.settings.chunk_concurrency, thread_name_prefix="chunk"
+        )
+
+    @property
+    def deps(self) -> Deps:
+        if self._deps is None:
+            raise RuntimeError("LocalWorkflow.bind(deps) was not called")
+        return self._deps
+
+    # ---------------------------------------------------------------- the port
+
+    def start(self, project_id: str, batch_id: str) -> None:
+        """Start driving the batch on its own thread; starting a batch already running is a no-op."""
+        with self._lock:
+            if self._stopping.is_set():
+                return  # shutting down: resume() will pick it up on the next start
+            thread = self._running.get(batch_id)
+            if thread is not None and thread.is_alive():
+                return
+            thread = threading.Thread(
+                target=self._drive, args=(project_id, batch_id), name=f"batch-{batch_id[-8:]}", daemon=True
+            )
+            self._running[batch_id] = thread
+        thread.start()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def resume(self) -> int:
+        """Start every batch a previous process left in a non-terminal status; return how many."""
+        active = self.deps.metadata.list_active_batches()
+        for batch in active:
+            logger.info("resuming batch %s (status %s)", batch.id, batch.status)
+            self.start(batch.project_id, batch.id)
+        return len(active)
+
+    def start_sweeper(self, sweep: Callable[[], int]) -> None:
+        """Run `sweep` (delete expired files) now and every `file_sweep_interval_seconds`."""
+        interval = self.deps.settings.file_sweep_interval_seconds
+
+        def loop() -> None:
+            while not self._stopping.is_set():
+                try:
+                    removed = sweep()
+                    if removed:
+                        logger.info("removed %d expired files", removed)
+                except Exception:
+                    logger.exception("file sweep failed; will try again")
+                self._stopping.wait(interval)
+
+        self._sweeper = threading.Thread(target=loop, name="file-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking work. Running requests are abandoned; the journal keeps what finished."""
+        self._stopping.set()
+        if self._chunk_pool is not None:
+            self._chunk_pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        for thread in list(self._running.values()):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def wait_idle(self, timeout: float) -> bool:
+        """For tests and benchmarks: wait until no batch is being driven."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                busy = [t for t in self._running.values() if t.is_alive()]
+            if not busy:
+                return True
+            busy[0].join(min(0.1, max(0.0, deadline - time.monotonic())))
+        return False
+
+    # ---------------------------------------------------------------- the state machine
+
+    def _drive(self, project_id: str, batch_id: str) -> None:
+        from batch_api.workflow.finalize import fail_batch, finalize_batch
+        from batch_api.workflow.validate import load_manifest, validate_batch
+
+        deps = self.deps
+        ids = {"project_id": project_id, "batch_id": batch_id}
+        try:
+            validated = self._step("validate", validate_batch, ids)
+            if validated["next"] == "process":
+                chunks = load_manifest(deps, batch_id)
+                self._process_all(ids, [chunk.model_dump() for chunk in chunks])
+            if validated["next"] in ("process", "finalize"):
+                self._step("finalize", finalize_batch, ids)
+        except StepFailed as exc:
+            if self._stopping.is_set():
+                return
+            logger.error("batch %s failed in a step: %s", batch_id, exc)
+            try:
+                fail_batch({**ids, "error": {"code": "internal_error", "message": str(exc)}}, deps)
+            except Exception:
+                logger.exception("could not mark batch %s failed; it resumes on the next start", batch_id)
+        except _Stopping:
+            logger.info("batch %s left for the next start", batch_id)
+        finally:
+            with self._lock:
+                if self._running.get(batch_id) is threading.current_thread():
+                    del self._running[batch_id]
+
+    def _process_all(self, ids: dict[str, str], chunks: list[dict[str, Any]]) -> None:
+        from batch_api.workflow.process import process_chunk
+
+        assert self._chunk_pool is not None
+        pending: list[Future[dict[str, Any]]] = []
+        try:
+            for chunk in chunks:
+                pending.append(self._chunk_pool.submit(self._step, "process", process_chunk, {**ids, "chunk": chunk}))
+        except RuntimeError as exc:  # pool shut down
+            raise _Stopping() from exc
+        for future in pending:
+            try:
+                result = future.result()
+            except StepFailed:
+                for other in pending:
+                    other.cancel()
+                raise
+            except Exception as exc:  # cancelled by shutdown
+                raise _Stopping() from exc
+            if not result.get("done", True):
+                # Only a Lambda runs out of time; locally a chunk always finishes.
+                raise StepFailed(f"chunk {result.get('index')} did not finish")
+
+    def _step(self, name: str, fn: Callable[[dict[str, Any], Deps], dict[str, Any]], event: dict[str, Any]) -> dict[str, Any]:
+        last: Exception | None = None
+        for attempt in range(self._step_attempts):
+            if self._stopping.is_set():
+                raise _Stopping()
+            try:
+                return fn(event, self.deps)
+            except Exception as exc:
+                last = exc
+                logger.warning(
+                    "step %s of batch %s failed (attempt %d/%d): %r",
+                    name, event.get("batch_id"), attempt + 1, self._step_attempts, exc,
+                    exc_info=attempt == self._step_attempts - 1,
+                )
+                self._stopping.wait(self._step_backoff * (2**attempt))
+        raise StepFailed(f"{name} failed after {self._step_attempts} attempts: {last!r}")
+
+
+class _Stopping(Exception):
+    """The process is shutting down; the batch is left for the next start."""

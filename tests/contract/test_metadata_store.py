@@ -1,0 +1,492 @@
+"""Contract: MetadataStore. Every adapter must behave as the in-memory reference does."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from batch_api.adapters.local.sqlite import SCHEMA_VERSION, SqliteMetadataStore
+from batch_api.contract.errors import AlreadyExists, ConditionFailed
+from batch_api.contract.models import (
+    BatchErrorEntry,
+    BatchRecord,
+    ChunkProgress,
+    FileRecord,
+    RequestCounts,
+    UploadPartRecord,
+    UploadRecord,
+    Usage,
+)
+from batch_api.ports import MetadataStore
+
+pytestmark = pytest.mark.contract
+
+NOW = 1_700_000_000
+
+
+def make_file(
+    file_id: str, *, project: str = "proj-a", created_at: int = NOW, **fields: object
+) -> FileRecord:
+    values: dict[str, object] = {
+        "id": file_id,
+        "project_id": project,
+        "bytes": 10,
+        "created_at": created_at,
+        "filename": f"{file_id}.jsonl",
+        "purpose": "batch",
+        "blob_key": f"files/{file_id}",
+    }
+    values.update(fields)
+    return FileRecord.model_validate(values)
+
+
+def make_batch(
+    batch_id: str, *, project: str = "proj-a", created_at: int = NOW, **fields: object
+) -> BatchRecord:
+    values: dict[str, object] = {
+        "id": batch_id,
+        "project_id": project,
+        "endpoint": "/v1/chat/completions",
+        "input_file_id": "file-in",
+        "created_at": created_at,
+        "expires_at": created_at + 86400,
+    }
+    values.update(fields)
+    return BatchRecord.model_validate(values)
+
+
+def make_upload(upload_id: str, *, project: str = "proj-a") -> UploadRecord:
+    return UploadRecord(
+        id=upload_id,
+        project_id=project,
+        bytes=100,
+        created_at=NOW,
+        expires_at=NOW + 3600,
+        filename="big.jsonl",
+        purpose="batch",
+        mime_type="application/jsonl",
+    )
+
+
+def ids(records: list[FileRecord] | list[BatchRecord]) -> list[str]:
+    return [r.id for r in records]
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_file_round_trips_and_is_scoped_to_its_project(metadata_store: MetadataStore) -> None:
+    record = make_file("file-1", expires_at=NOW + 60)
+    metadata_store.create_file(record)
+
+    assert metadata_store.get_file("proj-a", "file-1") == record
+    assert metadata_store.get_file("proj-b", "file-1") is None
+    assert metadata_store.get_file("proj-a", "file-missing") is None
+
+
+def test_create_file_with_a_taken_id_raises_already_exists(metadata_store: MetadataStore) -> None:
+    metadata_store.create_file(make_file("file-1"))
+    with pytest.raises(AlreadyExists):
+        metadata_store.create_file(make_file("file-1", project="proj-b", filename="other"))
+    assert metadata_store.get_file("proj-a", "file-1") == make_file("file-1")
+
+
+def test_mark_file_deleted_once_and_only_in_its_project(metadata_store: MetadataStore) -> None:
+    metadata_store.create_file(make_file("file-1"))
+
+    assert metadata_store.mark_file_deleted("proj-b", "file-1") is False
+    assert metadata_store.mark_file_deleted("proj-a", "file-1") is True
+    assert metadata_store.mark_file_deleted("proj-a", "file-1") is False
+    assert metadata_store.mark_file_deleted("proj-a", "file-missing") is False
+
+    deleted = metadata_store.get_file("proj-a", "file-1")
+    assert deleted is not None and deleted.deleted is True  # get still returns it; callers decide liveness
+    assert (
+        metadata_store.list_files("proj-a", purpose=None, order="desc", after=None, limit=10, now=NOW) == []
+    )
+
+
+def test_list_files_orders_by_created_at_then_id(metadata_store: MetadataStore) -> None:
+    for file_id, created_at in [("file-b", NOW), ("file-a", NOW), ("file-c", NOW - 5), ("file-d", NOW + 5)]:
+        metadata_store.create_file(make_file(file_id, created_at=created_at))
+
+    def listing(order: str) -> list[str]:
+        return ids(
+            metadata_store.list_files("proj-a", purpose=None, order=order, after=None, limit=10, now=NOW)
+        )
+
+    assert listing("asc") == ["file-c", "file-a", "file-b", "file-d"]
+    assert listing("desc") == ["file-d", "file-b", "file-a", "file-c"]
+
+
+def test_list_files_pages_with_after_in_both_orders(metadata_store: MetadataStore) -> None:
+    for i in range(5):
+        metadata_store.create_file(make_file(f"file-{i}", created_at=NOW + i))
+
+    def page(order: str, after: str | None, limit: int = 2) -> list[str]:
+        return ids(
+            metadata_store.list_files("proj-a", purpose=None, order=order, after=after, limit=limit, now=NOW)
+        )
+
+    assert page("desc", None) == ["file-4", "file-3"]
+    assert page("desc", "file-3") == ["file-2", "file-1"]
+    assert page("desc", "file-1") == ["file-0"]
+    assert page("desc", "file-0") == []
+    assert page("asc", None) == ["file-0", "file-1"]
+    assert page("asc", "file-1") == ["file-2", "file-3"]
+    assert page("asc", "file-3", limit=10) == ["file-4"]
+
+
+def test_list_files_after_an_unknown_or_foreign_id_is_empty(metadata_store: MetadataStore) -> None:
+    metadata_store.create_file(make_file("file-mine"))
+    metadata_store.create_file(make_file("file-theirs", project="proj-b", created_at=NOW + 10))
+
+    for after in ("file-nope", "file-theirs"):
+        assert (
+            metadata_store.list_files("proj-a", purpose=None, order="asc", after=after, limit=10, now=NOW)
+            == []
+        )
+
+
+def test_list_files_filters_purpose_project_and_liveness(metadata_store: MetadataStore) -> None:
+    metadata_store.create_file(make_file("file-batch"))
+    metadata_store.create_file(make_file("file-out", purpose="batch_output", created_at=NOW + 1))
+    metadata_store.create_file(make_file("file-expired", expires_at=NOW))  # expires_at <= now: gone
+    metadata_store.create_file(make_file("file-later", expires_at=NOW + 1, created_at=NOW + 2))
+    metadata_store.create_file(make_file("file-deleted", deleted=True))
+    metadata_store.create_file(make_file("file-other-project", project="proj-b"))
+
+    def listing(purpose: str | None) -> list[str]:
+        return ids(
+            metadata_store.list_files("proj-a", purpose=purpose, order="asc", after=None, limit=10, now=NOW)
+        )
+
+    assert listing(None) == ["file-batch", "file-out", "file-later"]
+    assert listing("batch") == ["file-batch", "file-later"]
+    assert listing("batch_output") == ["file-out"]
+    assert listing("evals") == []
+    # the cursor is judged by the same filter: a file of another purpose is not in the listing
+    assert (
+        metadata_store.list_files("proj-a", purpose="batch", order="asc", after="file-out", limit=10, now=NOW)
+        == []
+    )
+
+
+def test_list_expired_files_spans_projects_in_expiry_order(metadata_store: MetadataStore) -> None:
+    metadata_store.create_file(make_file("file-late", expires_at=NOW))
+    metadata_store.create_file(make_file("file-early", project="proj-b", expires_at=NOW - 100))
+    metadata_store.create_file(make_file("file-live", expires_at=NOW + 1))
+    metadata_store.create_file(make_file("file-forever"))
+    metadata_store.create_file(make_file("file-gone", expires_at=NOW - 50, deleted=True))
+
+    assert ids(metadata_store.list_expired_files(NOW, 10)) == ["file-early", "file-late"]
+    assert ids(metadata_store.list_expired_files(NOW, 1)) == ["file-early"]
+    assert metadata_store.list_expired_files(NOW - 101, 10) == []
+
+    metadata_store.mark_file_deleted("proj-b", "file-early")
+    assert ids(metadata_store.list_expired_files(NOW, 10)) == ["file-late"]
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def test_upload_round_trips_scoped_and_unique(metadata_store: MetadataStore) -> None:
+    metadata_store.create_upload(make_upload("upload_1"))
+
+    assert metadata_store.get_upload("proj-a", "upload_1") == make_upload("upload_1")
+    assert metadata_store.get_upload("proj-b", "upload_1") is None
+    with pytest.raises(AlreadyExists):
+        metadata_store.create_upload(make_upload("upload_1"))
+
+
+def test_update_upload_is_conditional_on_status(metadata_store: MetadataStore) -> None:
+    metadata_store.create_upload(make_upload("upload_1"))
+
+    updated = metadata_store.update_upload(
+        "proj-a", "upload_1", {"status": "completed", "file_id": "file-9"}, expected_status=["pending"]
+    )
+    assert (updated.status, updated.file_id) == ("completed", "file-9")
+    assert metadata_store.get_upload("proj-a", "upload_1") == updated
+
+    with pytest.raises(ConditionFailed):
+        metadata_store.update_upload(
+            "proj-a", "upload_1", {"status": "cancelled"}, expected_status=["pending"]
+        )
+    with pytest.raises(ConditionFailed):
+        metadata_store.update_upload(
+            "proj-b", "upload_1", {"status": "cancelled"}, expected_status=["completed"]
+        )
+    with pytest.raises(ConditionFailed):
+        metadata_store.update_upload(
+            "proj-a", "upload_nope", {"status": "cancelled"}, expected_status=["pending"]
+        )
+    assert metadata_store.get_upload("proj-a", "upload_1") == updated
+
+
+def test_upload_parts_come_back_in_insertion_order_per_upload(metadata_store: MetadataStore) -> None:
+    parts = [
+        UploadPartRecord(id=part_id, upload_id="upload_1", created_at=NOW, bytes=5, blob_key=f"k/{part_id}")
+        for part_id in ("part_z", "part_a", "part_m")
+    ]
+    for part in parts:
+        metadata_store.add_upload_part(part)
+    metadata_store.add_upload_part(
+        UploadPartRecord(id="part_x", upload_id="upload_2", created_at=NOW, bytes=1, blob_key="k/x")
+    )
+
+    assert metadata_store.get_upload_parts("upload_1") == parts
+    assert metadata_store.get_upload_parts("upload_none") == []
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_batch_round_trips_every_field(metadata_store: MetadataStore) -> None:
+    record = make_batch(
+        "batch_1",
+        model="gpt-4o-mini",
+        metadata={"team": "search"},
+        errors=[BatchErrorEntry(code="invalid_json_line", message="line 3 is not JSON", line=3)],
+        request_counts=RequestCounts(total=3, completed=1, failed=1),
+        usage=Usage(input_tokens=5, output_tokens=7, total_tokens=12),
+        chunk_count=2,
+    )
+    metadata_store.create_batch(record)
+
+    assert metadata_store.get_batch("proj-a", "batch_1") == record
+    assert metadata_store.get_batch("proj-b", "batch_1") is None
+    with pytest.raises(AlreadyExists):
+        metadata_store.create_batch(make_batch("batch_1"))
+
+
+def test_list_batches_newest_first_with_after(metadata_store: MetadataStore) -> None:
+    for i in range(4):
+        metadata_store.create_batch(make_batch(f"batch_{i}", created_at=NOW + i))
+    metadata_store.create_batch(make_batch("batch_3b", created_at=NOW + 3))  # same second: id breaks the tie
+    metadata_store.create_batch(make_batch("batch_theirs", project="proj-b", created_at=NOW + 99))
+
+    assert ids(metadata_store.list_batches("proj-a", after=None, limit=10)) == [
+        "batch_3b",
+        "batch_3",
+        "batch_2",
+        "batch_1",
+        "batch_0",
+    ]
+    assert ids(metadata_store.list_batches("proj-a", after=None, limit=2)) == ["batch_3b", "batch_3"]
+    assert ids(metadata_store.list_batches("proj-a", after="batch_3", limit=2)) == ["batch_2", "batch_1"]
+    assert metadata_store.list_batches("proj-a", after="batch_0", limit=2) == []
+    assert metadata_store.list_batches("proj-a", after="batch_unknown", limit=2) == []
+    assert metadata_store.list_batches("proj-a", after="batch_theirs", limit=2) == []
+
+
+def test_update_batch_applies_changes_only_from_an_expected_status(metadata_store: MetadataStore) -> None:
+    metadata_store.create_batch(make_batch("batch_1"))
+
+    updated = metadata_store.update_batch(
+        "proj-a",
+        "batch_1",
+        {
+            "status": "in_progress",
+            "in_progress_at": NOW + 1,
+            "request_counts": RequestCounts(total=10),  # pydantic model
+            "usage": {"input_tokens": 3, "total_tokens": 3},  # or a plain dict
+        },
+        expected_status=["validating"],
+    )
+    assert updated.status == "in_progress"
+    assert updated.in_progress_at == NOW + 1
+    assert updated.request_counts == RequestCounts(total=10)
+    assert updated.usage == Usage(input_tokens=3, total_tokens=3)
+    assert metadata_store.get_batch("proj-a", "batch_1") == updated
+
+    with pytest.raises(ConditionFailed):
+        metadata_store.update_batch("proj-a", "batch_1", {"status": "failed"}, expected_status=["validating"])
+    with pytest.raises(ConditionFailed):
+        metadata_store.update_batch(
+            "proj-b", "batch_1", {"status": "failed"}, expected_status=["in_progress"]
+        )
+    with pytest.raises(ConditionFailed):
+        metadata_store.update_batch(
+            "proj-a", "batch_nope", {"status": "failed"}, expected_status=["in_progress"]
+        )
+    assert metadata_store.get_batch("proj-a", "batch_1") == updated
+
+
+def test_concurrent_conditional_updates_have_exactly_one_winner(metadata_store: MetadataStore) -> None:
+    metadata_store.create_batch(make_batch("batch_1"))
+    winners: list[int] = []
+    start = threading.Barrier(8)
+
+    def contend(worker: int) -> None:
+        start.wait()
+        try:
+            metadata_store.update_batch(
+                "proj-a",
+                "batch_1",
+                {"status": "cancelling", "cancelling_at": worker},
+                expected_status=["validating", "in_progress"],
+            )
+        except ConditionFailed:
+            return
+        winners.append(worker)
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(winners) == 1
+    stored = metadata_store.get_batch("proj-a", "batch_1")
+    assert stored is not None and stored.cancelling_at == winners[0]
+
+
+def test_list_active_batches_spans_projects_and_skips_terminal(metadata_store: MetadataStore) -> None:
+    statuses = [
+        "validating",
+        "failed",
+        "in_progress",
+        "finalizing",
+        "completed",
+        "expired",
+        "cancelling",
+        "cancelled",
+    ]
+    for i, status in enumerate(statuses):
+        metadata_store.create_batch(
+            make_batch(f"batch_{status}", project=f"proj-{i % 2}", created_at=NOW - i, status=status)
+        )
+
+    assert ids(metadata_store.list_active_batches()) == [
+        "batch_cancelling",
+        "batch_finalizing",
+        "batch_in_progress",
+        "batch_validating",
+    ]
+
+
+def test_chunk_progress_overwrites_instead_of_adding(metadata_store: MetadataStore) -> None:
+    metadata_store.put_chunk_progress("batch_1", ChunkProgress(index=2, completed=5))
+    metadata_store.put_chunk_progress("batch_1", ChunkProgress(index=0, completed=1, failed=1))
+    metadata_store.put_chunk_progress("batch_2", ChunkProgress(index=0, completed=99))
+    retried = ChunkProgress(
+        index=2, completed=3, failed=2, usage=Usage(input_tokens=4, total_tokens=4), done=True
+    )
+    metadata_store.put_chunk_progress("batch_1", retried)
+
+    assert metadata_store.list_chunk_progress("batch_1") == [
+        ChunkProgress(index=0, completed=1, failed=1),
+        retried,
+    ]
+    assert metadata_store.list_chunk_progress("batch_none") == []
+
+
+def test_idempotency_key_first_claim_wins_per_project(metadata_store: MetadataStore) -> None:
+    assert metadata_store.claim_idempotency_key("proj-a", "key-1", "batch_first", NOW) == "batch_first"
+    assert metadata_store.claim_idempotency_key("proj-a", "key-1", "batch_second", NOW + 1) == "batch_first"
+    assert metadata_store.claim_idempotency_key("proj-b", "key-1", "batch_other", NOW) == "batch_other"
+
+
+def test_records_survive_reopening_the_store(open_metadata_store: Callable[[], MetadataStore]) -> None:
+    first = open_metadata_store()
+    first.create_file(make_file("file-1", expires_at=NOW + 10))
+    first.create_upload(make_upload("upload_1"))
+    first.create_batch(make_batch("batch_1"))
+    updated = first.update_batch(
+        "proj-a", "batch_1", {"status": "in_progress"}, expected_status=["validating"]
+    )
+    first.put_chunk_progress("batch_1", ChunkProgress(index=0, completed=2))
+    first.claim_idempotency_key("proj-a", "key-1", "batch_1", NOW)
+
+    second = open_metadata_store()
+    assert second.get_file("proj-a", "file-1") == make_file("file-1", expires_at=NOW + 10)
+    assert second.get_upload("proj-a", "upload_1") == make_upload("upload_1")
+    assert second.get_batch("proj-a", "batch_1") == updated
+    assert ids(second.list_active_batches()) == ["batch_1"]
+    assert second.list_chunk_progress("batch_1") == [ChunkProgress(index=0, completed=2)]
+    assert second.claim_idempotency_key("proj-a", "key-1", "batch_2", NOW) == "batch_1"
+
+
+# ---------------------------------------------------------------- SQLite specifics
+
+
+def test_sqlite_sets_wal_and_schema_version(tmp_path: Path) -> None:
+    with SqliteMetadataStore(tmp_path / "db" / "metadata.sqlite3") as store:
+        assert store._query("PRAGMA journal_mode") == [("wal",)]
+        assert store._query("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "metadata.sqlite3"
+    with SqliteMetadataStore(path) as store:
+        store._query(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(RuntimeError, match="newer"):
+        SqliteMetadataStore(path)
+
+
+def test_sqlite_conditional_update_is_atomic_across_connections(tmp_path: Path) -> None:
+    """Two stores on one file (as two processes would be): the second writer sees the first's commit."""
+    path = tmp_path / "metadata.sqlite3"
+    with SqliteMetadataStore(path) as one, SqliteMetadataStore(path) as two:
+        one.create_batch(make_batch("batch_1"))
+        two.update_batch("proj-a", "batch_1", {"status": "in_progress"}, expected_status=["validating"])
+        with pytest.raises(ConditionFailed):
+            one.update_batch("proj-a", "batch_1", {"status": "failed"}, expected_status=["validating"])
+        with pytest.raises(AlreadyExists):
+            two.create_batch(make_batch("batch_1"))
+
+
+def test_sqlite_failed_update_changes_nothing(tmp_path: Path) -> None:
+    """An invalid change rolls the whole transaction back and leaves the store usable."""
+    with SqliteMetadataStore(tmp_path / "metadata.sqlite3") as store:
+        store.create_batch(make_batch("batch_1"))
+        with pytest.raises(ValueError):  # pydantic ValidationError
+            store.update_batch("proj-a", "batch_1", {"status": "bogus"}, expected_status=["validating"])
+        assert store.get_batch("proj-a", "batch_1") == make_batch("batch_1")
+        store.update_batch("proj-a", "batch_1", {"status": "in_progress"}, expected_status=["validating"])
+
+
+def test_sqlite_many_threads_writing_at_once(tmp_path: Path) -> None:
+    with SqliteMetadataStore(tmp_path / "metadata.sqlite3") as store:
+
+        def write(worker: int) -> None:
+            for i in range(25):
+                store.create_file(make_file(f"file-{worker}-{i:02d}", created_at=NOW + i))
+                store.put_chunk_progress("batch_1", ChunkProgress(index=worker, completed=i))
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        files = store.list_files("proj-a", purpose=None, order="asc", after=None, limit=1000, now=NOW)
+        assert len(files) == 150
+        assert [(p.index, p.completed) for p in store.list_chunk_progress("batch_1")] == [
+            (w, 24) for w in range(6)
+        ]
+
+
+def test_sqlite_commits_survive_kill_9(tmp_path: Path) -> None:
+    """A process killed right after a write returns: the record is there when the file is reopened."""
+    path = tmp_path / "metadata.sqlite3"
+    script = f"""
+import os, signal
+from pathlib import Path
+from batch_api.adapters.local.sqlite import SqliteMetadataStore
+from batch_api.contract.models import ChunkProgress
+store = SqliteMetadataStore(Path({str(path)!r}))
+store.put_chunk_progress("batch_1", ChunkProgress(index=0, completed=7))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    result = subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+    assert result.returncode == -signal.SIGKILL
+
+    with SqliteMetadataStore(path) as store:
+        assert store.list_chunk_progress("batch_1") == [ChunkProgress(index=0, completed=7)]
