@@ -56,7 +56,7 @@ def test_400_429_500_land_where_openai_puts_them(start_server: Any, upstream: Fa
     assert upstream.attempts("bad-request") == 1  # a 400 is final
     assert upstream.attempts("rate-limited-twice") == 3  # two 429s, then success
     assert upstream.attempts("server-error") == 3  # first try + 2 retries
-    assert all(r.headers.get("Authorization") == "Bearer sk-upstream-secret" for r in upstream.requests)
+    assert all(r.headers.get("authorization") == "Bearer sk-upstream-secret" for r in upstream.requests)
     assert "sk-upstream-secret" not in server.log()  # never logged
 
 

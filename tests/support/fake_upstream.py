@@ -235,7 +235,9 @@ class FakeUpstreamServer:
             body = None
         user = body.get("user") if isinstance(body, dict) else None
         directives = parse_directives(user if isinstance(user, str) else self.default_directive)
-        count_key = directives.key if directives.key is not None else f"body:{hashlib.sha256(raw).hexdigest()}"
+        count_key = (
+            directives.key if directives.key is not None else f"body:{hashlib.sha256(raw).hexdigest()}"
+        )
         peer = request.transport.get_extra_info("peername") if request.transport else None
         with self._lock:
             self._attempts[count_key] += 1
@@ -274,7 +276,9 @@ class FakeUpstreamServer:
             assert request.transport is not None
             request.transport.close()
             return web.Response(status=500)  # never reaches the client
-        headers: dict[str, str] = {"x-request-id": f"req_fake{received.attempt}_{mock_request_id(request.path, raw)[8:]}"}
+        headers: dict[str, str] = {
+            "x-request-id": f"req_fake{received.attempt}_{mock_request_id(request.path, raw)[8:]}"
+        }
         if faulty and directives.retry_after is not None:
             headers["Retry-After"] = directives.retry_after
         if faulty and directives.retry_after_ms is not None:
@@ -283,7 +287,9 @@ class FakeUpstreamServer:
             headers["x-should-retry"] = directives.should_retry
         if faulty and directives.invalid_json:
             status = directives.status or 200
-            return web.Response(status=status, body=b"<html>not json</html>", content_type="text/html", headers=headers)
+            return web.Response(
+                status=status, body=b"<html>not json</html>", content_type="text/html", headers=headers
+            )
         if faulty and directives.status is not None and directives.status >= 400:
             message = f"fake upstream answered {directives.status} as the request's directives asked"
             return _error(directives.status, message, headers)
@@ -292,9 +298,13 @@ class FakeUpstreamServer:
         status, payload = mock_answer(request.path, raw)
         if faulty and directives.status is not None and status == 200:
             status = directives.status
-        return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers)
+        return web.Response(
+            status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
+        )
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     envelope = MockRequestError(message, status=status).envelope()
-    return web.Response(status=status, body=orjson.dumps(envelope), content_type="application/json", headers=headers)
+    return web.Response(
+        status=status, body=orjson.dumps(envelope), content_type="application/json", headers=headers
+    )

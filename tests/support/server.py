@@ -22,7 +22,9 @@ def free_port() -> int:
 class ServerProcess:
     """Starts, kills and restarts `batch-api serve` on one data directory."""
 
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None, log_path: Path | None = None):
+    def __init__(
+        self, data_dir: Path, *args: str, env: dict[str, str] | None = None, log_path: Path | None = None
+    ):
         self.data_dir = data_dir
         self.args = list(args)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BATCH_API_")}
@@ -38,9 +40,20 @@ class ServerProcess:
     def start(self, timeout: float = 30.0) -> ServerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batch_api.local.cli", "serve", "--port", str(self.port),
-             "--data-dir", str(self.data_dir), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            [
+                sys.executable,
+                "-m",
+                "batch_api.local.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
         )
         log.close()
         deadline = time.monotonic() + timeout

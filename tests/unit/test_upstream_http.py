@@ -64,7 +64,9 @@ def test_429_is_retried_after_the_wait_the_server_asks_for(fake: FakeUpstreamSer
 
 def test_retry_after_zero_and_retry_after_ms_are_honoured(fake: FakeUpstreamServer) -> None:
     zero, zero_sleep = send_one(fake.base_url, chat_body("id=r429zero;status=429;times=1"))
-    millis, millis_sleep = send_one(fake.base_url, chat_body("id=r503ms;status=503;times=1;retry_after_ms=250"))
+    millis, millis_sleep = send_one(
+        fake.base_url, chat_body("id=r503ms;status=503;times=1;retry_after_ms=250")
+    )
 
     assert (zero.status_code, zero_sleep.waits) == (200, [0.0])
     assert (millis.status_code, millis_sleep.waits) == (200, [0.25])
@@ -265,7 +267,9 @@ def test_join_url(base_url: str, endpoint: str, expected: str) -> None:
 @pytest.mark.parametrize("suffix", ["/v1", "/v1/", "", "/"])
 def test_base_urls_with_and_without_v1_reach_the_endpoint(fake: FakeUpstreamServer, suffix: str) -> None:
     base = f"http://127.0.0.1:{fake.port}{suffix}"
-    response, _ = send_one(base, orjson.dumps({"model": "e", "input": "x", "user": f"id=join{suffix}"}), "/v1/embeddings")
+    response, _ = send_one(
+        base, orjson.dumps({"model": "e", "input": "x", "user": f"id=join{suffix}"}), "/v1/embeddings"
+    )
 
     assert response.status_code == 200
     [received] = [r for r in fake.requests if r.key == f"join{suffix}"]

@@ -129,7 +129,11 @@ def _chat_completion(body: dict[str, Any], digest: str) -> dict[str, Any]:
         raise MockRequestError("messages must be a non-empty array", param="messages")
     prompt = " ".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict))
     last_user = next(
-        (_text_of(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
+        (
+            _text_of(m.get("content"))
+            for m in reversed(messages)
+            if isinstance(m, dict) and m.get("role") == "user"
+        ),
         prompt,
     )
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -241,7 +245,11 @@ def _embeddings(body: dict[str, Any], digest: str) -> dict[str, Any]:
     dimensions = body.get("dimensions", DEFAULT_EMBEDDING_DIMENSIONS)
     if dimensions is None:
         dimensions = DEFAULT_EMBEDDING_DIMENSIONS
-    if not isinstance(dimensions, int) or isinstance(dimensions, bool) or not 1 <= dimensions <= MAX_EMBEDDING_DIMENSIONS:
+    if (
+        not isinstance(dimensions, int)
+        or isinstance(dimensions, bool)
+        or not 1 <= dimensions <= MAX_EMBEDDING_DIMENSIONS
+    ):
         raise MockRequestError(
             f"dimensions must be an integer between 1 and {MAX_EMBEDDING_DIMENSIONS}", param="dimensions"
         )
@@ -325,19 +333,26 @@ def _moderation_inputs(value: Any) -> list[str]:
             return list(value)
         if all(isinstance(item, dict) for item in value):
             return [_text_of(value)]
-    raise MockRequestError("input must be a string, an array of strings, or an array of content parts", param="input")
+    raise MockRequestError(
+        "input must be a string, an array of strings, or an array of content parts", param="input"
+    )
 
 
 def _moderations(body: dict[str, Any], digest: str) -> dict[str, Any]:
     # The moderations endpoint has a default model; every other endpoint requires one.
     model = body.get("model") or "omni-moderation-latest"
-    applied_types = ["text", "image"] if isinstance(body.get("input"), list) and any(
-        isinstance(item, dict) and item.get("type") == "image_url" for item in body["input"]
-    ) else ["text"]
+    applied_types = (
+        ["text", "image"]
+        if isinstance(body.get("input"), list)
+        and any(isinstance(item, dict) and item.get("type") == "image_url" for item in body["input"])
+        else ["text"]
+    )
     results = []
     for text in _moderation_inputs(body.get("input")):
         text_digest = hashlib.sha256(text.encode()).digest()
-        scores = {name: round(text_digest[i] / 255 * 1e-3, 8) for i, name in enumerate(_MODERATION_CATEGORIES)}
+        scores = {
+            name: round(text_digest[i] / 255 * 1e-3, 8) for i, name in enumerate(_MODERATION_CATEGORIES)
+        }
         results.append(
             {
                 "flagged": False,

@@ -22,7 +22,9 @@ MOCK_MODELS = ("mock-chat", "mock-embedding", "omni-moderation-latest")
 
 def _json(status: int, payload: object, request_id: str | None = None) -> web.Response:
     headers = {"x-request-id": request_id} if request_id else None
-    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers)
+    return web.Response(
+        status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
+    )
 
 
 def create_app(latency_seconds: float = 0.0) -> web.Application:
@@ -39,7 +41,10 @@ def create_app(latency_seconds: float = 0.0) -> web.Application:
         return _json(status, payload, mock_request_id(request.path, body))
 
     async def list_models(_request: web.Request) -> web.Response:
-        models = [{"id": name, "object": "model", "created": MOCK_CREATED_AT, "owned_by": "batch-api-mock"} for name in MOCK_MODELS]
+        models = [
+            {"id": name, "object": "model", "created": MOCK_CREATED_AT, "owned_by": "batch-api-mock"}
+            for name in MOCK_MODELS
+        ]
         return _json(200, {"object": "list", "data": models})
 
     app = web.Application(client_max_size=64 * 1024 * 1024)

@@ -136,7 +136,11 @@ class OpenAIHttpUpstream:
         self.max_connections = max_connections
         self._sleep = sleep
         self._rng = rng
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": USER_AGENT}
+        self._headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._urls: dict[str, str] = {}
@@ -206,12 +210,12 @@ class OpenAIHttpUpstream:
 
     async def _pause(self, attempt: int, reason: str, headers: Mapping[str, str] | None) -> None:
         delay = self.backoff(attempt - 1, headers)
-        logger.info(
-            "upstream %s: %s on attempt %d, retrying in %.2f s", self._host, reason, attempt, delay
-        )
+        logger.info("upstream %s: %s on attempt %d, retrying in %.2f s", self._host, reason, attempt, delay)
         await self._sleep(delay)
 
-    def _http_answer(self, status: int, headers: dict[str, str], raw: bytes, attempts: int) -> UpstreamResponse:
+    def _http_answer(
+        self, status: int, headers: dict[str, str], raw: bytes, attempts: int
+    ) -> UpstreamResponse:
         request_id = headers.get("x-request-id") or new_request_id()
         try:
             parsed: Any = orjson.loads(raw)
