@@ -269,9 +269,9 @@ class FakeUpstreamServer:
         faulty = directives.times is None or received.attempt <= directives.times
         if self.latency_seconds > 0 and await self._wait(self.latency_seconds):
             return _error(503, "the fake upstream is stopping")
-        if faulty and (directives.hang or directives.delay > 0):
-            if await self._wait(None if directives.hang else directives.delay):
-                return _error(503, "the fake upstream is stopping")
+        waits = faulty and (directives.hang or directives.delay > 0)
+        if waits and await self._wait(None if directives.hang else directives.delay):
+            return _error(503, "the fake upstream is stopping")
         if faulty and directives.disconnect:
             assert request.transport is not None
             request.transport.close()

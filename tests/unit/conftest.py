@@ -38,7 +38,7 @@ def _no_upstream() -> object:
 
 def make_deps(clock: FixedClock, **settings: object) -> Deps:
     return Deps(
-        settings=Settings(_env_file=None, **settings),  # type: ignore[call-arg]
+        settings=Settings(**settings),  # type: ignore[arg-type]
         metadata=MemoryMetadataStore(),
         blobs=MemoryBlobStore(),
         journal=MemoryJournal(),

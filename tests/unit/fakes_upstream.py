@@ -59,7 +59,8 @@ def transport_failure(code: str = "timeout", message: str = "upstream timed out"
 
 def http_error(status: int, message: str = "bad") -> UpstreamResponse:
     return UpstreamResponse(
-        status_code=status, body={"error": {"message": message, "type": "x", "param": None, "code": None}},
+        status_code=status,
+        body={"error": {"message": message, "type": "x", "param": None, "code": None}},
         request_id=f"req_err_{status}",
     )
 
@@ -111,7 +112,9 @@ class FakeUpstream:
             return scripted
         if scripted is not None:
             return scripted(parsed)
-        return UpstreamResponse(status_code=200, body=default_body(endpoint, parsed, n), request_id=f"req_{n}")
+        return UpstreamResponse(
+            status_code=200, body=default_body(endpoint, parsed, n), request_id=f"req_{n}"
+        )
 
     async def aclose(self) -> None:
         self.clients_closed += 1

@@ -32,7 +32,9 @@ def test_non_batch_files_do_not_expire_by_default(deps: Deps) -> None:
 
 
 def test_expires_after_sets_expiry_and_hints_the_store(deps: Deps) -> None:
-    record = files.create_file(deps, "p1", "a.txt", "user_data", DATA, {"anchor": "created_at", "seconds": 7200})
+    record = files.create_file(
+        deps, "p1", "a.txt", "user_data", DATA, {"anchor": "created_at", "seconds": 7200}
+    )
     assert record.expires_at == T0 + 7200
     assert deps.blobs.expiry[record.blob_key] == T0 + 7200  # type: ignore[attr-defined]
 
@@ -72,7 +74,9 @@ def test_failed_record_write_leaves_no_blob(deps: Deps, monkeypatch: pytest.Monk
 
 
 def test_retrieve_hides_other_projects_deleted_and_expired_files(deps: Deps, clock: FixedClock) -> None:
-    record = files.create_file(deps, "p1", "a.txt", "user_data", DATA, {"anchor": "created_at", "seconds": 3600})
+    record = files.create_file(
+        deps, "p1", "a.txt", "user_data", DATA, {"anchor": "created_at", "seconds": 3600}
+    )
     assert files.retrieve_file(deps, "p1", record.id) == record
 
     with pytest.raises(NotFound) as raised:
@@ -133,7 +137,9 @@ def test_list_pages_with_has_more(deps: Deps, clock: FixedClock) -> None:
     assert [r.id for r in page] == [made[0].id, made[2].id, made[4].id]
 
 
-@pytest.mark.parametrize(("kwargs", "param"), [({"order": "up"}, "order"), ({"limit": 0}, "limit"), ({"limit": 10_001}, "limit")])
+@pytest.mark.parametrize(
+    ("kwargs", "param"), [({"order": "up"}, "order"), ({"limit": 0}, "limit"), ({"limit": 10_001}, "limit")]
+)
 def test_list_rejects_bad_query(deps: Deps, kwargs: dict[str, object], param: str) -> None:
     with pytest.raises(InvalidRequest) as raised:
         files.list_files(deps, "p1", **kwargs)  # type: ignore[arg-type]
@@ -141,7 +147,9 @@ def test_list_rejects_bad_query(deps: Deps, kwargs: dict[str, object], param: st
 
 
 def test_sweep_deletes_expired_bodies_and_marks_them(deps: Deps, clock: FixedClock) -> None:
-    short = files.create_file(deps, "p1", "a.txt", "user_data", DATA, {"anchor": "created_at", "seconds": 3600})
+    short = files.create_file(
+        deps, "p1", "a.txt", "user_data", DATA, {"anchor": "created_at", "seconds": 3600}
+    )
     kept = files.create_file(deps, "p2", "b.txt", "user_data", DATA)
     assert files.sweep_expired_files(deps) == 0
 

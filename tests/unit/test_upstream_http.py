@@ -122,6 +122,7 @@ def test_client_errors_are_not_retried(fake: FakeUpstreamServer, status: int) ->
     assert sleep.waits == []
     assert set(response.body["error"]) == {"message", "type", "param", "code"}
     assert response.request_id.startswith("req_fake1_")
+    assert response.headers["X-Request-Id"] == response.headers["x-request-id"] == response.request_id
     assert fake.attempts(f"final{status}") == 1
 
 

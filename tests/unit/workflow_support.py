@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from batch_api import keys
-from batch_api.config import Settings
-from batch_api.contract.models import BatchRecord, FileRecord
-from batch_api.deps import Deps
 from batch_api.adapters.memory import (
     MemoryBlobStore,
     MemoryJournal,
@@ -18,7 +16,10 @@ from batch_api.adapters.memory import (
     RecordingEventSink,
     RecordingWorkflow,
 )
-from fakes_upstream import FakeClock, FakeUpstream
+from batch_api.config import Settings
+from batch_api.contract.models import BatchRecord, FileRecord
+from batch_api.deps import Deps
+from tests.unit.fakes_upstream import FakeClock, FakeUpstream
 
 PROJECT = "proj_test"
 ENDPOINT_BODY_FIELD = {
@@ -70,9 +71,21 @@ class RecordingMetadata(MemoryMetadataStore):
         super().put_chunk_progress(batch_id, progress)
 
 
-def make_deps(upstream: FakeUpstream | None = None, clock: FakeClock | None = None, **settings: Any) -> Deps:
+@dataclass
+class FakeDeps(Deps):
+    """Deps whose fakes keep their recording attributes visible to the type checker."""
+
+    metadata: RecordingMetadata
+    blobs: SmallPieceBlobStore
+    journal: CountingJournal
+    events: RecordingEventSink
+
+
+def make_deps(
+    upstream: FakeUpstream | None = None, clock: FakeClock | None = None, **settings: Any
+) -> FakeDeps:
     upstream = upstream or FakeUpstream()
-    return Deps(
+    return FakeDeps(
         settings=Settings(**settings),
         metadata=RecordingMetadata(),
         blobs=SmallPieceBlobStore(),
@@ -85,7 +98,11 @@ def make_deps(upstream: FakeUpstream | None = None, clock: FakeClock | None = No
 
 
 def request(
-    custom_id: str, endpoint: str = "/v1/chat/completions", *, model: str = "gpt-test", content: str | None = None
+    custom_id: str,
+    endpoint: str = "/v1/chat/completions",
+    *,
+    model: str = "gpt-test",
+    content: str | None = None,
 ) -> dict[str, Any]:
     """One valid input line for `endpoint`, its text content defaulting to the custom_id."""
     text = content if content is not None else custom_id

@@ -187,7 +187,7 @@ class OpenAIHttpUpstream:
             try:
                 async with session.post(url, data=body) as response:
                     status = response.status
-                    headers = {key.lower(): value for key, value in response.headers.items()}
+                    headers = response.headers  # case-insensitive, and no copy per answer
                     raw = await response.read()
             except TimeoutError as exc:
                 if isinstance(exc, aiohttp.ConnectionTimeoutError):
@@ -214,7 +214,7 @@ class OpenAIHttpUpstream:
         await self._sleep(delay)
 
     def _http_answer(
-        self, status: int, headers: dict[str, str], raw: bytes, attempts: int
+        self, status: int, headers: Mapping[str, str], raw: bytes, attempts: int
     ) -> UpstreamResponse:
         request_id = headers.get("x-request-id") or new_request_id()
         try:

@@ -52,6 +52,7 @@ def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
     ids = {"project_id": project_id, "batch_id": batch_id}
     batch = _get_batch(deps, project_id, batch_id)
     if batch.is_terminal:
+        deps.journal.delete_batch(batch_id)  # a crash may have come between the terminal update and this
         return {**ids, "status": batch.status}
     if batch.status == "in_progress":
         try:

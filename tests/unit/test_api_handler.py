@@ -1,0 +1,523 @@
+"""The API handler: sample events from events/api/ through `create_app(...).resolve`, and the real
+`openai` SDK driving the same resolver in-process."""
+
+from __future__ import annotations
+
+import base64
+import copy
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from openai.types import Batch, FileDeleted, FileObject, Upload
+from openai.types.uploads import UploadPart
+
+from batch_api import keys
+from batch_api.contract.models import BatchRecord, FileRecord, UploadPartRecord, UploadRecord
+from batch_api.deps import Deps
+from batch_api.handlers import api
+from batch_api.handlers.auth import project_id_for_key
+from batch_api.service import files
+from tests.unit.api_events import (
+    BATCH_ID,
+    INPUT_FILE_ID,
+    PART_IDS,
+    UPLOAD_ID,
+    load_event,
+    sdk_transport,
+)
+from tests.unit.conftest import T0, FixedClock, LambdaContext, make_deps
+
+pytestmark = pytest.mark.unit
+
+INPUT_LINES = b'{"custom_id": "r1"}\n{"custom_id": "r2"}\n'
+PARTS = (b"hello ", b"world\n")
+
+
+def seed(deps: Deps, project_id: str = "local") -> None:
+    """The objects the sample events name."""
+    deps.blobs.put(keys.file_key(INPUT_FILE_ID), INPUT_LINES)
+    deps.metadata.create_file(
+        FileRecord(
+            id=INPUT_FILE_ID,
+            project_id=project_id,
+            bytes=len(INPUT_LINES),
+            created_at=T0 - 10,
+            expires_at=T0 + 86400,
+            filename="in.jsonl",
+            purpose="batch",
+            blob_key=keys.file_key(INPUT_FILE_ID),
+        )
+    )
+    deps.metadata.create_batch(
+        BatchRecord(
+            id=BATCH_ID,
+            project_id=project_id,
+            endpoint="/v1/chat/completions",
+            input_file_id=INPUT_FILE_ID,
+            created_at=T0 - 5,
+            expires_at=T0 + 86400,
+        )
+    )
+    deps.metadata.create_upload(
+        UploadRecord(
+            id=UPLOAD_ID,
+            project_id=project_id,
+            bytes=sum(map(len, PARTS)),
+            created_at=T0,
+            expires_at=T0 + 3600,
+            filename="big.jsonl",
+            purpose="batch",
+            mime_type="application/jsonl",
+        )
+    )
+    for part_id, data in zip(PART_IDS, PARTS, strict=True):
+        key = keys.upload_part_key(UPLOAD_ID, part_id)
+        deps.blobs.put(key, data)
+        deps.metadata.add_upload_part(
+            UploadPartRecord(id=part_id, upload_id=UPLOAD_ID, created_at=T0, bytes=len(data), blob_key=key)
+        )
+
+
+@pytest.fixture
+def seeded_deps(deps: Deps) -> Deps:
+    seed(deps)
+    return deps
+
+
+class Client:
+    """Resolves events against one app and decodes the proxy responses."""
+
+    def __init__(self, deps: Deps, context: LambdaContext) -> None:
+        self.deps = deps
+        self.app = api.create_app(deps)
+        self.context = context
+
+    def __call__(self, event: dict[str, Any]) -> dict[str, Any]:
+        return api.handle(self.app, event, self.context)  # type: ignore[arg-type]
+
+    def json(self, event: dict[str, Any], status: int = 200) -> Any:
+        result = self(event)
+        assert result["statusCode"] == status, result
+        assert result["multiValueHeaders"]["Content-Type"] == ["application/json"]
+        return orjson.loads(result["body"])
+
+    def error(self, event: dict[str, Any], status: int) -> dict[str, Any]:
+        body = self.json(event, status)
+        assert set(body) == {"error"}
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        error: dict[str, Any] = body["error"]
+        return error
+
+
+@pytest.fixture
+def client(seeded_deps: Deps, lambda_context: LambdaContext) -> Client:
+    return Client(seeded_deps, lambda_context)
+
+
+def _with_body(event: dict[str, Any], body: Any, *, base64_encoded: bool = True) -> dict[str, Any]:
+    event = copy.deepcopy(event)
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    event["body"] = base64.b64encode(raw).decode() if base64_encoded else raw.decode()
+    event["isBase64Encoded"] = base64_encoded
+    return event
+
+
+def _with_query(event: dict[str, Any], **query: str) -> dict[str, Any]:
+    event = copy.deepcopy(event)
+    event["queryStringParameters"] = query
+    event["multiValueQueryStringParameters"] = {k: [v] for k, v in query.items()}
+    return event
+
+
+def _with_path(event: dict[str, Any], path: str) -> dict[str, Any]:
+    event = copy.deepcopy(event)
+    event["path"] = path
+    event["pathParameters"] = {"proxy": path.lstrip("/")}
+    return event
+
+
+# ---------------------------------------------------------------- health, routing, auth, errors
+
+
+def test_health_needs_no_key(clock: FixedClock, lambda_context: LambdaContext) -> None:
+    client = Client(make_deps(clock, api_keys="sk-a"), lambda_context)
+    assert client.json(load_event("health.json")) == {"status": "ok"}
+
+
+def test_unknown_route_is_a_404_envelope(client: Client) -> None:
+    error = client.error(_with_path(load_event("files_list.json"), "/v1/nothing"), 404)
+    assert error["message"] == "Invalid URL (GET /v1/nothing)"
+
+
+def test_keys_scope_projects(clock: FixedClock, lambda_context: LambdaContext) -> None:
+    client = Client(make_deps(clock, api_keys="sk-a,sk-b"), lambda_context)
+    seed(client.deps, project_id=project_id_for_key("sk-a"))
+
+    def as_key(event: dict[str, Any], key: str | None) -> dict[str, Any]:
+        event = copy.deepcopy(event)
+        for name in ("headers", "multiValueHeaders"):
+            event[name].pop("authorization")
+            if key is not None:
+                event[name]["Authorization"] = f"Bearer {key}" if name == "headers" else [f"Bearer {key}"]
+        return event
+
+    event = load_event("files_retrieve.json")
+    assert client.json(as_key(event, "sk-a"))["id"] == INPUT_FILE_ID
+    assert client.error(as_key(event, "sk-b"), 404)["message"] == f"No such File object: {INPUT_FILE_ID}"
+    assert client.error(as_key(event, "sk-wrong"), 401)["code"] == "invalid_api_key"
+    assert client.error(as_key(event, None), 401)["type"] == "invalid_request_error"
+    assert client.error(event, 401)  # the sample's sk-test is not one of the keys
+
+
+def test_unexpected_errors_are_500_without_internals(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(files, "retrieve_file", broken)
+    error = client.error(load_event("files_retrieve.json"), 500)
+    assert error["type"] == "server_error"
+    assert "secret" not in error["message"]
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_create_file_from_the_sdks_multipart(client: Client, clock: FixedClock) -> None:
+    body = client.json(load_event("files_create.json"))
+    file = FileObject.model_validate(body)
+    assert (file.purpose, file.filename, file.status) == ("batch", "requests.jsonl", "processed")
+    assert file.expires_at == T0 + 86400  # expires_after[seconds] from the form
+    assert client.deps.blobs.get(keys.file_key(file.id)).startswith(b'{"custom_id": "r1"')
+    assert file.bytes == client.deps.blobs.size(keys.file_key(file.id))
+
+
+def test_create_file_too_large_points_at_uploads(clock: FixedClock, lambda_context: LambdaContext) -> None:
+    client = Client(make_deps(clock, max_request_bytes=2 * 1024 * 1024), lambda_context)
+    event = _with_body(load_event("files_create.json"), b"x" * (2 * 1024 * 1024 + 1))
+    error = client.error(event, 413)
+    assert "upload_file_chunked" in error["message"]
+    assert "part_size=1048576" in error["message"]
+    assert api.suggested_part_size(client.deps.settings) == 1024 * 1024
+
+
+def test_create_file_needs_purpose_and_file(client: Client) -> None:
+    event = load_event("files_create.json")
+    boundary = event["headers"]["content-type"].split("boundary=")[1]
+    no_purpose = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{{}}\r\n'
+        f"--{boundary}--\r\n"
+    ).encode()
+    assert client.error(_with_body(event, no_purpose), 400)["param"] == "purpose"
+    no_file = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--{boundary}--\r\n'
+    )
+    assert client.error(_with_body(event, no_file.encode()), 400)["param"] == "file"
+    assert client.error(_with_body(event, b"not multipart at all"), 400)["type"] == "invalid_request_error"
+
+
+def test_list_files(client: Client, clock: FixedClock) -> None:
+    for i in range(2):
+        clock.advance(1)
+        files.create_file(client.deps, "local", f"{i}.jsonl", "batch", b"{}\n")
+    files.create_file(client.deps, "local", "other.txt", "user_data", b"x")
+
+    page = client.json(load_event("files_list.json"))  # purpose=batch, limit=2, order=asc
+    assert page["object"] == "list"
+    assert [FileObject.model_validate(f).purpose for f in page["data"]] == ["batch", "batch"]
+    assert page["first_id"] == INPUT_FILE_ID
+    assert page["last_id"] == page["data"][-1]["id"]
+    assert page["has_more"] is True
+    rest = client.json(_with_query(load_event("files_list.json"), purpose="batch", after=page["last_id"]))
+    assert len(rest["data"]) == 1
+    assert rest["has_more"] is False
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [({"limit": "abc"}, "limit"), ({"limit": "0"}, "limit"), ({"order": "sideways"}, "order")],
+)
+def test_list_files_bad_query(client: Client, query: dict[str, str], param: str) -> None:
+    assert client.error(_with_query(load_event("files_list.json"), **query), 400)["param"] == param
+
+
+def test_retrieve_and_delete_file(client: Client) -> None:
+    assert FileObject.model_validate(client.json(load_event("files_retrieve.json"))).id == INPUT_FILE_ID
+    deleted = FileDeleted.model_validate(client.json(load_event("files_delete.json")))
+    assert (deleted.id, deleted.deleted) == (INPUT_FILE_ID, True)
+    assert (
+        client.error(load_event("files_retrieve.json"), 404)["message"]
+        == f"No such File object: {INPUT_FILE_ID}"
+    )
+    assert client.error(load_event("files_content.json"), 404)
+
+
+def test_small_file_content_is_inline(client: Client) -> None:
+    result = client(load_event("files_content.json"))
+    assert result["statusCode"] == 200
+    assert result["isBase64Encoded"] is True
+    assert base64.b64decode(result["body"]) == INPUT_LINES
+    assert result["multiValueHeaders"]["Content-Type"] == ["application/octet-stream"]
+
+
+def test_large_file_content_redirects_to_a_short_lived_url(
+    client: Client, clock: FixedClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client.deps.settings.max_inline_download_bytes = 4
+    calls: list[tuple[str, str, int]] = []
+
+    def download_url(key: str, *, filename: str, expires_in: int) -> str:
+        calls.append((key, filename, expires_in))
+        return "https://bucket.example/signed"
+
+    monkeypatch.setattr(client.deps.blobs, "download_url", download_url)
+    result = client(load_event("files_content.json"))
+    assert result["statusCode"] == 302
+    assert result["multiValueHeaders"]["Location"] == ["https://bucket.example/signed"]
+    assert calls == [(keys.file_key(INPUT_FILE_ID), "in.jsonl", 3600)]
+
+    clock.advance(86400 - 60)  # the file expires in a minute: the link may not outlive it
+    client(load_event("files_content.json"))
+    assert calls[-1][2] == 60
+
+
+def test_large_file_without_download_url_is_inline(client: Client) -> None:
+    client.deps.settings.max_inline_download_bytes = 4
+    assert base64.b64decode(client(load_event("files_content.json"))["body"]) == INPUT_LINES
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def test_upload_flow(client: Client) -> None:
+    created = Upload.model_validate(client.json(load_event("uploads_create.json")))
+    assert (created.status, created.bytes, created.expires_at) == ("pending", 12, T0 + 3600)
+
+    part = UploadPart.model_validate(client.json(load_event("uploads_add_part.json")))
+    assert part.upload_id == UPLOAD_ID
+    assert client.deps.blobs.get(keys.upload_part_key(UPLOAD_ID, part.id)) == b"hello world\n"
+
+    done = Upload.model_validate(client.json(load_event("uploads_complete.json")))
+    assert done.status == "completed"
+    assert done.file is not None
+    assert client.deps.blobs.get(keys.file_key(done.file.id)) == b"".join(PARTS)
+
+    assert client.error(load_event("uploads_complete.json"), 400)["message"].endswith("already completed.")
+    assert client.error(load_event("uploads_cancel.json"), 400)
+
+
+def test_cancel_upload(client: Client) -> None:
+    assert Upload.model_validate(client.json(load_event("uploads_cancel.json"))).status == "cancelled"
+    assert client.deps.blobs.list_keys(keys.upload_prefix(UPLOAD_ID)) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        (
+            {"filename": "f", "mime_type": "text/plain", "purpose": "batch"},
+            "bytes",
+            "missing_required_parameter",
+        ),
+        (
+            {"bytes": "12", "filename": "f", "mime_type": "text/plain", "purpose": "batch"},
+            "bytes",
+            "invalid_type",
+        ),
+        (
+            {"bytes": True, "filename": "f", "mime_type": "text/plain", "purpose": "batch"},
+            "bytes",
+            "invalid_type",
+        ),
+        (
+            {"bytes": 1, "filename": "f", "mime_type": "text/plain", "purpose": "nope"},
+            "purpose",
+            "invalid_value",
+        ),
+    ],
+)
+def test_create_upload_bad_bodies(client: Client, body: dict[str, Any], param: str, code: str) -> None:
+    error = client.error(_with_body(load_event("uploads_create.json"), body), 400)
+    assert (error["param"], error["code"]) == (param, code)
+
+
+def test_complete_upload_bad_part_ids(client: Client) -> None:
+    event = _with_body(load_event("uploads_complete.json"), {"part_ids": [PART_IDS[0], 7]})
+    assert client.error(event, 400)["param"] == "part_ids[1]"
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_create_batch_and_replay_with_idempotency_key(client: Client, clock: FixedClock) -> None:
+    created = Batch.model_validate(client.json(load_event("batches_create.json")))
+    assert (created.status, created.metadata, created.created_at) == ("validating", {"team": "search"}, T0)
+    assert created.expires_at == T0 + 86400
+    assert client.deps.workflow.started == [("local", created.id)]  # type: ignore[attr-defined]
+
+    clock.advance(10)
+    assert client.json(load_event("batches_create.json"))["id"] == created.id
+
+    without_key = load_event("batches_create.json")
+    del without_key["headers"]["idempotency-key"]
+    assert client.json(without_key)["id"] != created.id
+
+
+def test_create_batch_accepts_a_plain_text_body_and_ignores_unknown_fields(client: Client) -> None:
+    body = {
+        "input_file_id": INPUT_FILE_ID,
+        "endpoint": "/v1/embeddings",
+        "completion_window": "24h",
+        "future_field": 1,
+    }
+    batch = Batch.model_validate(
+        client.json(_with_body(load_event("batches_create.json"), body, base64_encoded=False))
+    )
+    assert batch.endpoint == "/v1/embeddings"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        (b"{not json", None, None),
+        (b"[1, 2]", None, "invalid_type"),
+        (
+            {"endpoint": "/v1/chat/completions", "completion_window": "24h"},
+            "input_file_id",
+            "missing_required_parameter",
+        ),
+        (
+            {"input_file_id": INPUT_FILE_ID, "endpoint": "/v1/chat/completions", "completion_window": 24},
+            "completion_window",
+            "invalid_type",
+        ),
+        (
+            {
+                "input_file_id": INPUT_FILE_ID,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+                "metadata": "x",
+            },
+            "metadata",
+            "invalid_type",
+        ),
+        (
+            {
+                "input_file_id": INPUT_FILE_ID,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+                "metadata": {"n": 1},
+            },
+            "metadata.n",
+            "invalid_type",
+        ),
+        (
+            {"input_file_id": INPUT_FILE_ID, "endpoint": "/v1/images/edits", "completion_window": "24h"},
+            "endpoint",
+            "invalid_value",
+        ),
+        (
+            {"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+            "input_file_id",
+            "invalid_request",
+        ),
+    ],
+)
+def test_create_batch_bad_bodies_are_400_never_422(
+    client: Client, body: Any, param: str | None, code: str | None
+) -> None:
+    event = load_event("batches_create.json")
+    del event["headers"]["idempotency-key"]
+    error = client.error(_with_body(event, body), 400)
+    assert (error["param"], error["code"]) == (param, code)
+
+
+def test_list_and_retrieve_batches(client: Client, clock: FixedClock) -> None:
+    for _ in range(2):
+        clock.advance(1)
+        body = {
+            "input_file_id": INPUT_FILE_ID,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }
+        event = load_event("batches_create.json")
+        del event["headers"]["idempotency-key"]  # two distinct batches
+        client.json(_with_body(event, body))
+
+    page = client.json(load_event("batches_list.json"))  # limit=2
+    assert [Batch.model_validate(b).object for b in page["data"]] == ["batch", "batch"]
+    assert page["has_more"] is True
+    rest = client.json(_with_query(load_event("batches_list.json"), after=page["last_id"]))
+    assert [b["id"] for b in rest["data"]] == [BATCH_ID]
+    assert client.error(_with_query(load_event("batches_list.json"), limit="101"), 400)["param"] == "limit"
+
+    assert Batch.model_validate(client.json(load_event("batches_retrieve.json"))).id == BATCH_ID
+    assert client.error(_with_path(load_event("batches_retrieve.json"), "/v1/batches/batch_nope"), 404)
+
+
+def test_cancel_batch_then_conflict_when_finished(client: Client) -> None:
+    assert Batch.model_validate(client.json(load_event("batches_cancel.json"))).status == "cancelling"
+    assert client.json(load_event("batches_cancel.json"))["status"] == "cancelling"
+
+    client.deps.metadata.update_batch(
+        "local", BATCH_ID, {"status": "completed"}, expected_status=["cancelling"]
+    )
+    result = client(load_event("batches_cancel.json"))
+    assert result["statusCode"] == 409
+    assert result["multiValueHeaders"]["x-should-retry"] == ["false"]
+    error = orjson.loads(result["body"])["error"]
+    assert error["message"] == "Cannot cancel a batch with status completed."
+
+
+# ---------------------------------------------------------------- the openai SDK end to end
+
+
+def test_openai_sdk_round_trip(client: Client, tmp_path: Any) -> None:
+    seen: list[dict[str, Any]] = []
+    sdk = openai.OpenAI(
+        api_key="sk-anything",
+        base_url="http://testserver/v1",
+        max_retries=2,
+        http_client=openai.DefaultHttpxClient(transport=sdk_transport(client, seen)),
+    )
+
+    uploaded = sdk.files.create(file=("in.jsonl", INPUT_LINES), purpose="batch")
+    assert sdk.files.retrieve(uploaded.id).bytes == len(INPUT_LINES)
+    assert sdk.files.content(uploaded.id).read() == INPUT_LINES
+    assert uploaded.id in [f.id for f in sdk.files.list(purpose="batch")]
+
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"0123456789\n" * 1000)
+    upload = sdk.uploads.upload_file_chunked(
+        file=big, mime_type="application/jsonl", purpose="batch", part_size=4096
+    )
+    assert upload.status == "completed"
+    assert upload.file is not None
+    assert sdk.files.content(upload.file.id).read() == big.read_bytes()
+
+    batch = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert sdk.batches.retrieve(batch.id).status == "validating"
+    assert batch.id in [b.id for b in sdk.batches.list()]
+    assert sdk.batches.cancel(batch.id).status == "cancelling"
+
+    client.deps.metadata.update_batch(
+        "local", batch.id, {"status": "cancelled"}, expected_status=["cancelling"]
+    )
+    client.deps.metadata.update_batch("local", BATCH_ID, {"status": "failed"}, expected_status=["validating"])
+    calls = len(seen)
+    with pytest.raises(openai.ConflictError):
+        sdk.batches.cancel(BATCH_ID)
+    assert len(seen) == calls + 1  # x-should-retry: false stops the SDK's retries
+
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve("file-missing")
+    with pytest.raises(openai.BadRequestError):
+        sdk.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="48h",  # type: ignore[arg-type]
+        )
+    assert sdk.files.delete(uploaded.id).deleted is True

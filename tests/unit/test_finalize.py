@@ -1,0 +1,304 @@
+"""finalize_batch and fail_batch: files, counts, terminal statuses, idempotency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from batch_api import keys
+from batch_api.contract.errors import ConditionFailed
+from batch_api.contract.ids import output_file_id
+from batch_api.workflow.finalize import FinalizeError, fail_batch, finalize_batch
+from batch_api.workflow.process import process_chunk
+from batch_api.workflow.validate import load_manifest, validate_batch
+from tests.unit.fakes_upstream import DEFAULT_USAGE, FakeClock, FakeUpstream, http_error, transport_failure
+from tests.unit.workflow_support import (
+    PROJECT,
+    add_batch,
+    file_lines,
+    get_batch,
+    ids,
+    jsonl,
+    make_deps,
+    request,
+)
+
+pytestmark = pytest.mark.unit
+
+CHAT = "/v1/chat/completions"
+
+
+def _run_batch(
+    n: int, upstream: FakeUpstream | None = None, clock: FakeClock | None = None, **settings: Any
+) -> Any:
+    """Validate and process every chunk; return deps (the batch is left for finalize)."""
+    deps = make_deps(upstream or FakeUpstream(), clock, **settings)
+    add_batch(deps, jsonl([request(f"r{i}") for i in range(n)]), output_expires_after_seconds=7200)
+    assert validate_batch(ids(), deps)["next"] == "process"
+    for chunk in load_manifest(deps, "batch_test"):
+        process_chunk({**ids(), "chunk": chunk.model_dump()}, deps)
+    return deps
+
+
+def test_finalize_writes_output_and_error_files_and_completes() -> None:
+    deps = _run_batch(5, FakeUpstream({"r1": http_error(400), "r3": transport_failure()}), chunk_max_lines=2)
+    deps.clock.advance(60)
+
+    result = finalize_batch(ids(), deps)
+
+    assert result == {**ids(), "status": "completed"}
+    batch = get_batch(deps)
+    assert batch.status == "completed" and batch.completed_at == deps.now()
+    assert batch.finalizing_at == deps.now()
+    assert batch.request_counts.model_dump() == {"total": 5, "completed": 3, "failed": 2}
+    assert batch.usage.input_tokens == 3 * DEFAULT_USAGE[CHAT]["prompt_tokens"]
+    assert batch.usage.total_tokens == 3 * DEFAULT_USAGE[CHAT]["total_tokens"]
+    assert batch.output_file_id == output_file_id("batch_test", "output")
+    assert batch.error_file_id == output_file_id("batch_test", "error")
+    assert sorted(line["custom_id"] for line in file_lines(deps, batch.output_file_id)) == ["r0", "r2", "r4"]
+    errors = {line["custom_id"]: line for line in file_lines(deps, batch.error_file_id)}
+    assert errors["r1"]["response"]["status_code"] == 400 and errors["r1"]["error"] is None
+    assert errors["r3"]["response"] is None and errors["r3"]["error"]["code"] == "timeout"
+    for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "error")):
+        record = deps.metadata.get_file(PROJECT, file_id)
+        assert record is not None
+        assert record.purpose == "batch_output"
+        assert record.filename == f"batch_test_{kind}.jsonl"
+        assert (record.created_at, record.expires_at) == (deps.now(), deps.now() + 7200)
+        assert deps.blobs.expiry[keys.file_key(file_id)] == deps.now() + 7200
+    [(kind, detail)] = deps.events.events
+    assert kind == "batch.completed"
+    assert detail["project_id"] == PROJECT and detail["status"] == "completed"
+    assert detail["output_file_id"] == batch.output_file_id
+    assert list(deps.journal.read("batch_test", 0)) == []  # journals freed once the status is stored
+
+
+def test_finalize_twice_writes_nothing_new() -> None:
+    deps = _run_batch(3, FakeUpstream({"r0": http_error(500)}))
+    first = finalize_batch(ids(), deps)
+    writes, events, stored = list(deps.blobs.writes), list(deps.events.events), get_batch(deps)
+
+    assert finalize_batch(ids(), deps) == first
+    assert deps.blobs.writes == writes
+    assert deps.events.events == events
+    assert get_batch(deps) == stored
+
+
+def test_rerun_after_a_crash_before_the_terminal_update_reuses_the_files() -> None:
+    deps = _run_batch(3, FakeUpstream({"r0": http_error(500)}))
+    real_update = deps.metadata.update_batch
+    calls = {"n": 0}
+
+    def crash_on_terminal_update(
+        project_id: str, batch_id: str, changes: Any, *, expected_status: Any
+    ) -> Any:
+        if changes.get("status") == "completed" and calls["n"] == 0:
+            calls["n"] += 1
+            raise RuntimeError("process killed")
+        return real_update(project_id, batch_id, changes, expected_status=expected_status)
+
+    deps.metadata.update_batch = crash_on_terminal_update
+    with pytest.raises(RuntimeError):
+        finalize_batch(ids(), deps)
+    assert get_batch(deps).status == "finalizing"
+
+    assert finalize_batch(ids(), deps)["status"] == "completed"
+
+    assert sorted(deps.blobs.writes) == sorted(
+        keys.file_key(output_file_id("batch_test", kind)) for kind in ("output", "error")
+    )  # each file written once
+    batch = get_batch(deps)
+    assert batch.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 1}
+    assert len(file_lines(deps, batch.output_file_id)) == 2
+
+
+def test_rerun_on_a_terminal_batch_frees_a_journal_left_behind() -> None:
+    deps = _run_batch(2)
+    leftover = list(deps.journal.read("batch_test", 0))
+    finalize_batch(ids(), deps)
+    deps.journal.append("batch_test", 0, leftover)  # as if the process died before deleting it
+
+    assert finalize_batch(ids(), deps)["status"] == "completed"
+    assert list(deps.journal.read("batch_test", 0)) == []
+
+
+def test_a_batch_whose_every_line_failed_is_completed_without_an_output_file() -> None:
+    deps = _run_batch(3, FakeUpstream({f"r{i}": http_error(400) for i in range(3)}))
+
+    assert finalize_batch(ids(), deps)["status"] == "completed"
+
+    batch = get_batch(deps)
+    assert batch.output_file_id is None
+    assert batch.request_counts.model_dump() == {"total": 3, "completed": 0, "failed": 3}
+    assert len(file_lines(deps, batch.error_file_id)) == 3
+    assert not deps.blobs.exists(keys.file_key(output_file_id("batch_test", "output")))
+
+
+def test_a_batch_without_failures_has_no_error_file() -> None:
+    deps = _run_batch(2)
+
+    finalize_batch(ids(), deps)
+
+    batch = get_batch(deps)
+    assert batch.error_file_id is None
+    assert deps.metadata.get_file(PROJECT, output_file_id("batch_test", "error")) is None
+
+
+def test_cancel_mid_run_ends_cancelled_with_batch_cancelled_lines_and_counts_adding_up() -> None:
+    holder: dict[str, Any] = {}
+
+    def cancel_at_fourth(n: int, _body: dict[str, Any]) -> None:
+        if n == 4:
+            holder["deps"].metadata.update_batch(
+                PROJECT,
+                "batch_test",
+                {"status": "cancelling", "cancelling_at": holder["deps"].now()},
+                expected_status={"in_progress"},
+            )
+
+    upstream = FakeUpstream({"r1": http_error(429)}, latency=0.01, on_call=cancel_at_fourth)
+    deps = make_deps(upstream, requests_per_chunk=1, progress_interval_seconds=0.005, chunk_max_lines=10)
+    holder["deps"] = deps
+    add_batch(deps, jsonl([request(f"r{i}") for i in range(30)]))
+    validate_batch(ids(), deps)
+    results = [
+        process_chunk({**ids(), "chunk": c.model_dump()}, deps) for c in load_manifest(deps, "batch_test")
+    ]
+    assert results[0]["stopped"] == "cancelled"
+    assert all(r["stopped"] == "cancelled" and r["done"] for r in results[1:])
+
+    assert finalize_batch(ids(), deps) == {**ids(), "status": "cancelled"}
+
+    batch = get_batch(deps)
+    ran = len(upstream.calls)
+    assert 4 <= ran < 30
+    assert batch.status == "cancelled" and batch.cancelled_at == deps.now()
+    counts = batch.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (30, ran - 1, 30 - ran + 1)
+    errors = file_lines(deps, batch.error_file_id)
+    never_ran = [line for line in errors if line["error"] and line["error"]["code"] == "batch_cancelled"]
+    assert len(never_ran) == 30 - ran
+    assert {line["custom_id"] for line in never_ran} == {f"r{i}" for i in range(ran, 30)}
+    assert all(line["response"] is None for line in never_ran)
+    outputs = file_lines(deps, batch.output_file_id)
+    assert len(outputs) == ran - 1
+    assert {line["custom_id"] for line in outputs + errors} == {f"r{i}" for i in range(30)}
+    assert deps.events.events[-1][0] == "batch.cancelled"
+
+
+def test_deadline_ends_expired_with_batch_expired_lines() -> None:
+    clock = FakeClock()
+    upstream = FakeUpstream(on_call=lambda n, _b: clock.advance(86400) if n == 3 else None)
+    deps = _run_batch(8, upstream, clock, requests_per_chunk=1)
+
+    assert finalize_batch(ids(), deps)["status"] == "expired"
+
+    batch = get_batch(deps)
+    assert batch.expired_at == deps.now()
+    assert batch.request_counts.model_dump() == {"total": 8, "completed": 3, "failed": 5}
+    expired = file_lines(deps, batch.error_file_id)
+    assert sorted(line["custom_id"] for line in expired) == [f"r{i}" for i in range(3, 8)]
+    assert {line["error"]["code"] for line in expired} == {"batch_expired"}
+    assert len(file_lines(deps, batch.output_file_id)) == 3  # completed results are kept
+    assert deps.events.events[-1][0] == "batch.expired"
+
+
+def test_cancelled_while_validating_finalizes_as_cancelled_with_every_line_never_ran() -> None:
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a"), request("b")]))
+    deps.metadata.update_batch(
+        PROJECT, "batch_test", {"status": "cancelling"}, expected_status={"validating"}
+    )
+    assert validate_batch(ids(), deps)["next"] == "finalize"
+
+    assert finalize_batch(ids(), deps)["status"] == "cancelled"
+
+    batch = get_batch(deps)
+    assert batch.request_counts.model_dump() == {"total": 2, "completed": 0, "failed": 2}
+    assert batch.output_file_id is None
+    assert {line["error"]["code"] for line in file_lines(deps, batch.error_file_id)} == {"batch_cancelled"}
+
+
+def test_missing_results_without_cancel_or_deadline_are_a_bug() -> None:
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a"), request("b")]))
+    validate_batch(ids(), deps)  # no chunk was processed
+
+    with pytest.raises(FinalizeError):
+        finalize_batch(ids(), deps)
+    assert get_batch(deps).status == "finalizing"  # not terminal: a retry or fail_batch decides
+
+
+def test_finalize_of_a_validating_batch_is_refused() -> None:
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a")]))
+
+    with pytest.raises(FinalizeError):
+        finalize_batch(ids(), deps)
+
+
+def test_journal_duplicates_count_once() -> None:
+    deps = _run_batch(2)
+    [line] = [x for x in deps.journal.read("batch_test", 0)][:1]
+    deps.journal.append("batch_test", 0, [line])  # a retried append landed twice
+
+    finalize_batch(ids(), deps)
+
+    batch = get_batch(deps)
+    assert batch.request_counts.model_dump() == {"total": 2, "completed": 2, "failed": 0}
+    assert len(file_lines(deps, batch.output_file_id)) == 2
+
+
+@pytest.mark.parametrize("status", ["validating", "in_progress", "finalizing", "cancelling"])
+def test_fail_batch_fails_any_active_batch(status: str) -> None:
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a")]))
+    deps.metadata.batches["batch_test"] = get_batch(deps).model_copy(update={"status": status})
+
+    result = fail_batch({**ids(), "error": {"code": "internal_error", "message": "step kept failing"}}, deps)
+
+    assert result == {**ids(), "status": "failed"}
+    batch = get_batch(deps)
+    assert batch.status == "failed" and batch.failed_at == deps.now()
+    assert [(e.code, e.message) for e in batch.errors] == [("internal_error", "step kept failing")]
+    [(kind, detail)] = deps.events.events
+    assert kind == "batch.failed" and detail["project_id"] == PROJECT
+
+
+def test_fail_batch_without_details_says_internal_error() -> None:
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a")]))
+
+    fail_batch(ids(), deps)
+
+    [entry] = get_batch(deps).errors
+    assert entry.code == "internal_error" and entry.message
+
+
+def test_fail_batch_leaves_a_terminal_batch_alone() -> None:
+    deps = _run_batch(1)
+    finalize_batch(ids(), deps)
+    events = list(deps.events.events)
+
+    assert fail_batch({**ids(), "error": {"code": "x", "message": "y"}}, deps)["status"] == "completed"
+    assert get_batch(deps).status == "completed"
+    assert deps.events.events == events
+
+
+def test_finalize_losing_to_a_concurrent_finalize_returns_its_status() -> None:
+    deps = _run_batch(1)
+    real_update = deps.metadata.update_batch
+
+    def someone_else_finished_first(
+        project_id: str, batch_id: str, changes: Any, *, expected_status: Any
+    ) -> Any:
+        if changes.get("status") == "completed":
+            real_update(project_id, batch_id, {"status": "completed"}, expected_status={"finalizing"})
+            raise ConditionFailed(batch_id)
+        return real_update(project_id, batch_id, changes, expected_status=expected_status)
+
+    deps.metadata.update_batch = someone_else_finished_first
+
+    assert finalize_batch(ids(), deps)["status"] == "completed"
+    assert deps.events.events == []  # the winner publishes, not us

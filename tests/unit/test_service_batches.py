@@ -1,0 +1,269 @@
+"""Batches use cases on the in-memory fakes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from batch_api.adapters.memory import RecordingWorkflow
+from batch_api.contract.errors import ConditionFailed, Conflict, InvalidRequest, NotFound
+from batch_api.contract.models import ChunkProgress, Usage
+from batch_api.deps import Deps
+from batch_api.service import batches, files
+from tests.unit.conftest import T0, FixedClock, make_deps
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def input_file_id(deps: Deps) -> str:
+    return files.create_file(deps, "p1", "in.jsonl", "batch", b'{"custom_id": "a"}\n').id
+
+
+def _create(deps: Deps, file_id: str, **overrides: Any) -> Any:
+    args: dict[str, Any] = {
+        "endpoint": "/v1/chat/completions",
+        "input_file_id": file_id,
+        "completion_window": "24h",
+        "metadata": None,
+        "output_expires_after": None,
+    }
+    args.update(overrides)
+    return batches.create_batch(deps, "p1", **args)
+
+
+def _workflow(deps: Deps) -> RecordingWorkflow:
+    assert isinstance(deps.workflow, RecordingWorkflow)
+    return deps.workflow
+
+
+def test_create_writes_validating_batch_and_starts_workflow(deps: Deps, input_file_id: str) -> None:
+    batch = _create(
+        deps,
+        input_file_id,
+        metadata={"team": "a"},
+        output_expires_after={"anchor": "created_at", "seconds": 7200},
+    )
+
+    assert batch.status == "validating"
+    assert batch.created_at == T0
+    assert batch.expires_at == T0 + 86400
+    assert batch.metadata == {"team": "a"}
+    assert batch.output_expires_after_seconds == 7200
+    assert deps.metadata.get_batch("p1", batch.id) == batch
+    assert _workflow(deps).started == [("p1", batch.id)]
+
+
+def test_window_length_comes_from_settings(clock: FixedClock) -> None:
+    deps = make_deps(clock, completion_window_seconds=60)
+    file_id = files.create_file(deps, "p1", "in.jsonl", "batch", b"{}\n").id
+    assert _create(deps, file_id).expires_at == T0 + 60
+
+
+@pytest.mark.parametrize(
+    ("overrides", "param", "code"),
+    [
+        ({"endpoint": "/v1/images/generations"}, "endpoint", "invalid_value"),
+        ({"completion_window": "48h"}, "completion_window", "invalid_value"),
+        ({"metadata": {"n": 1}}, "metadata.n", "invalid_type"),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k", "string_above_max_length"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata." + "k" * 65, "invalid_value"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "object_above_max_properties"),
+        (
+            {"output_expires_after": {"anchor": "created_at", "seconds": 60}},
+            "output_expires_after.seconds",
+            "invalid_value",
+        ),
+        (
+            {"output_expires_after": {"anchor": "now", "seconds": 7200}},
+            "output_expires_after.anchor",
+            "invalid_value",
+        ),
+        ({"input_file_id": "file-missing"}, "input_file_id", "invalid_request"),
+    ],
+)
+def test_create_rejects_bad_requests(
+    deps: Deps, input_file_id: str, overrides: dict[str, Any], param: str, code: str
+) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        _create(deps, input_file_id, **overrides)
+    assert (raised.value.param, raised.value.code) == (param, code)
+    assert deps.metadata.list_batches("p1", after=None, limit=10) == []
+    assert _workflow(deps).started == []
+
+
+def test_metadata_at_the_limits_is_accepted(deps: Deps, input_file_id: str) -> None:
+    metadata = {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}
+    assert _create(deps, input_file_id, metadata=metadata).metadata == metadata
+
+
+def test_input_file_must_be_the_projects_live_batch_file(deps: Deps, clock: FixedClock) -> None:
+    other = files.create_file(deps, "p2", "in.jsonl", "batch", b"{}\n")
+    with pytest.raises(InvalidRequest, match="Could not find"):
+        _create(deps, other.id)
+
+    wrong = files.create_file(deps, "p1", "a.txt", "user_data", b"{}\n")
+    with pytest.raises(InvalidRequest, match="purpose 'batch'") as raised:
+        _create(deps, wrong.id)
+    assert raised.value.param == "input_file_id"
+
+    deleted = files.create_file(deps, "p1", "in.jsonl", "batch", b"{}\n")
+    files.delete_file(deps, "p1", deleted.id)
+    with pytest.raises(InvalidRequest, match="Could not find"):
+        _create(deps, deleted.id)
+
+
+def test_idempotency_key_replays_the_same_batch(deps: Deps, input_file_id: str, clock: FixedClock) -> None:
+    first = _create(deps, input_file_id, idempotency_key="key-1")
+    clock.advance(5)
+    again = _create(deps, input_file_id, idempotency_key="key-1")
+    other = _create(deps, input_file_id, idempotency_key="key-2")
+
+    assert again.id == first.id
+    assert again.created_at == T0
+    assert other.id != first.id
+    assert len(deps.metadata.list_batches("p1", after=None, limit=10)) == 2
+
+
+def test_idempotency_key_whose_first_attempt_died_creates_the_batch(deps: Deps, input_file_id: str) -> None:
+    deps.metadata.claim_idempotency_key("p1", "key-1", "batch_claimed", T0)
+    batch = _create(deps, input_file_id, idempotency_key="key-1")
+    assert batch.id == "batch_claimed"
+    assert _workflow(deps).started == [("p1", "batch_claimed")]
+
+
+def test_retrieve_and_project_scoping(deps: Deps, input_file_id: str) -> None:
+    batch = _create(deps, input_file_id)
+    assert batches.retrieve_batch(deps, "p1", batch.id) == batch
+    with pytest.raises(NotFound):
+        batches.retrieve_batch(deps, "p2", batch.id)
+
+
+def _start_running(deps: Deps, batch_id: str, total: int) -> None:
+    deps.metadata.update_batch(
+        "p1",
+        batch_id,
+        {
+            "status": "in_progress",
+            "in_progress_at": T0,
+            "request_counts": {"total": total, "completed": 0, "failed": 0},
+        },
+        expected_status=["validating"],
+    )
+
+
+def test_running_batch_reports_chunk_progress(deps: Deps, input_file_id: str) -> None:
+    batch = _create(deps, input_file_id)
+    _start_running(deps, batch.id, 10)
+    deps.metadata.put_chunk_progress(
+        batch.id,
+        ChunkProgress(
+            index=0, completed=3, failed=1, usage=Usage(input_tokens=5, output_tokens=2, total_tokens=7)
+        ),
+    )
+    deps.metadata.put_chunk_progress(
+        batch.id, ChunkProgress(index=1, completed=2, usage=Usage(input_tokens=1, total_tokens=1))
+    )
+
+    seen = batches.retrieve_batch(deps, "p1", batch.id)
+    assert seen.request_counts.model_dump() == {"total": 10, "completed": 5, "failed": 1}
+    assert seen.usage.input_tokens == 6
+    assert seen.usage.total_tokens == 8
+
+    # a retried chunk overwrites its progress; the sum follows
+    deps.metadata.put_chunk_progress(batch.id, ChunkProgress(index=1, completed=4))
+    assert batches.retrieve_batch(deps, "p1", batch.id).request_counts.completed == 7
+    [listed], _ = batches.list_batches(deps, "p1")
+    assert listed.request_counts.completed == 7
+
+
+def test_terminal_batch_reports_its_stored_counts(deps: Deps, input_file_id: str) -> None:
+    batch = _create(deps, input_file_id)
+    deps.metadata.update_batch(
+        "p1",
+        batch.id,
+        {
+            "status": "completed",
+            "completed_at": T0,
+            "request_counts": {"total": 2, "completed": 2, "failed": 0},
+        },
+        expected_status=["validating"],
+    )
+    deps.metadata.put_chunk_progress(batch.id, ChunkProgress(index=0, completed=99))
+    assert batches.retrieve_batch(deps, "p1", batch.id).request_counts.completed == 2
+
+
+def test_list_is_newest_first_with_pages(deps: Deps, input_file_id: str, clock: FixedClock) -> None:
+    made = []
+    for _ in range(5):
+        made.append(_create(deps, input_file_id).id)
+        clock.advance(1)
+    page, has_more = batches.list_batches(deps, "p1", limit=2)
+    assert [b.id for b in page] == made[:-3:-1]
+    assert has_more
+    page, has_more = batches.list_batches(deps, "p1", limit=3, after=made[3])
+    assert [b.id for b in page] == [made[2], made[1], made[0]]
+    assert not has_more
+    assert batches.list_batches(deps, "p2") == ([], False)
+    assert len(batches.list_batches(deps, "p1")[0]) == 5  # default limit 20
+
+
+@pytest.mark.parametrize("limit", [0, 101])
+def test_list_limit_range(deps: Deps, limit: int) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        batches.list_batches(deps, "p1", limit=limit)
+    assert raised.value.param == "limit"
+
+
+def test_cancel_moves_to_cancelling_and_repeats_harmlessly(
+    deps: Deps, input_file_id: str, clock: FixedClock
+) -> None:
+    batch = _create(deps, input_file_id)
+    clock.advance(3)
+    cancelled = batches.cancel_batch(deps, "p1", batch.id)
+    assert cancelled.status == "cancelling"
+    assert cancelled.cancelling_at == T0 + 3
+    clock.advance(3)
+    assert batches.cancel_batch(deps, "p1", batch.id).cancelling_at == T0 + 3
+
+
+@pytest.mark.parametrize("status", ["completed", "failed", "expired"])
+def test_cancel_of_finished_batch_conflicts(deps: Deps, input_file_id: str, status: str) -> None:
+    batch = _create(deps, input_file_id)
+    deps.metadata.update_batch("p1", batch.id, {"status": status}, expected_status=["validating"])
+    with pytest.raises(Conflict) as raised:
+        batches.cancel_batch(deps, "p1", batch.id)
+    assert raised.value.message == f"Cannot cancel a batch with status {status}."
+    assert raised.value.retryable is False
+
+
+def test_cancel_of_cancelled_batch_returns_it(deps: Deps, input_file_id: str) -> None:
+    batch = _create(deps, input_file_id)
+    deps.metadata.update_batch("p1", batch.id, {"status": "cancelled"}, expected_status=["validating"])
+    assert batches.cancel_batch(deps, "p1", batch.id).status == "cancelled"
+
+
+def test_cancel_retries_after_losing_a_race(
+    deps: Deps, input_file_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = _create(deps, input_file_id)
+    original = deps.metadata.update_batch
+    calls = []
+
+    def racing_update(project_id: str, batch_id: str, changes: Any, *, expected_status: Any) -> Any:
+        calls.append(changes)
+        if len(calls) == 1:  # the workflow finished the batch just before our write
+            original(project_id, batch_id, {"status": "completed"}, expected_status=["validating"])
+            raise ConditionFailed(batch_id)
+        return original(project_id, batch_id, changes, expected_status=expected_status)
+
+    monkeypatch.setattr(deps.metadata, "update_batch", racing_update)
+    with pytest.raises(Conflict):
+        batches.cancel_batch(deps, "p1", batch.id)
+    assert len(calls) == 1
+
+
+def test_cancel_unknown_batch(deps: Deps) -> None:
+    with pytest.raises(NotFound):
+        batches.cancel_batch(deps, "p1", "batch_nope")

@@ -1,0 +1,208 @@
+"""Uploads use cases on the in-memory fakes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from batch_api import keys
+from batch_api.contract.errors import ConditionFailed, InvalidRequest, NotFound, PayloadTooLarge
+from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL, UPLOAD_TTL
+from batch_api.deps import Deps
+from batch_api.service import files, uploads
+from tests.unit.conftest import T0, FixedClock
+
+pytestmark = pytest.mark.unit
+
+CHUNKS = [b"line one\n", b"line two\n", b"three\n"]
+TOTAL = sum(len(c) for c in CHUNKS)
+
+
+def _upload_with_parts(deps: Deps, chunks: list[bytes] = CHUNKS, **kwargs: object) -> tuple[str, list[str]]:
+    upload = uploads.create_upload(
+        deps,
+        "p1",
+        "big.jsonl",
+        "batch",
+        sum(len(c) for c in chunks),
+        "application/jsonl",
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return upload.id, [uploads.add_part(deps, "p1", upload.id, chunk).id for chunk in chunks]
+
+
+def test_create_upload(deps: Deps) -> None:
+    upload = uploads.create_upload(deps, "p1", "big.jsonl", "batch", 10, "application/jsonl")
+    assert upload.status == "pending"
+    assert upload.expires_at == T0 + UPLOAD_TTL
+    assert deps.metadata.get_upload("p1", upload.id) == upload
+
+
+@pytest.mark.parametrize(
+    ("args", "param"),
+    [
+        (("f", "batch_output", 1, "text/plain"), "purpose"),
+        (("f", "batch", 8 * 1024**3 + 1, "text/plain"), "bytes"),
+        (("f", "batch", -1, "text/plain"), "bytes"),
+        (("", "batch", 1, "text/plain"), "filename"),
+        (("f", "batch", 1, ""), "mime_type"),
+    ],
+)
+def test_create_upload_validates(deps: Deps, args: tuple[object, ...], param: str) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        uploads.create_upload(deps, "p1", *args)  # type: ignore[arg-type]
+    assert raised.value.param == param
+
+
+def test_add_part_stores_the_bytes(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    assert deps.blobs.get(keys.upload_part_key(upload_id, part_ids[1])) == CHUNKS[1]
+    assert [p.id for p in deps.metadata.get_upload_parts(upload_id)] == part_ids
+
+
+def test_add_part_refuses_oversized_parts(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uploads, "MAX_PART_BYTES", 4)
+    upload = uploads.create_upload(deps, "p1", "f", "batch", 10, "text/plain")
+    with pytest.raises(PayloadTooLarge):
+        uploads.add_part(deps, "p1", upload.id, b"12345")
+    assert deps.blobs.list_keys("uploads/") == []
+
+
+def test_add_part_needs_a_pending_live_upload_of_the_project(deps: Deps, clock: FixedClock) -> None:
+    upload = uploads.create_upload(deps, "p1", "f", "batch", 10, "text/plain")
+    with pytest.raises(NotFound):
+        uploads.add_part(deps, "p2", upload.id, b"x")
+    clock.advance(UPLOAD_TTL)
+    with pytest.raises(InvalidRequest, match="expired"):
+        uploads.add_part(deps, "p1", upload.id, b"x")
+
+
+def test_complete_concatenates_in_the_given_order(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    order = [part_ids[2], part_ids[0], part_ids[1]]
+    expected = CHUNKS[2] + CHUNKS[0] + CHUNKS[1]
+
+    upload, file = uploads.complete_upload(deps, "p1", upload_id, order, hashlib.md5(expected).hexdigest())
+
+    assert upload.status == "completed"
+    assert upload.file_id == file.id
+    assert deps.blobs.get(file.blob_key) == expected
+    assert file.bytes == TOTAL
+    assert file.purpose == "batch"
+    assert file.filename == "big.jsonl"
+    assert file.expires_at == T0 + BATCH_INPUT_DEFAULT_TTL
+    assert files.retrieve_file(deps, "p1", file.id) == file
+    assert deps.blobs.list_keys(keys.upload_prefix(upload_id)) == []  # parts are gone
+    wire = uploads.upload_wire(deps, "p1", upload)
+    assert wire["status"] == "completed"
+    assert wire["file"]["id"] == file.id
+
+
+def test_complete_streams_parts_through_write_stream(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    seen: list[bytes] = []
+    original = deps.blobs.write_stream
+
+    def recording_write_stream(key: str, chunks: object) -> int:
+        assert not isinstance(chunks, (bytes, list)), "parts must arrive as a stream"
+
+        def tee():  # type: ignore[no-untyped-def]
+            for chunk in chunks:  # type: ignore[attr-defined]
+                seen.append(chunk)
+                yield chunk
+
+        return original(key, tee())
+
+    monkeypatch.setattr(deps.blobs, "write_stream", recording_write_stream)
+    uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert seen == CHUNKS
+
+
+def test_complete_keeps_the_file_expiry_policy(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps, expires_after={"anchor": "created_at", "seconds": 7200})
+    _, file = uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert file.expires_at == T0 + 7200
+
+
+def test_complete_rejects_size_mismatch(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    with pytest.raises(InvalidRequest) as raised:
+        uploads.complete_upload(deps, "p1", upload_id, part_ids[:2])
+    assert "bytes" in raised.value.message
+    assert deps.metadata.get_upload("p1", upload_id).status == "pending"  # type: ignore[union-attr]
+
+
+def test_complete_rejects_parts_of_another_upload(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    _, foreign = _upload_with_parts(deps)
+    with pytest.raises(InvalidRequest) as raised:
+        uploads.complete_upload(deps, "p1", upload_id, [*part_ids[:2], foreign[2]])
+    assert raised.value.param == "part_ids[2]"
+
+
+def test_complete_rejects_repeated_parts(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps, [b"ab", b"ab"])
+    with pytest.raises(InvalidRequest):
+        uploads.complete_upload(deps, "p1", upload_id, [part_ids[0], part_ids[0]])
+
+
+def test_complete_with_wrong_md5_leaves_nothing_behind(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    with pytest.raises(InvalidRequest) as raised:
+        uploads.complete_upload(deps, "p1", upload_id, part_ids, "0" * 32)
+    assert raised.value.param == "md5"
+    assert deps.blobs.list_keys("files/") == []
+    assert files.list_files(deps, "p1") == ([], False)
+    assert deps.metadata.get_upload("p1", upload_id).status == "pending"  # type: ignore[union-attr]
+
+
+def test_second_complete_is_refused(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    with pytest.raises(InvalidRequest, match="already completed"):
+        uploads.complete_upload(deps, "p1", upload_id, part_ids)
+
+
+def test_complete_that_loses_a_race_removes_its_file(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    original = deps.metadata.update_upload
+
+    def cancelled_meanwhile(
+        project_id: str, upload_id: str, changes: object, *, expected_status: object
+    ) -> object:
+        original(project_id, upload_id, {"status": "cancelled"}, expected_status=["pending"])
+        raise ConditionFailed(upload_id)
+
+    monkeypatch.setattr(deps.metadata, "update_upload", cancelled_meanwhile)
+    with pytest.raises(InvalidRequest, match="cancelled"):
+        uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert deps.blobs.list_keys("files/") == []
+    assert files.list_files(deps, "p1") == ([], False)
+
+
+def test_expired_upload_cannot_complete_and_shows_expired(deps: Deps, clock: FixedClock) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    clock.advance(UPLOAD_TTL)
+    with pytest.raises(InvalidRequest, match="expired"):
+        uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    upload = deps.metadata.get_upload("p1", upload_id)
+    assert uploads.upload_wire(deps, "p1", upload)["status"] == "expired"  # type: ignore[arg-type]
+
+
+def test_cancel_drops_parts_and_is_repeatable(deps: Deps) -> None:
+    upload_id, _ = _upload_with_parts(deps)
+    assert uploads.cancel_upload(deps, "p1", upload_id).status == "cancelled"
+    assert deps.blobs.list_keys("uploads/") == []
+    assert uploads.cancel_upload(deps, "p1", upload_id).status == "cancelled"
+    with pytest.raises(InvalidRequest):
+        uploads.add_part(deps, "p1", upload_id, b"x")
+
+
+def test_cancel_of_completed_upload_is_refused(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    with pytest.raises(InvalidRequest, match="completed"):
+        uploads.cancel_upload(deps, "p1", upload_id)
+    with pytest.raises(NotFound):
+        uploads.cancel_upload(deps, "p2", upload_id)
