@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import tracemalloc
 from typing import Any
 
@@ -30,7 +31,7 @@ def _fail_with(line: Any, *, endpoint: str = CHAT) -> list[dict[str, Any]]:
     deps = make_deps()
     add_batch(deps, jsonl([request("ok", endpoint), "", line, request("ok2", endpoint)]), endpoint=endpoint)
     result = validate_batch(ids(), deps)
-    assert result == {**ids(), "next": "done", "status": "failed", "error_count": len(_errors(deps))}
+    assert result == {**ids(), "next": "done", "status": "failed"}
     return _errors(deps)
 
 
@@ -231,14 +232,15 @@ def test_failed_batch_has_failed_at_and_publishes_batch_failed() -> None:
     assert not deps.blobs.exists(keys.manifest_key("batch_test"))
 
 
-def test_errors_are_capped_but_the_whole_file_is_counted() -> None:
+def test_errors_are_capped_but_the_whole_file_is_counted(caplog: pytest.LogCaptureFixture) -> None:
     deps = make_deps(max_batch_errors=3)
     add_batch(deps, jsonl([b"bad"] * 10 + [request("a")]))
 
-    result = validate_batch(ids(), deps)
+    with caplog.at_level(logging.INFO, logger="batch_api.workflow.validate"):
+        validate_batch(ids(), deps)
 
-    assert result["error_count"] == 10
     assert [e["line"] for e in _errors(deps)] == [1, 2, 3]
+    assert "10 errors, 3 kept" in caplog.text
 
 
 # ---------------------------------------------------------------- limits and the input file

@@ -23,7 +23,7 @@ from batch_api.contract.models import list_page
 from batch_api.deps import Deps
 from batch_api.handlers.auth import authenticate
 from batch_api.handlers.errors import register_error_handlers
-from batch_api.handlers.multipart import MultipartForm, parse_multipart
+from batch_api.handlers.multipart import MultipartForm, Part, parse_multipart
 from batch_api.service import batches, files, uploads
 
 PUBLIC_PATHS = frozenset({"/health"})
@@ -159,13 +159,13 @@ def _form_expires_after(form: MultipartForm) -> dict[str, Any] | None:
     return policy
 
 
-def _required_file(form: MultipartForm, name: str) -> bytes:
+def _required_part(form: MultipartForm, name: str) -> Part:
     part = form.get(name)
     if part is None:
         raise InvalidRequest(
             f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
         )
-    return bytes(part.data)
+    return part
 
 
 # ---------------------------------------------------------------- the app
@@ -200,10 +200,15 @@ def create_app(deps: Deps) -> APIGatewayRestResolver:
             raise InvalidRequest(
                 "Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter"
             )
-        file_part = form.get("file")
-        data = _required_file(form, "file")
-        filename = file_part.filename if file_part is not None and file_part.filename else "file"
-        record = files.create_file(deps, project(), filename, purpose, data, _form_expires_after(form))
+        file_part = _required_part(form, "file")
+        record = files.create_file(
+            deps,
+            project(),
+            file_part.filename or "file",
+            purpose,
+            bytes(file_part.data),
+            _form_expires_after(form),
+        )
         return record.to_wire()
 
     @app.get("/v1/files")
@@ -255,7 +260,9 @@ def create_app(deps: Deps) -> APIGatewayRestResolver:
     @app.post("/v1/uploads/<upload_id>/parts")
     def add_upload_part(upload_id: str) -> dict[str, Any]:
         form = multipart_body(app, settings)
-        return uploads.add_part(deps, project(), upload_id, _required_file(form, "data")).to_wire()
+        return uploads.add_part(
+            deps, project(), upload_id, bytes(_required_part(form, "data").data)
+        ).to_wire()
 
     @app.post("/v1/uploads/<upload_id>/complete")
     def complete_upload(upload_id: str) -> dict[str, Any]:

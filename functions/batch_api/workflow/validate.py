@@ -307,8 +307,13 @@ def validate_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
             ],
         )
     if scan.errors:
-        logger.info("batch %s failed validation with %d errors", batch_id, scan.error_count)
-        return {**_fail(deps, batch, scan.errors), "error_count": scan.error_count}
+        logger.info(
+            "batch %s failed validation: %d errors, %d kept in the batch",
+            batch_id,
+            scan.error_count,
+            len(scan.errors),
+        )
+        return _fail(deps, batch, scan.errors)
 
     manifest_key = keys.manifest_key(batch_id)
     deps.blobs.put(manifest_key, orjson.dumps([chunk.model_dump() for chunk in scan.chunks]))
