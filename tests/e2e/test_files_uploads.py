@@ -32,9 +32,9 @@ def test_files_create_list_retrieve_content_delete(client: openai.OpenAI) -> Non
 
     desc = client.files.list(purpose="batch", order="desc", limit=2)
     assert len(desc.data) == 2 and desc.has_more
-    asc = [f.id for f in client.files.list(purpose="batch", order="asc", limit=2).auto_paging_iter()]
+    asc = [f.id for f in client.files.list(purpose="batch", order="asc", limit=2)]
     assert asc == [f.id for f in created]  # paging with `after` across three pages, oldest first
-    assert [f.id for f in client.files.list(purpose="batch", order="desc").auto_paging_iter()] == asc[::-1]
+    assert [f.id for f in client.files.list(purpose="batch", order="desc")] == asc[::-1]
 
     assert client.files.retrieve(created[2].id).id == created[2].id
     assert client.files.content(created[3].id).content == b'{"n": 3}\n'
@@ -119,9 +119,9 @@ def test_batches_list_auto_paginates_past_100(client: openai.OpenAI) -> None:
     ]
     first = client.batches.list(limit=100)
     assert len(first.data) == 100 and first.has_more
-    listed = [b.id for b in client.batches.list(limit=100).auto_paging_iter()]
+    listed = [b.id for b in client.batches.list(limit=100)]
     assert listed == created[::-1]  # newest first, every batch once
-    assert [b.id for b in client.batches.list().auto_paging_iter()] == listed  # default page size 20
+    assert [b.id for b in client.batches.list()] == listed  # default page size 20
 
 
 def test_errors_are_openai_envelopes(server: Any, client: openai.OpenAI) -> None:
