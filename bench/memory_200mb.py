@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psutil
 from _common import RESULTS, machine
-
 from tests.support.server import ServerProcess
 
 TARGET_BYTES = 200 * 1000 * 1000 - 4096  # just under 200 MB (and so under 200 MiB)
@@ -26,13 +25,19 @@ LINES = 50_000
 
 def make_input(path: Path) -> int:
     per_line = TARGET_BYTES // LINES
-    template = {"custom_id": "", "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": ""}]}}
+    template = {
+        "custom_id": "",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": ""}]},
+    }
     overhead = len(json.dumps(template)) + 1 + 12
     with path.open("w") as out:
         for i in range(LINES):
             template["custom_id"] = f"req-{i:08d}"
-            template["body"]["messages"][0]["content"] = ("lorem ipsum " * (per_line // 12 + 1))[: per_line - overhead]  # type: ignore[index]
+            template["body"]["messages"][0]["content"] = ("lorem ipsum " * (per_line // 12 + 1))[
+                : per_line - overhead
+            ]  # type: ignore[index]
             out.write(json.dumps(template) + "\n")
     return path.stat().st_size
 
@@ -72,11 +77,16 @@ def main() -> None:
             started = time.perf_counter()
             sampler.phase = "upload"
             upload = client.uploads.upload_file_chunked(
-                file=work / "input.jsonl", mime_type="application/jsonl", purpose="batch", part_size=args.part_size
+                file=work / "input.jsonl",
+                mime_type="application/jsonl",
+                purpose="batch",
+                part_size=args.part_size,
             )
             uploaded = time.perf_counter()
             sampler.phase = "validate+process"
-            batch = client.batches.create(input_file_id=upload.file.id, endpoint="/v1/chat/completions", completion_window="24h")
+            batch = client.batches.create(
+                input_file_id=upload.file.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
             while batch.status not in ("completed", "failed", "expired", "cancelled"):
                 time.sleep(0.5)
                 batch = client.batches.retrieve(batch.id)
@@ -103,7 +113,9 @@ Command: `.venv/bin/python bench/memory_200mb.py` (server: `batch-api serve --re
 | validate + process + finalize | {finished - uploaded:.1f} s |
 | output file | {out_bytes:,} bytes |
 | **peak RSS of the server** | **{sampler.peak / mib:.0f} MiB** (target < 500 MB) |
-""" + "".join(f"| peak RSS during {phase} | {peak / mib:.0f} MiB |\n" for phase, peak in sampler.phase_peaks.items())
+""" + "".join(
+        f"| peak RSS during {phase} | {peak / mib:.0f} MiB |\n" for phase, peak in sampler.phase_peaks.items()
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory_200mb.md").write_text(report)
     print(report)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import aiohttp
 from _common import RESULTS, machine
-
 from tests.support.server import ServerProcess, free_port
 
 
@@ -51,12 +50,17 @@ async def direct(url: str, n: int, concurrency: int) -> float:
 def batch(server: ServerProcess, n: int) -> float:
     client = server.client()
     data = b"".join(
-        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body(i)}).encode() + b"\n"
+        json.dumps(
+            {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body(i)}
+        ).encode()
+        + b"\n"
         for i in range(n)
     )
     input_file = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
     started = time.perf_counter()
-    created = client.batches.create(input_file_id=input_file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    created = client.batches.create(
+        input_file_id=input_file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     while True:
         current = client.batches.retrieve(created.id)
         if current.status in ("completed", "failed", "expired", "cancelled"):
@@ -80,8 +84,18 @@ def main() -> None:
 
     port = free_port()
     upstream = subprocess.Popen(
-        [sys.executable, "-m", "batch_api.local.cli", "mock-upstream", "--port", str(port), "--latency", str(args.latency)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "batch_api.local.cli",
+            "mock-upstream",
+            "--port",
+            str(port),
+            "--latency",
+            str(args.latency),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(100):
@@ -94,8 +108,15 @@ def main() -> None:
     batch_times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         server = ServerProcess(
-            Path(tmp) / "data", "--upstream-url", url, "--chunk-concurrency", str(args.chunk_concurrency),
-            "--requests-per-chunk", str(args.requests_per_chunk), "--chunk-max-lines", str(args.chunk_max_lines),
+            Path(tmp) / "data",
+            "--upstream-url",
+            url,
+            "--chunk-concurrency",
+            str(args.chunk_concurrency),
+            "--requests-per-chunk",
+            str(args.requests_per_chunk),
+            "--chunk-max-lines",
+            str(args.chunk_max_lines),
         ).start()
         try:
             for _ in range(args.runs):

@@ -19,7 +19,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     data_dir: Path = Path("./.batch-api")
-    public_base_url: str | None = None  # how clients reach this server (download links); default http://host:port
+    public_base_url: str | None = (
+        None  # how clients reach this server (download links); default http://host:port
+    )
 
     # upstream model endpoint
     upstream: Literal["http", "mock"] | None = None  # None: "http" when upstream_url is set, else "mock"
@@ -42,7 +44,9 @@ class Settings(BaseSettings):
     max_batch_errors: int = Field(default=1000, ge=1)  # validation errors kept in Batch.errors
 
     # API
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # empty: no auth, one local project
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list
+    )  # empty: no auth, one local project
     # one HTTP request body: fits a 64 MiB Uploads part with its multipart framing; bigger files: Uploads API
     max_request_bytes: int = Field(default=80 * 1024 * 1024, ge=1024)
     max_inline_download_bytes: int = Field(default=8 * 1024 * 1024, ge=0)  # bigger: 302 to a signed link

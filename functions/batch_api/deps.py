@@ -7,7 +7,15 @@ import time
 from dataclasses import dataclass, field
 
 from batch_api.config import Settings
-from batch_api.ports import BlobStore, Clock, EventSink, MetadataStore, ResultJournal, UpstreamFactory, Workflow
+from batch_api.ports import (
+    BlobStore,
+    Clock,
+    EventSink,
+    MetadataStore,
+    ResultJournal,
+    UpstreamFactory,
+    Workflow,
+)
 
 
 @dataclass

@@ -88,7 +88,9 @@ class BlobStore(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
-    def iter_range(self, key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    def iter_range(
+        self, key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes]:
         """Stream bytes [start, end) (end None: to the end). `KeyError` if absent."""
 
     def size(self, key: str) -> int:

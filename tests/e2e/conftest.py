@@ -19,16 +19,23 @@ TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 BODIES: dict[str, Callable[[int], dict[str, Any]]] = {
     "/v1/chat/completions": lambda i: {
-        "model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"Say the number {i}"}]
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": f"Say the number {i}"}],
     },
-    "/v1/completions": lambda i: {"model": "gpt-3.5-turbo-instruct", "prompt": f"Count to {i}", "max_tokens": 5},
+    "/v1/completions": lambda i: {
+        "model": "gpt-3.5-turbo-instruct",
+        "prompt": f"Count to {i}",
+        "max_tokens": 5,
+    },
     "/v1/embeddings": lambda i: {"model": "text-embedding-3-small", "input": [f"text {i}", f"more {i}"]},
     "/v1/responses": lambda i: {"model": "gpt-4o-mini", "input": f"Write a haiku about {i}"},
     "/v1/moderations": lambda i: {"model": "omni-moderation-latest", "input": f"harmless text {i}"},
 }
 
 
-def request_line(endpoint: str, i: int, body: dict[str, Any] | None = None, custom_id: str | None = None) -> dict[str, Any]:
+def request_line(
+    endpoint: str, i: int, body: dict[str, Any] | None = None, custom_id: str | None = None
+) -> dict[str, Any]:
     return {
         "custom_id": custom_id or f"req-{i}",
         "method": "POST",
@@ -38,7 +45,9 @@ def request_line(endpoint: str, i: int, body: dict[str, Any] | None = None, cust
 
 
 def jsonl(lines: list[Any]) -> bytes:
-    return b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines)
+    return b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines
+    )
 
 
 def upload(client: Any, lines: list[Any], name: str = "input.jsonl") -> Any:

@@ -44,7 +44,11 @@ def test_batch_completes_for_every_endpoint(client: openai.OpenAI, endpoint: str
     batch = wait_for(client, created.id)
     assert batch.status == "completed", batch
     assert batch.request_counts is not None
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (count, count, 0)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (
+        count,
+        count,
+        0,
+    )
     assert batch.model == BODIES[endpoint](0)["model"]
     assert batch.metadata == {"suite": "e2e", "endpoint": endpoint}
     assert batch.error_file_id is None and batch.errors is None
@@ -62,7 +66,9 @@ def test_batch_completes_for_every_endpoint(client: openai.OpenAI, endpoint: str
         usage = getattr(body, "usage", None)
         if usage is not None:
             input_tokens += getattr(usage, "input_tokens", None) or getattr(usage, "prompt_tokens", 0)
-            output_tokens += getattr(usage, "output_tokens", None) or getattr(usage, "completion_tokens", 0) or 0
+            output_tokens += (
+                getattr(usage, "output_tokens", None) or getattr(usage, "completion_tokens", 0) or 0
+            )
     assert batch.usage is not None
     assert batch.usage.input_tokens == input_tokens
     assert batch.usage.output_tokens == output_tokens
@@ -76,7 +82,14 @@ def test_batch_completes_for_every_endpoint(client: openai.OpenAI, endpoint: str
 def test_request_counts_move_while_the_batch_runs(start_server: Any) -> None:
     # 40 requests, 2 at a time, 0.1 s each: about two seconds of visible progress
     server = start_server(
-        "--mock-latency", "0.1", "--chunk-max-lines", "10", "--chunk-concurrency", "1", "--requests-per-chunk", "2"
+        "--mock-latency",
+        "0.1",
+        "--chunk-max-lines",
+        "10",
+        "--chunk-concurrency",
+        "1",
+        "--requests-per-chunk",
+        "2",
     )
     client = server.client()
     endpoint = "/v1/chat/completions"

@@ -14,8 +14,16 @@ from tests.support.fake_upstream import FakeUpstreamServer
 pytestmark = pytest.mark.e2e
 
 CHAT = "/v1/chat/completions"
-SLOW = ("--mock-latency", "0.2", "--chunk-max-lines", "10", "--chunk-concurrency", "1",
-        "--requests-per-chunk", "2")
+SLOW = (
+    "--mock-latency",
+    "0.2",
+    "--chunk-max-lines",
+    "10",
+    "--chunk-concurrency",
+    "1",
+    "--requests-per-chunk",
+    "2",
+)
 
 
 def _accounted(client: Any, batch: Any, expected_ids: set[str], never_ran_code: str) -> tuple[int, int]:
@@ -34,7 +42,9 @@ def _accounted(client: Any, batch: Any, expected_ids: set[str], never_ran_code: 
 def test_cancel_mid_batch_keeps_partial_output(start_server: Any) -> None:
     client = start_server(*SLOW, env={"BATCH_API_PROGRESS_INTERVAL_SECONDS": "0.1"}).client()
     lines = [request_line(CHAT, i) for i in range(60)]
-    batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h"
+    )
     deadline = time.monotonic() + 30
     while client.batches.retrieve(batch.id).request_counts.completed < 5:  # type: ignore[union-attr]
         assert time.monotonic() < deadline
@@ -51,9 +61,13 @@ def test_cancel_mid_batch_keeps_partial_output(start_server: Any) -> None:
 
 
 def test_a_batch_past_its_window_expires_with_what_it_finished(start_server: Any) -> None:
-    client = start_server(*SLOW, "--completion-window-seconds", "2", env={"BATCH_API_PROGRESS_INTERVAL_SECONDS": "0.1"}).client()
+    client = start_server(
+        *SLOW, "--completion-window-seconds", "2", env={"BATCH_API_PROGRESS_INTERVAL_SECONDS": "0.1"}
+    ).client()
     lines = [request_line(CHAT, i) for i in range(60)]  # ~6 s of work at 2 in flight
-    batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h"
+    )
     assert batch.expires_at == batch.created_at + 2
     batch = wait_for(client, batch.id, timeout=30)
     assert batch.status == "expired" and batch.expired_at is not None
@@ -64,17 +78,35 @@ def test_a_batch_past_its_window_expires_with_what_it_finished(start_server: Any
 def test_kill_9_mid_batch_then_restart_finishes_exactly_once(start_server: Any, tmp_path: Any) -> None:
     total, in_flight = 240, 8
     with FakeUpstreamServer(default_directive="delay=0.05") as upstream:
-        flags = ("--upstream-url", upstream.base_url, "--chunk-max-lines", "40", "--chunk-concurrency", "2",
-                 "--requests-per-chunk", str(in_flight // 2))
+        flags = (
+            "--upstream-url",
+            upstream.base_url,
+            "--chunk-max-lines",
+            "40",
+            "--chunk-concurrency",
+            "2",
+            "--requests-per-chunk",
+            str(in_flight // 2),
+        )
         data_dir = tmp_path / "durable"
         server = start_server(*flags, data_dir=data_dir)
         client = server.client()
         lines = [
-            request_line(CHAT, i, custom_id=f"req-{i}", body={
-                "model": "gpt-4o-mini", "messages": [{"role": "user", "content": str(i)}], "user": f"id=req-{i};delay=0.05"})
+            request_line(
+                CHAT,
+                i,
+                custom_id=f"req-{i}",
+                body={
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": str(i)}],
+                    "user": f"id=req-{i};delay=0.05",
+                },
+            )
             for i in range(total)
         ]
-        batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h")
+        batch = client.batches.create(
+            input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h"
+        )
         deadline = time.monotonic() + 30
         while upstream.count() < total // 3:
             assert time.monotonic() < deadline

@@ -53,10 +53,14 @@ def test_files_create_list_retrieve_content_delete(client: openai.OpenAI) -> Non
 def test_file_expires_after_makes_it_404_once_expired(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
         client.files.create(
-            file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="batch", expires_after={"anchor": "created_at", "seconds": 10}
+            file=("x.jsonl", io.BytesIO(b"{}\n")),
+            purpose="batch",
+            expires_after={"anchor": "created_at", "seconds": 10},
         )
     kept = client.files.create(
-        file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="batch", expires_after={"anchor": "created_at", "seconds": 3600}
+        file=("x.jsonl", io.BytesIO(b"{}\n")),
+        purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 3600},
     )
     assert kept.expires_at == kept.created_at + 3600
 
@@ -64,22 +68,30 @@ def test_file_expires_after_makes_it_404_once_expired(client: openai.OpenAI) -> 
 def test_uploads_parts_complete_and_cancel(client: openai.OpenAI) -> None:
     body = jsonl([request_line("/v1/chat/completions", i) for i in range(300)])
     pieces = [body[i : i + 4096] for i in range(0, len(body), 4096)]
-    created = client.uploads.create(bytes=len(body), filename="big.jsonl", mime_type="application/jsonl", purpose="batch")
+    created = client.uploads.create(
+        bytes=len(body), filename="big.jsonl", mime_type="application/jsonl", purpose="batch"
+    )
     assert isinstance(created, Upload) and created.status == "pending"
     parts = [client.uploads.parts.create(created.id, data=piece) for piece in pieces]
     assert all(p.upload_id == created.id for p in parts)
     # complete takes the part order from part_ids, not the order parts arrived in
-    done = client.uploads.complete(created.id, part_ids=[p.id for p in parts], md5=hashlib.md5(body).hexdigest())
+    done = client.uploads.complete(
+        created.id, part_ids=[p.id for p in parts], md5=hashlib.md5(body).hexdigest()
+    )
     assert done.status == "completed" and done.file is not None
     assert done.file.bytes == len(body) and done.file.purpose == "batch"
     assert client.files.content(done.file.id).content == body
 
     with pytest.raises(openai.BadRequestError):  # size mismatch is the caller's mistake, a 400
-        short = client.uploads.create(bytes=10, filename="s.jsonl", mime_type="application/jsonl", purpose="batch")
+        short = client.uploads.create(
+            bytes=10, filename="s.jsonl", mime_type="application/jsonl", purpose="batch"
+        )
         part = client.uploads.parts.create(short.id, data=b"12345")
         client.uploads.complete(short.id, part_ids=[part.id])
 
-    cancelled = client.uploads.create(bytes=5, filename="c.jsonl", mime_type="application/jsonl", purpose="batch")
+    cancelled = client.uploads.create(
+        bytes=5, filename="c.jsonl", mime_type="application/jsonl", purpose="batch"
+    )
     client.uploads.parts.create(cancelled.id, data=b"12345")
     assert client.uploads.cancel(cancelled.id).status == "cancelled"
     with pytest.raises(openai.APIStatusError):
@@ -94,7 +106,9 @@ def test_upload_file_chunked_then_batch(client: openai.OpenAI, tmp_path: Path) -
     )
     assert upload_obj.status == "completed" and upload_obj.file is not None
     assert upload_obj.file.bytes == path.stat().st_size
-    batch = client.batches.create(input_file_id=upload_obj.file.id, endpoint="/v1/embeddings", completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=upload_obj.file.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
     batch = wait_for(client, batch.id)
     assert batch.status == "completed" and batch.request_counts is not None
     assert batch.request_counts.completed == 500
@@ -114,7 +128,9 @@ def test_large_download_follows_a_signed_redirect(start_server: Any) -> None:
 def test_batches_list_auto_paginates_past_100(client: openai.OpenAI) -> None:
     input_file = upload(client, [request_line("/v1/chat/completions", 0)])
     created = [
-        client.batches.create(input_file_id=input_file.id, endpoint="/v1/chat/completions", completion_window="24h").id
+        client.batches.create(
+            input_file_id=input_file.id, endpoint="/v1/chat/completions", completion_window="24h"
+        ).id
         for _ in range(105)
     ]
     first = client.batches.list(limit=100)
@@ -130,7 +146,9 @@ def test_errors_are_openai_envelopes(server: Any, client: openai.OpenAI) -> None
     assert set(missing.value.body) == {"message", "type", "param", "code"}  # type: ignore[arg-type]
 
     input_file = upload(client, [request_line("/v1/chat/completions", 0)])
-    batch = client.batches.create(input_file_id=input_file.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=input_file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     assert wait_for(client, batch.id).status == "completed"
     with pytest.raises(openai.ConflictError) as conflict:
         client.with_options(max_retries=2).batches.cancel(batch.id)
@@ -142,10 +160,16 @@ def test_idempotency_key_returns_the_same_batch(client: openai.OpenAI) -> None:
     input_file = upload(client, [request_line("/v1/chat/completions", 0)])
     headers = {"Idempotency-Key": "create-once-123"}
     first = client.batches.create(
-        input_file_id=input_file.id, endpoint="/v1/chat/completions", completion_window="24h", extra_headers=headers
+        input_file_id=input_file.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_headers=headers,
     )
     again = client.batches.create(
-        input_file_id=input_file.id, endpoint="/v1/chat/completions", completion_window="24h", extra_headers=headers
+        input_file_id=input_file.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_headers=headers,
     )
     assert again.id == first.id
     assert [b.id for b in client.batches.list()] == [first.id]

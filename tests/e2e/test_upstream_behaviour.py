@@ -18,7 +18,11 @@ CHAT = "/v1/chat/completions"
 
 
 def line(custom_id: str, directive: str) -> dict[str, Any]:
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": custom_id}], "user": f"id={custom_id};{directive}"}
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": custom_id}],
+        "user": f"id={custom_id};{directive}",
+    }
     return request_line(CHAT, 0, body=body, custom_id=custom_id)
 
 
@@ -30,8 +34,14 @@ def upstream() -> Iterator[FakeUpstreamServer]:
 
 def test_400_429_500_land_where_openai_puts_them(start_server: Any, upstream: FakeUpstreamServer) -> None:
     server = start_server(
-        "--upstream-url", upstream.base_url, "--upstream-api-key", "sk-upstream-secret",
-        "--upstream-max-retries", "2", "--upstream-backoff-base", "0.01",
+        "--upstream-url",
+        upstream.base_url,
+        "--upstream-api-key",
+        "sk-upstream-secret",
+        "--upstream-max-retries",
+        "2",
+        "--upstream-backoff-base",
+        "0.01",
     )
     client = server.client()
     lines = [line(f"ok-{i}", "") for i in range(5)] + [
@@ -39,12 +49,18 @@ def test_400_429_500_land_where_openai_puts_them(start_server: Any, upstream: Fa
         line("rate-limited-twice", "status=429;times=2"),
         line("server-error", "status=500"),
     ]
-    batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h"
+    )
     batch = wait_for(client, batch.id)
 
     assert batch.status == "completed"
     assert batch.request_counts is not None
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (8, 6, 2)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (
+        8,
+        6,
+        2,
+    )
     output = {r["custom_id"]: r for r in read_lines(client, batch.output_file_id)}
     errors = {r["custom_id"]: r for r in read_lines(client, batch.error_file_id)}
     assert set(output) == {f"ok-{i}" for i in range(5)} | {"rate-limited-twice"}
@@ -62,10 +78,14 @@ def test_400_429_500_land_where_openai_puts_them(start_server: Any, upstream: Fa
 
 def test_an_upstream_that_is_down_ends_every_request_with_an_error(start_server: Any) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
-    server = start_server("--upstream-url", dead, "--upstream-max-retries", "1", "--upstream-backoff-base", "0.01")
+    server = start_server(
+        "--upstream-url", dead, "--upstream-max-retries", "1", "--upstream-backoff-base", "0.01"
+    )
     client = server.client()
     lines = [request_line(CHAT, i) for i in range(6)]
-    batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h"
+    )
     batch = wait_for(client, batch.id, timeout=60)
 
     assert batch.status == "completed" and batch.output_file_id is None
@@ -79,12 +99,20 @@ def test_an_upstream_that_is_down_ends_every_request_with_an_error(start_server:
 
 def test_a_timeout_is_an_error_line_not_a_hang(start_server: Any, upstream: FakeUpstreamServer) -> None:
     server = start_server(
-        "--upstream-url", upstream.base_url, "--upstream-timeout", "0.5",
-        "--upstream-max-retries", "1", "--upstream-backoff-base", "0.01",
+        "--upstream-url",
+        upstream.base_url,
+        "--upstream-timeout",
+        "0.5",
+        "--upstream-max-retries",
+        "1",
+        "--upstream-backoff-base",
+        "0.01",
     )
     client = server.client()
     lines = [line("fast", ""), line("stuck", "hang")]
-    batch = client.batches.create(input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h")
+    batch = client.batches.create(
+        input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h"
+    )
     batch = wait_for(client, batch.id, timeout=30)
     assert batch.status == "completed"
     errors = read_lines(client, batch.error_file_id)

@@ -20,13 +20,13 @@ CHAT = "/v1/chat/completions"
 def test_a_file_of_bad_lines_fails_with_every_problem_named(client: openai.OpenAI) -> None:
     good = request_line(CHAT, 0)
     lines: list[Any] = [
-        good,                                                                   # 1 ok
-        b"{this is not json",                                                   # 2
-        {k: v for k, v in request_line(CHAT, 3).items() if k != "custom_id"},   # 3
-        {**request_line(CHAT, 4), "method": "GET"},                            # 4
-        {**request_line(CHAT, 5), "url": "/v1/embeddings"},                    # 5
-        {**request_line(CHAT, 6), "body": {**good["body"], "stream": True}},   # 6
-        {**request_line(CHAT, 7), "custom_id": "req-0"},                       # 7 duplicate of line 1
+        good,  # 1 ok
+        b"{this is not json",  # 2
+        {k: v for k, v in request_line(CHAT, 3).items() if k != "custom_id"},  # 3
+        {**request_line(CHAT, 4), "method": "GET"},  # 4
+        {**request_line(CHAT, 5), "url": "/v1/embeddings"},  # 5
+        {**request_line(CHAT, 6), "body": {**good["body"], "stream": True}},  # 6
+        {**request_line(CHAT, 7), "custom_id": "req-0"},  # 7 duplicate of line 1
         {**request_line(CHAT, 8), "body": {"messages": good["body"]["messages"]}},  # 8 no model
         {**request_line(CHAT, 9), "body": {**good["body"], "model": "other-model"}},  # 9 second model
     ]
@@ -65,29 +65,56 @@ def _bad_request(call: Any) -> openai.BadRequestError:
 def test_create_rejects_bad_parameters_synchronously(client: openai.OpenAI) -> None:
     input_file = upload(client, [request_line(CHAT, 0)])
 
-    error = _bad_request(lambda: client.batches.create(input_file_id=input_file.id, endpoint="/v1/images", completion_window="24h"))  # type: ignore[arg-type]
+    error = _bad_request(
+        lambda: client.batches.create(
+            input_file_id=input_file.id, endpoint="/v1/images", completion_window="24h"
+        )
+    )  # type: ignore[arg-type]
     assert error.body["param"] == "endpoint"  # type: ignore[index]
-    error = _bad_request(lambda: client.batches.create(input_file_id=input_file.id, endpoint=CHAT, completion_window="48h"))  # type: ignore[arg-type]
+    error = _bad_request(
+        lambda: client.batches.create(input_file_id=input_file.id, endpoint=CHAT, completion_window="48h")
+    )  # type: ignore[arg-type]
     assert error.body["param"] == "completion_window"  # type: ignore[index]
-    error = _bad_request(lambda: client.batches.create(
-        input_file_id=input_file.id, endpoint=CHAT, completion_window="24h", metadata={"k": "v" * 513}))
+    error = _bad_request(
+        lambda: client.batches.create(
+            input_file_id=input_file.id, endpoint=CHAT, completion_window="24h", metadata={"k": "v" * 513}
+        )
+    )
     assert error.body["param"] == "metadata.k"  # type: ignore[index]
-    _bad_request(lambda: client.batches.create(
-        input_file_id=input_file.id, endpoint=CHAT, completion_window="24h",
-        metadata={f"k{i}": "v" for i in range(17)}))
-    error = _bad_request(lambda: client.batches.create(
-        input_file_id=input_file.id, endpoint=CHAT, completion_window="24h",
-        metadata={"n": 3}))  # type: ignore[dict-item]
+    _bad_request(
+        lambda: client.batches.create(
+            input_file_id=input_file.id,
+            endpoint=CHAT,
+            completion_window="24h",
+            metadata={f"k{i}": "v" for i in range(17)},
+        )
+    )
+    error = _bad_request(
+        lambda: client.batches.create(
+            input_file_id=input_file.id, endpoint=CHAT, completion_window="24h", metadata={"n": 3}
+        )
+    )  # type: ignore[dict-item]
     assert error.body["code"] == "invalid_type" and error.body["param"] == "metadata.n"  # type: ignore[index]
-    error = _bad_request(lambda: client.batches.create(
-        input_file_id=input_file.id, endpoint=CHAT, completion_window="24h",
-        output_expires_after={"anchor": "created_at", "seconds": 60}))
+    error = _bad_request(
+        lambda: client.batches.create(
+            input_file_id=input_file.id,
+            endpoint=CHAT,
+            completion_window="24h",
+            output_expires_after={"anchor": "created_at", "seconds": 60},
+        )
+    )
     assert "output_expires_after" in (error.body["param"] or "")  # type: ignore[index]
-    error = _bad_request(lambda: client.batches.create(input_file_id="file-doesnotexist", endpoint=CHAT, completion_window="24h"))
+    error = _bad_request(
+        lambda: client.batches.create(
+            input_file_id="file-doesnotexist", endpoint=CHAT, completion_window="24h"
+        )
+    )
     assert error.body["param"] == "input_file_id"  # type: ignore[index]
 
     other = client.files.create(file=("notes.txt", io.BytesIO(b"hello")), purpose="user_data")
-    error = _bad_request(lambda: client.batches.create(input_file_id=other.id, endpoint=CHAT, completion_window="24h"))
+    error = _bad_request(
+        lambda: client.batches.create(input_file_id=other.id, endpoint=CHAT, completion_window="24h")
+    )
     assert "batch" in error.body["message"]  # type: ignore[index]
 
     assert client.batches.list().data == []  # no batch was written by any rejected create
@@ -98,7 +125,9 @@ def test_bad_json_body_is_a_400_not_a_500(server: Any) -> None:
     import urllib.request
 
     request = urllib.request.Request(
-        server.base_url + "/batches", data=b"{not json", method="POST",
+        server.base_url + "/batches",
+        data=b"{not json",
+        method="POST",
         headers={"Content-Type": "application/json", "Authorization": "Bearer x"},
     )
     with pytest.raises(urllib.error.HTTPError) as caught:
@@ -109,7 +138,11 @@ def test_bad_json_body_is_a_400_not_a_500(server: Any) -> None:
 
 
 def test_empty_lines_and_crlf_are_accepted(client: openai.OpenAI) -> None:
-    raw = jsonl([request_line(CHAT, 0)]).replace(b"\n", b"\r\n") + b"\r\n" + jsonl([request_line(CHAT, 1)]).rstrip(b"\n")
+    raw = (
+        jsonl([request_line(CHAT, 0)]).replace(b"\n", b"\r\n")
+        + b"\r\n"
+        + jsonl([request_line(CHAT, 1)]).rstrip(b"\n")
+    )
     input_file = client.files.create(file=("crlf.jsonl", io.BytesIO(raw)), purpose="batch")
     batch = client.batches.create(input_file_id=input_file.id, endpoint=CHAT, completion_window="24h")
     batch = wait_for(client, batch.id)

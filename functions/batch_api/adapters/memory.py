@@ -78,7 +78,9 @@ class MemoryMetadataStore:
     def list_expired_files(self, now: int, limit: int) -> list[FileRecord]:
         with self._lock:
             items = [
-                f for f in self.files.values() if not f.deleted and f.expires_at is not None and f.expires_at <= now
+                f
+                for f in self.files.values()
+                if not f.deleted and f.expires_at is not None and f.expires_at <= now
             ]
         items.sort(key=lambda f: (f.expires_at or 0, f.id))
         return [f.model_copy(deep=True) for f in items[:limit]]

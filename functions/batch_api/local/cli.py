@@ -30,7 +30,12 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--public-base-url", "public_base_url", str, "how clients reach this server, for download links"),
     ("--upstream-url", "upstream_url", str, "OpenAI-compatible base URL, e.g. http://localhost:8001/v1"),
     ("--upstream-timeout", "upstream_timeout_seconds", float, "seconds one upstream request may take (600)"),
-    ("--upstream-max-retries", "upstream_max_retries", int, "retries on 429/5xx/timeouts/connection errors (5)"),
+    (
+        "--upstream-max-retries",
+        "upstream_max_retries",
+        int,
+        "retries on 429/5xx/timeouts/connection errors (5)",
+    ),
     ("--upstream-backoff-base", "upstream_backoff_base_seconds", float, "first retry delay in seconds (0.5)"),
     ("--mock-latency", "mock_latency_seconds", float, "seconds the built-in mock waits per request (0)"),
     ("--chunk-max-lines", "chunk_max_lines", int, "requests per chunk (1000)"),
@@ -50,14 +55,30 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the Batch API as one durable local process")
     for flag, field, kind, text in _SERVE_FLAGS:
         serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
-    serve.add_argument("--upstream", dest="upstream", choices=["mock", "http"], default=None,
-                       help="'mock' for the built-in deterministic mock (the default without --upstream-url)")
-    serve.add_argument("--upstream-api-key", dest="upstream_api_key", default=None,
-                       help="API key sent upstream as a Bearer token (env BATCH_API_UPSTREAM_API_KEY; never logged)")
-    serve.add_argument("--api-key", dest="api_keys", action="append", default=None,
-                       help="require this API key from clients (repeatable; each key is its own project)")
+    serve.add_argument(
+        "--upstream",
+        dest="upstream",
+        choices=["mock", "http"],
+        default=None,
+        help="'mock' for the built-in deterministic mock (the default without --upstream-url)",
+    )
+    serve.add_argument(
+        "--upstream-api-key",
+        dest="upstream_api_key",
+        default=None,
+        help="API key sent upstream as a Bearer token (env BATCH_API_UPSTREAM_API_KEY; never logged)",
+    )
+    serve.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        default=None,
+        help="require this API key from clients (repeatable; each key is its own project)",
+    )
 
-    mock = commands.add_parser("mock-upstream", help="serve the deterministic mock as an OpenAI-compatible server")
+    mock = commands.add_parser(
+        "mock-upstream", help="serve the deterministic mock as an OpenAI-compatible server"
+    )
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8001)
     mock.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
@@ -94,8 +115,11 @@ def serve(settings: Settings) -> int:
         return 2
     try:
         server = LocalHTTPServer(
-            (settings.host, settings.port), app=app.api, blobs=app.blobs,
-            signing_key=app.signing_key, max_request_bytes=settings.max_request_bytes,
+            (settings.host, settings.port),
+            app=app.api,
+            blobs=app.blobs,
+            signing_key=app.signing_key,
+            max_request_bytes=settings.max_request_bytes,
         )
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
@@ -109,7 +133,8 @@ def serve(settings: Settings) -> int:
         )
     else:
         logger.info(
-            "upstream: %s (API key %s)", settings.upstream_url,
+            "upstream: %s (API key %s)",
+            settings.upstream_url,
             "set" if settings.upstream_api_key else "not set",
         )
     logger.info("data directory: %s", settings.data_dir.resolve())

@@ -98,7 +98,9 @@ class LocalHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], *, app: Any, blobs: Any, signing_key: bytes, max_request_bytes: int):
+    def __init__(
+        self, address: tuple[str, int], *, app: Any, blobs: Any, signing_key: bytes, max_request_bytes: int
+    ):
         self.app = app
         self.blobs = blobs
         self.signing_key = signing_key
@@ -149,7 +151,10 @@ class _Handler(BaseHTTPRequestHandler):
         status, headers, payload = from_apigw_response(response)
         self._send(status, headers, payload)
         logger.info(
-            "%s %s -> %d (%.1f ms)", self.command, self.path.split("?")[0], status,
+            "%s %s -> %d (%.1f ms)",
+            self.command,
+            self.path.split("?")[0],
+            status,
             (time.perf_counter() - started) * 1000,
         )
 
@@ -188,10 +193,16 @@ class _Handler(BaseHTTPRequestHandler):
             f"part_size={min(64 * 1024 * 1024, limit // 2)})."
         )
         self.close_connection = True  # the unread body makes the connection unusable
-        self._send(413, [("Content-Type", "application/json")], envelope(message, "invalid_request_error", "request_too_large"))
+        self._send(
+            413,
+            [("Content-Type", "application/json")],
+            envelope(message, "invalid_request_error", "request_too_large"),
+        )
 
     def _send(self, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
-        self.send_response(status, HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "")
+        self.send_response(
+            status, HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+        )
         names = set()
         for name, value in headers:
             if name.lower() in ("content-length", "connection", "transfer-encoding"):
@@ -220,8 +231,18 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             expires = 0
         filename = query.get("filename", "")
-        if not verify_download(self.server.signing_key, key, expires, filename, query.get("signature", ""), int(time.time())):
-            self._send(403, [], envelope("This download link is invalid or has expired.", "invalid_request_error", "invalid_signature"))
+        if not verify_download(
+            self.server.signing_key, key, expires, filename, query.get("signature", ""), int(time.time())
+        ):
+            self._send(
+                403,
+                [],
+                envelope(
+                    "This download link is invalid or has expired.",
+                    "invalid_request_error",
+                    "invalid_signature",
+                ),
+            )
             return
         try:
             path = self.server.blobs.path_for(key)

@@ -35,7 +35,9 @@ class LocalWorkflow:
     left unfinished.
     """
 
-    def __init__(self, *, step_attempts: int = STEP_ATTEMPTS, step_backoff_seconds: float = STEP_BACKOFF_SECONDS):
+    def __init__(
+        self, *, step_attempts: int = STEP_ATTEMPTS, step_backoff_seconds: float = STEP_BACKOFF_SECONDS
+    ):
         self._deps: Deps | None = None
         self._lock = threading.Lock()
         self._running: dict[str, threading.Thread] = {}
@@ -157,7 +159,9 @@ class LocalWorkflow:
         pending: list[Future[dict[str, Any]]] = []
         try:
             for chunk in chunks:
-                pending.append(self._chunk_pool.submit(self._step, "process", process_chunk, {**ids, "chunk": chunk}))
+                pending.append(
+                    self._chunk_pool.submit(self._step, "process", process_chunk, {**ids, "chunk": chunk})
+                )
         except RuntimeError as exc:  # pool shut down
             raise _Stopping() from exc
         for future in pending:
@@ -173,7 +177,9 @@ class LocalWorkflow:
                 # Only a Lambda runs out of time; locally a chunk always finishes.
                 raise StepFailed(f"chunk {result.get('index')} did not finish")
 
-    def _step(self, name: str, fn: Callable[[dict[str, Any], Deps], dict[str, Any]], event: dict[str, Any]) -> dict[str, Any]:
+    def _step(
+        self, name: str, fn: Callable[[dict[str, Any], Deps], dict[str, Any]], event: dict[str, Any]
+    ) -> dict[str, Any]:
         last: Exception | None = None
         for attempt in range(self._step_attempts):
             if self._stopping.is_set():
@@ -184,7 +190,11 @@ class LocalWorkflow:
                 last = exc
                 logger.warning(
                     "step %s of batch %s failed (attempt %d/%d): %r",
-                    name, event.get("batch_id"), attempt + 1, self._step_attempts, exc,
+                    name,
+                    event.get("batch_id"),
+                    attempt + 1,
+                    self._step_attempts,
+                    exc,
                     exc_info=attempt == self._step_attempts - 1,
                 )
                 self._stopping.wait(self._step_backoff * (2**attempt))
