@@ -54,6 +54,17 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # storage and workflow backend: "local" (SQLite, data dir, in-process runner) or "aws"
+    backend: Literal["local", "aws"] = "local"
+    aws_endpoint_url: str | None = None  # e.g. a moto server for tests; None: the real AWS endpoints
+    aws_region: str | None = None
+    table_name: str = "batch-api"
+    bucket_name: str = "batch-api"
+    state_machine_arn: str | None = None  # None with backend "aws": the workflow runs in-process
+    event_bus_name: str = "default"
+    event_source: str = "batch-api"
+    upstream_secret_name: str | None = None  # Secrets Manager secret holding the upstream API key
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
