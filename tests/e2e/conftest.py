@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,13 +72,74 @@ def read_lines(client: Any, file_id: str | None) -> list[dict[str, Any]]:
     return [json.loads(line) for line in client.files.content(file_id).content.splitlines() if line.strip()]
 
 
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """One moto server for the session, standing in for S3, DynamoDB and EventBridge."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.support.server import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["local", "aws"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every end-to-end scenario runs against the local adapters and the AWS adapters (under moto)."""
+    return str(request.param)
+
+
+def _aws_resources(endpoint: str, name: str) -> dict[str, str]:
+    """A fresh table, bucket and bus on the moto server; the env that points the server at them."""
+    import boto3
+
+    from batch_api.adapters.aws.schema import create_table_kwargs
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    session = boto3.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    session.client("dynamodb", endpoint_url=endpoint).create_table(**create_table_kwargs(name))
+    session.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    session.client("events", endpoint_url=endpoint).create_event_bus(Name=name)
+    return {
+        **env,
+        "BATCH_API_BACKEND": "aws",
+        "BATCH_API_AWS_ENDPOINT_URL": endpoint,
+        "BATCH_API_AWS_REGION": "us-east-1",
+        "BATCH_API_TABLE_NAME": name,
+        "BATCH_API_BUCKET_NAME": name,
+        "BATCH_API_EVENT_BUS_NAME": name,
+    }
+
+
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Start `batch-api serve` with extra flags/env; every server started is stopped at the end."""
+def start_server(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., ServerProcess]]:
+    """Start `batch-api serve` with extra flags/env on the test's backend; every server started is
+    stopped at the end. Servers started on the same data_dir share their AWS resources too."""
     started: list[ServerProcess] = []
+    resources: dict[Path, dict[str, str]] = {}
 
     def start(*args: str, env: dict[str, str] | None = None, data_dir: Path | None = None) -> ServerProcess:
-        server = ServerProcess(data_dir or tmp_path / f"data{len(started)}", *args, env=env)
+        data_dir = data_dir or tmp_path / f"data{len(started)}"
+        full_env = dict(env or {})
+        if backend == "aws":
+            if data_dir not in resources:
+                endpoint = request.getfixturevalue("moto_server")
+                resources[data_dir] = _aws_resources(endpoint, f"batch-api-{uuid.uuid4().hex[:12]}")
+            full_env.update(resources[data_dir])
+        server = ServerProcess(data_dir, *args, env=full_env)
         started.append(server)
         return server.start()
 

@@ -51,12 +51,16 @@ def _signing_key(data_dir: Path) -> bytes:
 
 
 def _lock(data_dir: Path) -> IO[str]:
-    handle = (data_dir / "server.lock").open("w")
+    handle = (data_dir / "server.lock").open("a+")  # not "w": a failed start must not erase the pid
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
         handle.close()
-        raise DataDirLocked(f"another batch-api process is using {data_dir}") from exc
+        raise DataDirLocked(f"another batch-api process (pid {holder}) is using {data_dir}") from exc
+    handle.seek(0)
+    handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
@@ -71,15 +75,23 @@ def build_local_app(settings: Settings) -> LocalApp:
     signing_key = _signing_key(data_dir)
     blobs = FilesystemBlobStore(data_dir / "blobs", base_url=settings.base_url, signing_key=signing_key)
     workflow = LocalWorkflow()
-    deps = Deps(
-        settings=settings,
-        metadata=SqliteMetadataStore(data_dir / "metadata.sqlite3"),
-        blobs=blobs,
-        journal=FilesystemJournal(data_dir / "journal"),
-        events=LogEventSink(data_dir / "events.jsonl"),
-        workflow=workflow,
-        upstream_factory=make_upstream_factory(settings),
-    )
+    deps: Deps
+    if settings.backend == "aws":
+        # The AWS adapters (DynamoDB, S3, EventBridge) against settings.aws_endpoint_url, with the
+        # workflow steps run in-process: the API and steps of the Lambda deployment, on one machine.
+        from batch_api.bootstrap_aws import build_aws_deps
+
+        deps = build_aws_deps(settings, workflow=workflow)
+    else:
+        deps = Deps(
+            settings=settings,
+            metadata=SqliteMetadataStore(data_dir / "metadata.sqlite3"),
+            blobs=blobs,
+            journal=FilesystemJournal(data_dir / "journal"),
+            events=LogEventSink(data_dir / "events.jsonl"),
+            workflow=workflow,
+            upstream_factory=make_upstream_factory(settings),
+        )
     workflow.bind(deps)
     return LocalApp(
         settings=settings,

@@ -45,6 +45,16 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--completion-window-seconds", "completion_window_seconds", int, "length of the '24h' window (86400)"),
     ("--max-request-bytes", "max_request_bytes", int, "largest HTTP request body (80 MiB)"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING (INFO)"),
+    (
+        "--aws-endpoint-url",
+        "aws_endpoint_url",
+        str,
+        "with --backend aws: endpoint for S3/DynamoDB/EventBridge",
+    ),
+    ("--aws-region", "aws_region", str, "with --backend aws: the region"),
+    ("--table-name", "table_name", str, "with --backend aws: the DynamoDB table (batch-api)"),
+    ("--bucket-name", "bucket_name", str, "with --backend aws: the S3 bucket (batch-api)"),
+    ("--event-bus-name", "event_bus_name", str, "with --backend aws: the EventBridge bus (default)"),
 ]
 
 
@@ -55,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the Batch API as one durable local process")
     for flag, field, kind, text in _SERVE_FLAGS:
         serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    serve.add_argument(
+        "--backend",
+        dest="backend",
+        choices=["local", "aws"],
+        default=None,
+        help="'local' (SQLite + data dir, the default) or 'aws' (DynamoDB, S3, EventBridge)",
+    )
     serve.add_argument(
         "--upstream",
         dest="upstream",
@@ -93,6 +110,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             overrides[field] = value
     if args.upstream is not None:
         overrides["upstream"] = args.upstream
+    if args.backend is not None:
+        overrides["backend"] = args.backend
     if args.upstream_api_key is not None:
         overrides["upstream_api_key"] = SecretStr(args.upstream_api_key)
     if args.api_keys:
@@ -101,6 +120,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> int:
+    from batch_api.handlers.api import suggested_part_size
     from batch_api.local.bootstrap import DataDirLocked, build_local_app
     from batch_api.local.server import LocalHTTPServer
     from batch_api.service.files import sweep_expired_files
@@ -120,6 +140,7 @@ def serve(settings: Settings) -> int:
             blobs=app.blobs,
             signing_key=app.signing_key,
             max_request_bytes=settings.max_request_bytes,
+            part_size=suggested_part_size(settings),
         )
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
@@ -137,7 +158,16 @@ def serve(settings: Settings) -> int:
             settings.upstream_url,
             "set" if settings.upstream_api_key else "not set",
         )
-    logger.info("data directory: %s", settings.data_dir.resolve())
+    if settings.backend == "aws":
+        logger.info(
+            "backend: aws (table %s, bucket %s, bus %s, endpoint %s); workflow steps run in-process",
+            settings.table_name,
+            settings.bucket_name,
+            settings.event_bus_name,
+            settings.aws_endpoint_url or "AWS",
+        )
+    else:
+        logger.info("data directory: %s", settings.data_dir.resolve())
     resumed = app.workflow.resume()
     if resumed:
         logger.info("resumed %d unfinished batch(es)", resumed)

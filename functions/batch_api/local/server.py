@@ -99,8 +99,16 @@ class LocalHTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(
-        self, address: tuple[str, int], *, app: Any, blobs: Any, signing_key: bytes, max_request_bytes: int
+        self,
+        address: tuple[str, int],
+        *,
+        app: Any,
+        blobs: Any,
+        signing_key: bytes,
+        max_request_bytes: int,
+        part_size: int,
     ):
+        self.part_size = part_size  # suggested in 413 answers
         self.app = app
         self.blobs = blobs
         self.signing_key = signing_key
@@ -121,6 +129,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._serve_blob()
         else:
             self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch()
 
     def do_POST(self) -> None:
         self._dispatch()
@@ -159,20 +173,30 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _read_body(self) -> bytes | None:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            return self._read_chunked()
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                return self._read_chunked()
+            length = int(self.headers.get("Content-Length") or 0)
+            if length < 0:
+                raise ValueError(length)
+        except ValueError:
+            self.close_connection = True
+            self._send(400, [], envelope("The request body's framing is invalid.", "invalid_request_error"))
+            return None
         if length > self.server.max_request_bytes:
             self._too_large(length)
             return None
         return self.rfile.read(length) if length else b""
 
     def _read_chunked(self) -> bytes | None:
+        """Raises ValueError on a malformed chunk size."""
         parts: list[bytes] = []
         total = 0
         while True:
             size_line = self.rfile.readline(1024)
             size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size < 0:
+                raise ValueError(size)
             if size == 0:
                 while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass
@@ -187,10 +211,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _too_large(self, size: int) -> None:
         limit = self.server.max_request_bytes
         message = (
-            f"Request body of {size} bytes is larger than this server accepts in one request ({limit} bytes). "
-            "Upload large files with the Uploads API, e.g. "
-            f"client.uploads.upload_file_chunked(file=..., mime_type='application/jsonl', purpose='batch', "
-            f"part_size={min(64 * 1024 * 1024, limit // 2)})."
+            f"The request body of {size} bytes exceeds this server's limit of {limit} bytes. "
+            "Upload larger files with the Uploads API in parts, e.g. "
+            f"client.uploads.upload_file_chunked(file=..., mime_type=..., purpose=..., "
+            f"part_size={self.server.part_size})."
         )
         self.close_connection = True  # the unread body makes the connection unusable
         self._send(
@@ -248,7 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
             path = self.server.blobs.path_for(key)
             handle = path.open("rb")
         except (FileNotFoundError, ValueError):
-            self._send(404, [], envelope("No such file.", "invalid_request_error", "not_found"))
+            self._send(404, [], envelope("No such file.", "invalid_request_error"))
             return
         with handle:
             size = path.stat().st_size
