@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test unit contract integration e2e lint format bench clean
+.PHONY: run test unit contract integration e2e infra lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,14 +30,17 @@ integration: $(STAMP)
 e2e: $(STAMP)
 	$(PY) -m pytest -m e2e -q
 
+infra: $(STAMP)
+	JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION=20 $(PY) -m pytest -m infra -q
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check functions tests bench
-	$(VENV)/bin/ruff format --check functions tests bench
-	$(VENV)/bin/mypy functions
+	$(VENV)/bin/ruff check functions tests bench infra
+	$(VENV)/bin/ruff format --check functions tests bench infra
+	$(VENV)/bin/mypy functions infra
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix functions tests bench
-	$(VENV)/bin/ruff format functions tests bench
+	$(VENV)/bin/ruff check --fix functions tests bench infra
+	$(VENV)/bin/ruff format functions tests bench infra
 
 bench: $(STAMP)
 	$(PY) bench/upstream_client.py

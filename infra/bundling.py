@@ -1,0 +1,140 @@
+"""The one Lambda code asset for every function, built without Docker.
+
+`pip install --platform manylinux..._<arch> --only-binary=:all:` fetches wheels for the Lambda
+architecture and Python version (not for this machine), then the `batch_api` package is copied next
+to them. The AWS SDK is left to the Lambda runtime: it is removed again when a dependency (the X-Ray
+SDK) drags botocore in, because a bundled botocore would shadow the runtime's and skew against its
+boto3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jsii
+from aws_cdk import AssetHashType, BundlingOptions, ILocalBundling
+from aws_cdk import aws_lambda as lambda_
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FUNCTIONS_DIR = REPO_ROOT / "functions"
+PACKAGE_NAME = "batch_api"
+
+# provided by every Lambda Python runtime; never bundled (see the module docstring)
+RUNTIME_PROVIDED = frozenset(
+    {"boto3", "botocore", "s3transfer", "jmespath", "urllib3", "python-dateutil", "six"}
+)
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+
+
+def runtime_requirements(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
+    """The package's runtime dependencies from pyproject.toml, with the Powertools tracer extra."""
+    deps: list[str] = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    return [
+        d.replace("aws-lambda-powertools", "aws-lambda-powertools[tracer]", 1)
+        if d.startswith("aws-lambda-powertools") and "[" not in d
+        else d
+        for d in deps
+    ]
+
+
+def pip_platforms(architecture: lambda_.Architecture) -> list[str]:
+    arch = "aarch64" if architecture.name == lambda_.Architecture.ARM_64.name else "x86_64"
+    # Lambda's python3.12+ runtimes run on Amazon Linux 2023 (glibc 2.34)
+    return [f"manylinux_2_28_{arch}", f"manylinux2014_{arch}"]
+
+
+def python_version(runtime: lambda_.Runtime) -> str:
+    return runtime.name.removeprefix("python")  # "python3.14" -> "3.14"
+
+
+@jsii.implements(ILocalBundling)
+class PipLocalBundling:
+    """Builds the asset on this machine; the Docker image in `BundlingOptions` is never used."""
+
+    def __init__(self, *, runtime: lambda_.Runtime, architecture: lambda_.Architecture) -> None:
+        self.runtime = runtime
+        self.architecture = architecture
+
+    def try_bundle(self, output_dir: str, options: Any = None, **_: Any) -> bool:
+        out = Path(output_dir)
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-compile",
+        ]
+        for platform in pip_platforms(self.architecture):
+            command += ["--platform", platform]
+        command += [
+            "--only-binary=:all:",
+            "--implementation",
+            "cp",
+            "--python-version",
+            python_version(self.runtime),
+            "--target",
+            str(out),
+            *runtime_requirements(),
+        ]
+        subprocess.run(command, check=True)
+        remove_distributions(out, RUNTIME_PROVIDED)
+        shutil.rmtree(out / "bin", ignore_errors=True)  # console scripts pointing at this machine's python
+        shutil.copytree(FUNCTIONS_DIR / PACKAGE_NAME, out / PACKAGE_NAME, ignore=IGNORED, dirs_exist_ok=True)
+        return True
+
+
+def remove_distributions(target: Path, names: frozenset[str]) -> None:
+    """Uninstall `names` from a `pip --target` directory, file by file from each RECORD."""
+    wanted = {_normalise(n) for n in names}
+    for info in target.glob("*.dist-info"):
+        if _normalise(info.name.split("-")[0]) not in wanted:
+            continue
+        for line in (info / "RECORD").read_text().splitlines():
+            path = target / line.split(",")[0]
+            if path.is_file():
+                path.unlink()
+        shutil.rmtree(info, ignore_errors=True)
+    for directory in sorted(target.iterdir()):  # package directories left empty
+        if directory.is_dir() and not any(p.is_file() for p in directory.rglob("*")):
+            shutil.rmtree(directory)
+
+
+def _normalise(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def source_hash(runtime: lambda_.Runtime, architecture: lambda_.Architecture) -> str:
+    """Changes whenever the code, the dependency list or the target platform changes."""
+    digest = hashlib.sha256()
+    digest.update(
+        f"{python_version(runtime)} {pip_platforms(architecture)} {runtime_requirements()}".encode()
+    )
+    package = FUNCTIONS_DIR / PACKAGE_NAME
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            digest.update(path.relative_to(package).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def function_code(runtime: lambda_.Runtime, architecture: lambda_.Architecture) -> lambda_.Code:
+    """One code asset for all functions. With bundling skipped (`aws:cdk:bundling-stacks` = [],
+    as the tests do) the asset is the unbundled functions directory."""
+    return lambda_.Code.from_asset(
+        str(FUNCTIONS_DIR),
+        exclude=["**/__pycache__", "**/*.pyc", "*.egg-info"],
+        asset_hash_type=AssetHashType.CUSTOM,
+        asset_hash=source_hash(runtime, architecture),
+        bundling=BundlingOptions(
+            image=runtime.bundling_image,  # required by the API; never used: local bundling succeeds
+            local=PipLocalBundling(runtime=runtime, architecture=architecture),
+        ),
+    )

@@ -1,0 +1,106 @@
+"""Per-environment settings, read from the `environments` object of the cdk.json context.
+
+`cdk synth -c env=prod` picks one; the default is dev. A typo in cdk.json fails the synth with the
+field's name instead of deploying something half-configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_ENV = "dev"
+
+# the day counts CloudWatch Logs accepts, by their aws_logs.RetentionDays member name
+LOG_RETENTION_DAYS: dict[int, str] = {
+    1: "ONE_DAY",
+    3: "THREE_DAYS",
+    5: "FIVE_DAYS",
+    7: "ONE_WEEK",
+    14: "TWO_WEEKS",
+    30: "ONE_MONTH",
+    60: "TWO_MONTHS",
+    90: "THREE_MONTHS",
+    120: "FOUR_MONTHS",
+    150: "FIVE_MONTHS",
+    180: "SIX_MONTHS",
+    365: "ONE_YEAR",
+    400: "THIRTEEN_MONTHS",
+    545: "EIGHTEEN_MONTHS",
+    731: "TWO_YEARS",
+    1827: "FIVE_YEARS",
+    3653: "TEN_YEARS",
+}
+ENV_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,19}$"
+
+
+class ConfigError(ValueError):
+    """cdk.json context does not describe the requested environment correctly."""
+
+
+class EnvConfig(BaseModel):
+    """One deployment environment (dev, prod, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=ENV_NAME_PATTERN)
+    account: str | None = Field(default=None, pattern=r"^\d{12}$")
+    region: str | None = None
+
+    upstream_url: str | None = None  # None: the deterministic mock upstream (demos only)
+    upstream_secret_name: str | None = None  # an existing Secrets Manager secret holding the upstream key
+
+    map_max_concurrency: int = Field(default=10, ge=1, le=10_000)  # Distributed Map MaxConcurrency
+    chunk_max_lines: int = Field(default=1000, ge=1, le=50_000)
+    requests_per_chunk: int = Field(default=32, ge=1, le=1024)  # requests in flight per worker
+
+    api_memory_mb: int = Field(default=1024, ge=128, le=10_240)
+    worker_memory_mb: int = Field(default=1769, ge=128, le=10_240)  # 1769 MB = one full vCPU
+    step_memory_mb: int = Field(default=1024, ge=128, le=10_240)  # validate, finalize, fail
+
+    api_throttle_rate_limit: int = Field(default=100, ge=1)  # steady requests/s on the stage
+    api_throttle_burst_limit: int = Field(default=200, ge=1)
+
+    log_retention_days: int = Field(default=30, ge=1)
+    removal_policy: Literal["destroy", "retain"] = "retain"
+    architecture: Literal["arm64", "x86_64"] = "arm64"
+
+    @field_validator("log_retention_days")
+    @classmethod
+    def _known_retention(cls, value: int) -> int:
+        if value not in LOG_RETENTION_DAYS:
+            raise ValueError(f"must be one of {sorted(LOG_RETENTION_DAYS)} (what CloudWatch Logs accepts)")
+        return value
+
+    @property
+    def log_retention_name(self) -> str:
+        """The aws_logs.RetentionDays member for `log_retention_days`."""
+        return LOG_RETENTION_DAYS[self.log_retention_days]
+
+    @property
+    def stack_name(self) -> str:
+        return f"BatchApi-{self.name}"
+
+    @property
+    def bus_name(self) -> str:
+        return f"batch-api-{self.name}"
+
+
+def load_env_config(context: Mapping[str, Any], env_name: str | None = None) -> EnvConfig:
+    """The `EnvConfig` for `env_name` (default dev) from a cdk.json-shaped `context` mapping."""
+    name = env_name or DEFAULT_ENV
+    environments = context.get("environments")
+    if not isinstance(environments, Mapping) or not environments:
+        raise ConfigError('cdk.json context has no "environments" object')
+    if name not in environments:
+        known = ", ".join(sorted(environments))
+        raise ConfigError(f"unknown environment {name!r}: cdk.json defines {known} (use -c env=<name>)")
+    raw = environments[name]
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f'cdk.json context "environments.{name}" must be an object')
+    try:
+        return EnvConfig.model_validate({**raw, "name": name})
+    except ValidationError as exc:
+        raise ConfigError(f'cdk.json context "environments.{name}" is invalid:\n{exc}') from exc

@@ -1,0 +1,1 @@
+"""One construct per concern; the stack passes resources between them explicitly."""

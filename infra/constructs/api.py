@@ -1,0 +1,117 @@
+"""The REST API: one Lambda proxy ({proxy+}, ANY) running the Powertools resolver for every route.
+
+Authentication is the handler's: the openai SDK sends `Authorization: Bearer <key>`, checked against
+hashed keys in the table; API Gateway authorizers (IAM, Cognito) cannot check those keys.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import CfnOutput, Duration, RemovalPolicy
+from aws_cdk import aws_apigateway as apigateway
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_stepfunctions as sfn
+from constructs import Construct
+
+from infra.config import EnvConfig
+from infra.constructs.storage import Storage
+from infra.functions import FunctionFactory
+from infra.nag import acknowledge
+
+API_HANDLER = "batch_api.handlers.lambda_api.handler"
+API_TIMEOUT = Duration.seconds(29)  # API Gateway's integration timeout
+# A Lambda proxy takes 6 MB each way and binary bodies travel base64 (4/3 larger): ~4.5 MB of raw
+# request and ~4 MB of inline download fit; bigger uploads use the Uploads API, bigger downloads a 302.
+MAX_REQUEST_BYTES = 4_500_000
+MAX_INLINE_DOWNLOAD_BYTES = 4_000_000
+
+
+class Api(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        config: EnvConfig,
+        functions: FunctionFactory,
+        storage: Storage,
+        state_machine: sfn.IStateMachine,
+        log_retention: logs.RetentionDays,
+        removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, id)
+        self.function = functions.create(
+            self,
+            "Handler",
+            handler=API_HANDLER,
+            description="batch-api: the OpenAI-compatible Files, Uploads and Batches API",
+            timeout=API_TIMEOUT,
+            memory_mb=config.api_memory_mb,
+            environment={
+                "BATCH_API_STATE_MACHINE_ARN": state_machine.state_machine_arn,
+                "BATCH_API_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
+                "BATCH_API_MAX_INLINE_DOWNLOAD_BYTES": str(MAX_INLINE_DOWNLOAD_BYTES),
+                "POWERTOOLS_TRACER_CAPTURE_RESPONSE": "false",  # file downloads would bloat traces
+            },
+        )
+        storage.grant_table(self.function)
+        # files/: uploads, downloads (presigned GETs are signed with this role), deletes, expiry tags;
+        # uploads/: Uploads API parts until complete concatenates them into files/
+        prefixes = ("files/", "uploads/")
+        storage.grant_objects(self.function, read=prefixes, write=prefixes, delete=prefixes)
+        state_machine.grant_start_execution(self.function)
+
+        self.access_logs = logs.LogGroup(
+            self, "AccessLogs", retention=log_retention, removal_policy=removal_policy
+        )
+        self.rest_api = apigateway.LambdaRestApi(
+            self,
+            "RestApi",
+            rest_api_name=f"batch-api-{config.name}",
+            description=f"batch-api ({config.name}): OpenAI-compatible Files, Uploads and Batches API",
+            handler=self.function,
+            proxy=True,
+            binary_media_types=["*/*"],  # multipart and file bodies arrive base64, byte-exact
+            endpoint_types=[apigateway.EndpointType.REGIONAL],
+            cloud_watch_role=True,  # stage logging needs the account's API Gateway -> CloudWatch role
+            cloud_watch_role_removal_policy=RemovalPolicy.RETAIN,  # account-wide; other APIs may use it
+            deploy_options=apigateway.StageOptions(
+                stage_name=config.name,
+                tracing_enabled=True,
+                logging_level=apigateway.MethodLoggingLevel.ERROR,
+                data_trace_enabled=False,  # request bodies are user data
+                metrics_enabled=True,
+                throttling_rate_limit=config.api_throttle_rate_limit,
+                throttling_burst_limit=config.api_throttle_burst_limit,
+                access_log_destination=apigateway.LogGroupLogDestination(self.access_logs),
+                access_log_format=apigateway.AccessLogFormat.json_with_standard_fields(
+                    caller=True,
+                    http_method=True,
+                    ip=True,
+                    protocol=True,
+                    request_time=True,
+                    resource_path=True,
+                    response_length=True,
+                    status=True,
+                    user=True,
+                ),
+            ),
+        )
+        self.base_url = f"{self.rest_api.url}v1"
+        CfnOutput(self, "BaseUrl", value=self.base_url, description="openai SDK base_url")
+
+        acknowledge(
+            self.rest_api,
+            {
+                "AwsSolutions-APIG2": "Every request goes to the handler, which validates it against the OpenAI "
+                "contract and answers 400 in the OpenAI error envelope; API Gateway models would duplicate that.",
+                "AwsSolutions-APIG3": "WAF is left to the operator (an account-level choice with its own cost); "
+                "the stage is throttled and every route checks a bearer API key.",
+                "AwsSolutions-APIG4": "The handler authenticates each request with the OpenAI-style bearer API key "
+                "(hashed keys in DynamoDB); IAM and Cognito authorizers cannot check those keys.",
+                "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+                "AmazonAPIGatewayPushToCloudWatchLogs]": "API Gateway's account-level logging role; this AWS managed "
+                "policy is the documented one for it and only lets API Gateway write its own logs.",
+                "AwsSolutions-COG4": "No Cognito: clients are openai SDKs authenticating with bearer API keys, "
+                "which the handler checks.",
+            },
+        )

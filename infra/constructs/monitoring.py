@@ -1,0 +1,129 @@
+"""Alarms (failed executions, worker errors) and one dashboard: batches, requests, upstream, errors, API."""
+
+from __future__ import annotations
+
+from aws_cdk import Duration
+from aws_cdk import aws_apigateway as apigateway
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_stepfunctions as sfn
+from constructs import Construct
+
+from infra.config import EnvConfig
+
+# EMF metrics the handlers emit through Powertools Metrics (dimension "service")
+METRICS_NAMESPACE = "BatchApi"
+SERVICE_NAME = "batch-api"
+PERIOD = Duration.minutes(5)
+
+
+def app_metric(name: str, statistic: str, label: str) -> cloudwatch.Metric:
+    return cloudwatch.Metric(
+        namespace=METRICS_NAMESPACE,
+        metric_name=name,
+        dimensions_map={"service": SERVICE_NAME},
+        statistic=statistic,
+        period=PERIOD,
+        label=label,
+    )
+
+
+class Monitoring(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        config: EnvConfig,
+        state_machine: sfn.StateMachine,
+        worker: lambda_.Function,
+        functions: dict[str, lambda_.Function],
+        rest_api: apigateway.RestApi,
+    ) -> None:
+        super().__init__(scope, id)
+        self.failed_executions_alarm = state_machine.metric_failed(
+            period=PERIOD, statistic="Sum"
+        ).create_alarm(
+            self,
+            "FailedExecutions",
+            alarm_description="A batch workflow execution failed (its batch was marked failed).",
+            threshold=1,
+            evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        self.worker_errors_alarm = worker.metric_errors(period=PERIOD, statistic="Sum").create_alarm(
+            self,
+            "WorkerErrors",
+            alarm_description="The chunk worker (process) Lambda raised errors.",
+            threshold=1,
+            evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+
+        self.dashboard = cloudwatch.Dashboard(self, "Dashboard", dashboard_name=f"batch-api-{config.name}")
+        self.dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Batches (workflow executions)",
+                left=[
+                    state_machine.metric_started(period=PERIOD, label="started"),
+                    state_machine.metric_succeeded(period=PERIOD, label="succeeded"),
+                    state_machine.metric_failed(period=PERIOD, label="failed"),
+                    state_machine.metric_timed_out(period=PERIOD, label="timed out"),
+                ],
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="Requests",
+                left=[
+                    app_metric("RequestsSucceeded", "Sum", "succeeded"),
+                    app_metric("RequestsFailed", "Sum", "failed"),
+                ],
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="Upstream latency",
+                left=[
+                    app_metric("UpstreamLatency", "Average", "average"),
+                    app_metric("UpstreamLatency", "p99", "p99"),
+                ],
+                width=8,
+            ),
+        )
+        self.dashboard.add_widgets(
+            cloudwatch.GraphWidget(
+                title="Function errors and throttles",
+                left=[
+                    fn.metric_errors(period=PERIOD, label=f"{name} errors") for name, fn in functions.items()
+                ],
+                right=[
+                    fn.metric_throttles(period=PERIOD, label=f"{name} throttles")
+                    for name, fn in functions.items()
+                ],
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="API responses",
+                left=[
+                    rest_api.metric_count(period=PERIOD, label="requests"),
+                    rest_api.metric_client_error(period=PERIOD, label="4xx"),
+                    rest_api.metric_server_error(period=PERIOD, label="5xx"),
+                ],
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="API latency",
+                left=[
+                    rest_api.metric_latency(period=PERIOD, statistic="p50", label="p50"),
+                    rest_api.metric_latency(period=PERIOD, statistic="p99", label="p99"),
+                    rest_api.metric_integration_latency(
+                        period=PERIOD, statistic="p99", label="integration p99"
+                    ),
+                ],
+                width=8,
+            ),
+            cloudwatch.AlarmStatusWidget(
+                title="Alarms", alarms=[self.failed_executions_alarm, self.worker_errors_alarm], width=24
+            ),
+        )

@@ -1,0 +1,526 @@
+"""CDK Template assertions on the stack for every environment in cdk.json, with cdk-nag on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from batch_api.adapters.aws import schema
+from tests.infra.helpers import (
+    Synthesized,
+    actions_of,
+    cdk_context,
+    function_logical_ids,
+    only,
+    render_definition,
+    resources,
+    role_statements,
+    synth_stack,
+)
+
+pytestmark = pytest.mark.infra
+
+ENVIRONMENTS = sorted(cdk_context("dev")["environments"])
+WORKFLOW = "batch_api.handlers.workflow"
+API_HANDLER = "batch_api.handlers.lambda_api.handler"
+LAMBDA_RETRY_ERRORS = {
+    "Lambda.ServiceException",
+    "Lambda.AWSLambdaException",
+    "Lambda.SdkClientException",
+    "Lambda.TooManyRequestsException",
+}
+
+
+@pytest.fixture(scope="module", params=ENVIRONMENTS)
+def synthesized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Synthesized:
+    return synth_stack(request.param, tmp_path_factory.mktemp(f"cdk-{request.param}"))
+
+
+@pytest.fixture
+def template(synthesized: Synthesized) -> dict[str, Any]:
+    return synthesized.template
+
+
+@pytest.fixture
+def env_settings(synthesized: Synthesized) -> dict[str, Any]:
+    return cdk_context(synthesized.env)["environments"][synthesized.env]
+
+
+@pytest.fixture
+def functions(template: dict[str, Any]) -> dict[str, str]:
+    return function_logical_ids(template)
+
+
+def test_both_environments_are_checked() -> None:
+    assert {"dev", "prod"} <= set(ENVIRONMENTS)
+
+
+def test_stack_name_carries_the_environment(synthesized: Synthesized) -> None:
+    assert synthesized.stack_name == f"BatchApi-{synthesized.env}"
+
+
+# ------------------------------------------------------------------ cdk-nag
+
+
+def test_cdk_nag_ran_and_left_no_unacknowledged_findings(synthesized: Synthesized) -> None:
+    # synth raises on any unacknowledged AwsSolutions finding; the report lists anything left
+    violations = [
+        v
+        for report in synthesized.validation_report.get("pluginReports", [])
+        for v in report.get("violations", [])
+    ]
+    assert violations == []
+
+
+def test_cdk_nag_fails_the_synth_on_an_unacknowledged_finding(tmp_path: Any) -> None:
+    from aws_cdk import App, Stack
+    from aws_cdk import aws_s3 as s3
+    from infra.nag import add_nag_checks
+
+    app = App(outdir=str(tmp_path))
+    s3.Bucket(Stack(app, "Bare"), "NoLogsNoTls")
+    add_nag_checks(app)
+    with pytest.raises(Exception, match="AwsSolutions-S1"):
+        app.synth()
+
+
+# ------------------------------------------------------------------ storage
+
+
+def data_bucket(template: dict[str, Any]) -> dict[str, Any]:
+    buckets = [
+        b
+        for b in resources(template, "AWS::S3::Bucket").values()
+        if "LoggingConfiguration" in b["Properties"]
+    ]
+    assert len(buckets) == 1
+    return buckets[0]
+
+
+def test_buckets_are_encrypted_private_and_tls_only(template: dict[str, Any]) -> None:
+    buckets = resources(template, "AWS::S3::Bucket")
+    assert len(buckets) == 2  # data and its access logs
+    for logical_id, bucket in buckets.items():
+        props = bucket["Properties"]
+        sse = props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+        assert sse["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in {"AES256", "aws:kms"}
+        assert props["PublicAccessBlockConfiguration"] == {
+            "BlockPublicAcls": True,
+            "BlockPublicPolicy": True,
+            "IgnorePublicAcls": True,
+            "RestrictPublicBuckets": True,
+        }
+        policies = [
+            p
+            for p in resources(template, "AWS::S3::BucketPolicy").values()
+            if p["Properties"]["Bucket"] == {"Ref": logical_id}
+        ]
+        denies_plain_http = [
+            s
+            for p in policies
+            for s in p["Properties"]["PolicyDocument"]["Statement"]
+            if s["Effect"] == "Deny" and s.get("Condition") == {"Bool": {"aws:SecureTransport": "false"}}
+        ]
+        assert denies_plain_http, f"{logical_id} does not enforce TLS"
+
+
+def test_data_bucket_logs_access_and_has_one_expiry_rule_per_day_count(template: dict[str, Any]) -> None:
+    props = data_bucket(template)["Properties"]
+    assert "DestinationBucketName" in props["LoggingConfiguration"]
+    rules = props["LifecycleConfiguration"]["Rules"]
+    tagged = {
+        rule["TagFilters"][0]["Value"]: rule
+        for rule in rules
+        if [f["Key"] for f in rule.get("TagFilters", [])] == ["expire-days"]
+    }
+    assert sorted(tagged, key=int) == [str(n) for n in range(1, 31)]
+    for days, rule in tagged.items():
+        assert rule["ExpirationInDays"] == int(days)
+        assert rule["Status"] == "Enabled"
+        assert "Prefix" not in rule
+    abort = [r for r in rules if "AbortIncompleteMultipartUpload" in r]
+    assert len(abort) == 1
+    assert abort[0]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
+    assert "TagFilters" not in abort[0] and "Prefix" not in abort[0]  # applies to every upload
+    by_prefix = {r["Prefix"]: r["ExpirationInDays"] for r in rules if "Prefix" in r}
+    assert set(by_prefix) == {"batches/", "uploads/"}
+    assert all(days >= 2 for days in by_prefix.values())  # never while a batch or an upload is live
+
+
+def test_table_is_built_from_the_shared_key_schema(template: dict[str, Any]) -> None:
+    _, table = only(template, "AWS::DynamoDB::Table")
+    props = table["Properties"]
+    expected = schema.create_table_kwargs("unused")
+    assert props["KeySchema"] == expected["KeySchema"]
+    assert sorted(props["AttributeDefinitions"], key=lambda a: a["AttributeName"]) == sorted(
+        expected["AttributeDefinitions"], key=lambda a: a["AttributeName"]
+    )
+    assert sorted(props["GlobalSecondaryIndexes"], key=lambda i: i["IndexName"]) == sorted(
+        expected["GlobalSecondaryIndexes"], key=lambda i: i["IndexName"]
+    )
+    assert props["BillingMode"] == "PAY_PER_REQUEST"
+    assert props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
+    assert props["SSESpecification"]["SSEEnabled"] is True
+
+
+def test_removal_policy_follows_the_environment(
+    template: dict[str, Any], env_settings: dict[str, Any]
+) -> None:
+    expected = {"destroy": "Delete", "retain": "Retain"}[env_settings["removal_policy"]]
+    stateful = [
+        *resources(template, "AWS::DynamoDB::Table").values(),
+        *resources(template, "AWS::S3::Bucket").values(),
+        *resources(template, "AWS::Events::EventBus").values(),
+    ]
+    assert {r["DeletionPolicy"] for r in stateful} == {expected}
+    assert {r["UpdateReplacePolicy"] for r in stateful} == {expected}
+    _, table = only(template, "AWS::DynamoDB::Table")
+    assert table["Properties"]["DeletionProtectionEnabled"] is (expected == "Retain")
+
+
+# ------------------------------------------------------------------ functions
+
+
+def test_five_functions_on_the_newest_python_arm64_traced(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    from aws_cdk import aws_lambda
+
+    newest = max(
+        (getattr(aws_lambda.Runtime, n).name for n in dir(aws_lambda.Runtime) if n.startswith("PYTHON_3_")),
+        key=lambda name: tuple(int(p) for p in name.removeprefix("python").split(".")),
+    )
+    assert set(functions) == {
+        API_HANDLER,
+        f"{WORKFLOW}.validate_handler",
+        f"{WORKFLOW}.process_handler",
+        f"{WORKFLOW}.finalize_handler",
+        f"{WORKFLOW}.fail_handler",
+    }
+    codes = set()
+    for logical_id in functions.values():
+        props = template["Resources"][logical_id]["Properties"]
+        assert props["Runtime"] == newest
+        assert props["Architectures"] == ["arm64"]
+        assert props["TracingConfig"] == {"Mode": "Active"}
+        assert "LoggingConfig" in props  # its own log group, with retention
+        codes.add(json.dumps(props["Code"], sort_keys=True))
+    assert len(codes) == 1  # one code asset for all
+
+
+def test_function_timeouts_memory_and_log_retention(
+    template: dict[str, Any], functions: dict[str, str], env_settings: dict[str, Any]
+) -> None:
+    expected = {
+        API_HANDLER: (29, env_settings["api_memory_mb"]),
+        f"{WORKFLOW}.validate_handler": (900, env_settings["step_memory_mb"]),
+        f"{WORKFLOW}.process_handler": (900, env_settings["worker_memory_mb"]),
+        f"{WORKFLOW}.finalize_handler": (900, env_settings["step_memory_mb"]),
+        f"{WORKFLOW}.fail_handler": (60, env_settings["step_memory_mb"]),
+    }
+    for handler, (timeout, memory) in expected.items():
+        props = template["Resources"][functions[handler]]["Properties"]
+        assert (props["Timeout"], props["MemorySize"]) == (timeout, memory), handler
+        log_group = props["LoggingConfig"]["LogGroup"]["Ref"]
+        assert (
+            template["Resources"][log_group]["Properties"]["RetentionInDays"]
+            == env_settings["log_retention_days"]
+        )
+
+
+def env_of(template: dict[str, Any], logical_id: str) -> dict[str, Any]:
+    return template["Resources"][logical_id]["Properties"]["Environment"]["Variables"]
+
+
+def test_function_environment(
+    template: dict[str, Any], functions: dict[str, str], env_settings: dict[str, Any]
+) -> None:
+    table_id, _ = only(template, "AWS::DynamoDB::Table")
+    bus_id, _ = only(template, "AWS::Events::EventBus")
+    machine_id, _ = only(template, "AWS::StepFunctions::StateMachine")
+    for handler, logical_id in functions.items():
+        env = env_of(template, logical_id)
+        assert env["BATCH_API_BACKEND"] == "aws"
+        assert env["BATCH_API_TABLE_NAME"] == {"Ref": table_id}
+        assert env["BATCH_API_BUCKET_NAME"]["Ref"] in resources(template, "AWS::S3::Bucket")
+        assert env["BATCH_API_EVENT_BUS_NAME"] == {"Ref": bus_id}
+        assert env["BATCH_API_CHUNK_MAX_LINES"] == str(env_settings["chunk_max_lines"])
+        assert env["POWERTOOLS_SERVICE_NAME"] == "batch-api"
+        assert env["POWERTOOLS_METRICS_NAMESPACE"] == "BatchApi"
+        assert ("BATCH_API_STATE_MACHINE_ARN" in env) is (handler == API_HANDLER), handler
+        assert ("BATCH_API_UPSTREAM_SECRET_NAME" in env) is handler.endswith("process_handler"), handler
+    api = env_of(template, functions[API_HANDLER])
+    assert api["BATCH_API_STATE_MACHINE_ARN"] == {"Ref": machine_id}
+    assert 4_000_000 <= int(api["BATCH_API_MAX_REQUEST_BYTES"]) <= 4_700_000  # 6 MB proxy limit after base64
+    assert int(api["BATCH_API_MAX_INLINE_DOWNLOAD_BYTES"]) <= int(api["BATCH_API_MAX_REQUEST_BYTES"])
+    process = env_of(template, functions[f"{WORKFLOW}.process_handler"])
+    assert process["BATCH_API_UPSTREAM_SECRET_NAME"] == env_settings["upstream_secret_name"]
+    assert process["BATCH_API_UPSTREAM_URL"] == env_settings["upstream_url"]
+    assert process["BATCH_API_REQUESTS_PER_CHUNK"] == str(env_settings["requests_per_chunk"])
+
+
+# ------------------------------------------------------------------ least privilege
+
+
+def test_only_the_publishing_steps_may_put_events(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    publishers = {f"{WORKFLOW}.validate_handler", f"{WORKFLOW}.finalize_handler", f"{WORKFLOW}.fail_handler"}
+    bus_id, _ = only(template, "AWS::Events::EventBus")
+    for handler, logical_id in functions.items():
+        statements = role_statements(template, logical_id)
+        puts = [s for s in statements if "events:PutEvents" in actions_of([s])]
+        assert bool(puts) is (handler in publishers), handler
+        for statement in puts:
+            assert statement["Resource"] == {"Fn::GetAtt": [bus_id, "Arn"]}
+
+
+def test_only_the_worker_reads_the_upstream_secret(
+    template: dict[str, Any], functions: dict[str, str], env_settings: dict[str, Any]
+) -> None:
+    for handler, logical_id in functions.items():
+        statements = role_statements(template, logical_id)
+        secret = [s for s in statements if any(a.startswith("secretsmanager:") for a in actions_of([s]))]
+        if not handler.endswith("process_handler"):
+            assert secret == [], handler
+            continue
+        assert len(secret) == 1
+        assert "secretsmanager:GetSecretValue" in actions_of(secret)
+        resource = json.dumps(secret[0]["Resource"])
+        assert f":secret:{env_settings['upstream_secret_name']}-??????" in resource  # that secret only
+
+
+def test_only_the_api_starts_executions(template: dict[str, Any], functions: dict[str, str]) -> None:
+    machine_id, _ = only(template, "AWS::StepFunctions::StateMachine")
+    for handler, logical_id in functions.items():
+        statements = role_statements(template, logical_id)
+        starts = [s for s in statements if "states:StartExecution" in actions_of([s])]
+        assert bool(starts) is (handler == API_HANDLER), handler
+        for statement in starts:
+            assert statement["Resource"] == {"Ref": machine_id}
+
+
+def test_no_function_has_wildcard_actions_or_unscoped_data_access(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    for handler, logical_id in functions.items():
+        for statement in role_statements(template, logical_id):
+            actions = actions_of([statement])
+            assert not any("*" in a for a in actions), (handler, actions)
+            if statement["Resource"] == "*":
+                assert actions <= {"xray:PutTraceSegments", "xray:PutTelemetryRecords"}, handler
+        roles = template["Resources"][logical_id]["Properties"]["Role"]["Fn::GetAtt"][0]
+        assert "ManagedPolicyArns" not in template["Resources"][roles]["Properties"], handler
+
+
+def s3_prefixes(template: dict[str, Any], logical_id: str, action: str) -> set[str]:
+    prefixes: set[str] = set()
+    for statement in role_statements(template, logical_id):
+        if action not in actions_of([statement]):
+            continue
+        resources_ = (
+            statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        )
+        for resource in resources_:
+            prefixes.add(resource["Fn::Join"][1][1].strip("/").removesuffix("*"))
+    return prefixes
+
+
+def test_object_access_is_scoped_by_key_prefix(template: dict[str, Any], functions: dict[str, str]) -> None:
+    api = functions[API_HANDLER]
+    assert s3_prefixes(template, api, "s3:GetObject") == {"files/", "uploads/"}
+    assert s3_prefixes(template, api, "s3:PutObject") == {"files/", "uploads/"}
+    process = functions[f"{WORKFLOW}.process_handler"]
+    assert s3_prefixes(template, process, "s3:PutObject") == {"batches/"}
+    assert s3_prefixes(template, process, "s3:DeleteObject") == set()
+    finalize = functions[f"{WORKFLOW}.finalize_handler"]
+    assert s3_prefixes(template, finalize, "s3:PutObject") == {"files/", "batches/"}
+    assert "s3:PutObjectTagging" in actions_of(role_statements(template, finalize))  # expire-days tags
+    fail = functions[f"{WORKFLOW}.fail_handler"]
+    assert s3_prefixes(template, fail, "s3:GetObject") == set()
+    assert s3_prefixes(template, fail, "s3:PutObject") == set()
+
+
+# ------------------------------------------------------------------ workflow
+
+
+def test_state_machine_is_standard_logged_at_all_and_traced(template: dict[str, Any]) -> None:
+    _, machine = only(template, "AWS::StepFunctions::StateMachine")
+    props = machine["Properties"]
+    assert props["StateMachineType"] == "STANDARD"
+    assert props["LoggingConfiguration"]["Level"] == "ALL"
+    assert props["LoggingConfiguration"]["IncludeExecutionData"] is True
+    assert props["TracingConfiguration"] == {"Enabled": True}
+
+
+def test_definition_follows_the_contract(
+    template: dict[str, Any], functions: dict[str, str], env_settings: dict[str, Any]
+) -> None:
+    definition = render_definition(template)
+    states = definition["States"]
+    assert definition["StartAt"] == "Validate"
+    assert states["Validate"]["Resource"].endswith(functions[f"{WORKFLOW}.validate_handler"])
+    assert "Parameters" not in states["Validate"]  # payload response only: the input as is
+    assert states["Validate"]["Next"] == "Route"
+
+    route = {c["StringEquals"]: c["Next"] for c in states["Route"]["Choices"] if c["Variable"] == "$.next"}
+    assert route == {"process": "ProcessChunks", "finalize": "Finalize", "done": "Done"}
+    assert states[states["Route"]["Default"]]["Next"] == "MarkFailed"  # never stuck on an unknown answer
+
+    chunks = states["ProcessChunks"]
+    assert chunks["Type"] == "Map"
+    assert chunks["ItemReader"]["Resource"] == "arn:aws:states:::s3:getObject"
+    assert chunks["ItemReader"]["ReaderConfig"] == {"InputType": "JSON"}
+    assert chunks["ItemReader"]["Parameters"]["Key.$"] == "$.manifest_key"
+    assert chunks["ItemSelector"] == {
+        "project_id.$": "$.project_id",
+        "batch_id.$": "$.batch_id",
+        "chunk.$": "$$.Map.Item.Value",
+    }
+    assert chunks["ItemProcessor"]["ProcessorConfig"] == {"Mode": "DISTRIBUTED", "ExecutionType": "STANDARD"}
+    assert chunks["MaxConcurrency"] == env_settings["map_max_concurrency"]
+    assert chunks["ResultPath"] is None
+    assert "ResultWriter" not in chunks and "ItemBatcher" not in chunks
+    assert chunks["Next"] == "Finalize"
+    assert states["Finalize"]["Next"] == "Done"
+    assert states["Done"]["Type"] == "Succeed"
+
+
+def test_each_chunk_loops_until_the_worker_says_done(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    child = render_definition(template)["States"]["ProcessChunks"]["ItemProcessor"]
+    assert child["StartAt"] == "ProcessChunk"
+    process = child["States"]["ProcessChunk"]
+    assert process["Resource"].endswith(functions[f"{WORKFLOW}.process_handler"])
+    assert process["ResultPath"] == "$.result"  # the chunk stays in the state for the next call
+    assert process["Next"] == "ChunkDone"
+    done = child["States"]["ChunkDone"]
+    assert done["Choices"] == [{"Variable": "$.result.done", "BooleanEquals": True, "Next": "ChunkFinished"}]
+    assert done["Default"] == "ProcessChunk"
+    assert child["States"]["ChunkFinished"]["Type"] == "Succeed"
+
+
+def all_tasks(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    tasks = {name: s for name, s in definition["States"].items() if s["Type"] == "Task"}
+    for state in definition["States"].values():
+        if state["Type"] == "Map":
+            tasks.update(all_tasks(state["ItemProcessor"]))
+    return tasks
+
+
+def test_every_task_retries_lambda_errors_and_throttling(template: dict[str, Any]) -> None:
+    tasks = all_tasks(render_definition(template))
+    assert set(tasks) == {"Validate", "ProcessChunk", "Finalize", "MarkFailed"}
+    for name, task in tasks.items():
+        retried = {e for retry in task["Retry"] for e in retry["ErrorEquals"]}
+        assert retried >= LAMBDA_RETRY_ERRORS, name
+        for retry in task["Retry"]:
+            assert retry["BackoffRate"] >= 2 and retry["MaxAttempts"] >= 2, name
+
+
+def test_every_failure_ends_the_batch_failed(template: dict[str, Any], functions: dict[str, str]) -> None:
+    states = render_definition(template)["States"]
+    for name in ("Validate", "ProcessChunks", "Finalize"):
+        assert states[name]["Catch"] == [
+            {"ErrorEquals": ["States.ALL"], "ResultPath": "$.failure", "Next": "MarkFailed"}
+        ]
+    mark = states["MarkFailed"]
+    assert mark["Resource"].endswith(functions[f"{WORKFLOW}.fail_handler"])
+    assert mark["Parameters"] == {
+        "project_id.$": "$.project_id",
+        "batch_id.$": "$.batch_id",
+        "error": {"code": "internal_error", "message.$": "$.failure.Cause"},
+    }
+    assert mark["ResultPath"] is None
+    assert states[mark["Next"]]["Type"] == "Fail"
+
+
+def test_render_definition_substitutes_given_references(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    bucket_id = data_bucket_id(template)
+    validate_id = functions[f"{WORKFLOW}.validate_handler"]
+    definition = render_definition(template, refs={validate_id: "arn:validate", bucket_id: "the-bucket"})
+    assert definition["States"]["Validate"]["Resource"] == "arn:validate"
+    assert definition["States"]["ProcessChunks"]["ItemReader"]["Parameters"]["Bucket"] == "the-bucket"
+
+
+def data_bucket_id(template: dict[str, Any]) -> str:
+    return next(
+        lid
+        for lid, b in resources(template, "AWS::S3::Bucket").items()
+        if "LoggingConfiguration" in b["Properties"]
+    )
+
+
+# ------------------------------------------------------------------ events, API, monitoring
+
+
+def test_one_custom_bus_per_environment(synthesized: Synthesized, template: dict[str, Any]) -> None:
+    bus_id, bus = only(template, "AWS::Events::EventBus")
+    assert bus["Properties"]["Name"] == f"batch-api-{synthesized.env}"
+    outputs = [o for o in template["Outputs"].values() if o["Value"] == {"Ref": bus_id}]
+    assert outputs
+
+
+def test_rest_api_proxies_everything_to_the_api_function(
+    synthesized: Synthesized, template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    _, api = only(template, "AWS::ApiGateway::RestApi")
+    assert api["Properties"]["BinaryMediaTypes"] == ["*/*"]
+    paths = {r["Properties"]["PathPart"] for r in resources(template, "AWS::ApiGateway::Resource").values()}
+    assert paths == {"{proxy+}"}
+    methods = resources(template, "AWS::ApiGateway::Method").values()
+    assert {m["Properties"]["HttpMethod"] for m in methods} == {"ANY"}
+    for method in methods:
+        uri = json.dumps(method["Properties"]["Integration"]["Uri"])
+        assert functions[API_HANDLER] in uri
+    _, stage = only(template, "AWS::ApiGateway::Stage")
+    props = stage["Properties"]
+    assert props["StageName"] == synthesized.env
+    assert props["TracingEnabled"] is True
+    assert "DestinationArn" in props["AccessLogSetting"]
+    settings = props["MethodSettings"][0]
+    assert settings["LoggingLevel"] in {"ERROR", "INFO"}
+    assert settings["ThrottlingRateLimit"] > 0 and settings["ThrottlingBurstLimit"] > 0
+    base_urls = [o for o in template["Outputs"].values() if o.get("Description") == "openai SDK base_url"]
+    assert len(base_urls) == 1
+    assert base_urls[0]["Value"]["Fn::Join"][1][-1].endswith("/v1")
+
+
+def test_alarms_on_failed_executions_and_worker_errors(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    alarms = list(resources(template, "AWS::CloudWatch::Alarm").values())
+    by_metric = {
+        (a["Properties"]["Namespace"], a["Properties"]["MetricName"]): a["Properties"] for a in alarms
+    }
+    failed = by_metric[("AWS/States", "ExecutionsFailed")]
+    assert failed["Threshold"] == 1
+    assert failed["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    errors = by_metric[("AWS/Lambda", "Errors")]
+    assert errors["Dimensions"] == [
+        {"Name": "FunctionName", "Value": {"Ref": functions[f"{WORKFLOW}.process_handler"]}}
+    ]
+
+
+def test_dashboard_graphs_batches_requests_upstream_and_api(template: dict[str, Any]) -> None:
+    _, dashboard = only(template, "AWS::CloudWatch::Dashboard")
+    body = json.dumps(dashboard["Properties"]["DashboardBody"])
+    for metric in (
+        "ExecutionsStarted",
+        "ExecutionsSucceeded",
+        "ExecutionsFailed",
+        "RequestsSucceeded",
+        "RequestsFailed",
+        "UpstreamLatency",
+        "BatchApi",
+        "4XXError",
+        "5XXError",
+        "Latency",
+        "Errors",
+    ):
+        assert metric in body, metric
