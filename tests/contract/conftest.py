@@ -4,8 +4,8 @@ A backend says how to open each port's adapter over storage rooted at a test's `
 Opening twice over the same place must reach the same data: that is how the durability tests
 "restart" a store. Cleanups (closing connections, leaving a moto mock) go on the ExitStack.
 
-To add a backend (e.g. AWS under moto), define a `Backend` in its own module and add one line
-to `BACKENDS`.
+To add a backend, define its openers in their own module (as `aws_backend.py` does for the AWS
+adapters under moto) and add one line to `BACKENDS`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from batch_api.adapters.local.filesystem import FilesystemBlobStore, FilesystemJ
 from batch_api.adapters.local.sqlite import SqliteMetadataStore
 from batch_api.adapters.memory import MemoryBlobStore, MemoryJournal, MemoryMetadataStore
 from batch_api.ports import BlobStore, MetadataStore, ResultJournal
+from tests.contract.aws_backend import aws_blob_store, aws_journal, aws_metadata_store
 
 Opener = Callable[[Path, ExitStack], Any]
 
@@ -61,9 +62,12 @@ LOCAL = Backend(
     journal=lambda place, stack: FilesystemJournal(place / "data"),
 )
 
+AWS = Backend(metadata_store=aws_metadata_store, blob_store=aws_blob_store, journal=aws_journal)
+
 BACKENDS: dict[str, Backend] = {
     "memory": MEMORY,
     "local": LOCAL,
+    "aws": AWS,
 }
 
 

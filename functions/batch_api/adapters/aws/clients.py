@@ -1,0 +1,78 @@
+"""boto3 clients for the AWS adapters, built in one place from the settings.
+
+Creating a client makes no AWS call, so a Lambda's cold start stays offline; the first request does.
+`settings.aws_endpoint_url` points every client at one endpoint (a moto server in tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from batch_api.config import Settings
+
+# Standard retry mode backs off on throttling and transient errors of every service; a step that
+# still fails is retried by the state machine, the API answers 500 and the SDK retries.
+MAX_ATTEMPTS = 6
+# The process step reads, journals and checkpoints from one thread, a multipart write_stream may
+# overlap: a small pool is plenty, but more than botocore's default 10 costs nothing.
+MAX_POOL_CONNECTIONS = 32
+CONNECT_TIMEOUT_SECONDS = 5
+READ_TIMEOUT_SECONDS = 60
+
+
+def client_config(settings: Settings, *, s3: bool = False) -> Config:
+    """The botocore Config every client uses. S3 addressing: virtual-hosted on AWS (presigned URLs
+    of buckets in any region then work without a redirect), path style against a custom endpoint
+    (a moto server on localhost has no bucket subdomains)."""
+    options: dict[str, Any] = {
+        "retries": {"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        "max_pool_connections": MAX_POOL_CONNECTIONS,
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "read_timeout": READ_TIMEOUT_SECONDS,
+    }
+    if s3:
+        options["signature_version"] = "s3v4"
+        options["s3"] = {"addressing_style": "path" if settings.aws_endpoint_url else "virtual"}
+    return Config(**options)
+
+
+def aws_client(settings: Settings, service: str, session: boto3.session.Session | None = None) -> Any:
+    """One low-level client for `service` with the settings' endpoint, region and Config."""
+    session = session or boto3.session.Session()
+    return session.client(
+        service,  # type: ignore[call-overload]
+        endpoint_url=settings.aws_endpoint_url,
+        region_name=settings.aws_region,
+        config=client_config(settings, s3=service == "s3"),
+    )
+
+
+@dataclass(frozen=True)
+class AwsClients:
+    """The clients the adapters take. `dynamodb` is the resource (tables are `dynamodb.Table(name)`)."""
+
+    dynamodb: Any
+    s3: Any
+    stepfunctions: Any
+    events: Any
+
+
+def aws_clients(settings: Settings, session: boto3.session.Session | None = None) -> AwsClients:
+    """Every client the adapters need, from one session (sessions are not thread-safe to share while
+    creating clients; the clients themselves are)."""
+    session = session or boto3.session.Session()
+    return AwsClients(
+        dynamodb=session.resource(
+            "dynamodb",
+            endpoint_url=settings.aws_endpoint_url,
+            region_name=settings.aws_region,
+            config=client_config(settings),
+        ),
+        s3=aws_client(settings, "s3", session),
+        stepfunctions=aws_client(settings, "stepfunctions", session),
+        events=aws_client(settings, "events", session),
+    )

@@ -1,0 +1,83 @@
+"""The upstream API key from Secrets Manager, through Powertools parameters (cached per container).
+
+The secret holds the key as a plain string, or as JSON `{"api_key": "..."}`. The value is never
+logged, and errors name the secret, not its content.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import orjson
+from aws_lambda_powertools.utilities.parameters import SecretsProvider
+from pydantic import SecretStr
+
+from batch_api.adapters.aws.clients import aws_client
+from batch_api.config import Settings
+
+# A rotated key is picked up within this time; a chunk invocation reads it once, from the cache.
+SECRET_MAX_AGE_SECONDS = 300
+JSON_KEY_FIELD = "api_key"
+
+_providers: dict[tuple[str | None, str | None], SecretsProvider] = {}
+_providers_lock = threading.Lock()
+
+
+class UpstreamSecretError(ValueError):
+    """The secret exists but holds no usable API key."""
+
+
+def _provider(settings: Settings) -> SecretsProvider:
+    """One provider (and so one cache) per endpoint and region."""
+    place = (settings.aws_endpoint_url, settings.aws_region)
+    with _providers_lock:
+        provider = _providers.get(place)
+        if provider is None:
+            provider = SecretsProvider(boto3_client=aws_client(settings, "secretsmanager"))
+            _providers[place] = provider
+        return provider
+
+
+def parse_api_key(secret_name: str, value: str | bytes) -> SecretStr:
+    """The key in a secret's value: the whole (stripped) string, or the `api_key` of a JSON object."""
+    text = value.decode("utf-8") if isinstance(value, bytes) else value
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            document = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            document = None  # not JSON after all: a key that happens to start with "{"
+        if isinstance(document, dict):
+            key = document.get(JSON_KEY_FIELD)
+            if not isinstance(key, str) or not key.strip():
+                raise UpstreamSecretError(
+                    f"Secret {secret_name!r} is a JSON object without a non-empty string field "
+                    f"{JSON_KEY_FIELD!r}; store the upstream API key as plain text or as "
+                    f'{{"{JSON_KEY_FIELD}": "..."}}.'
+                )
+            return SecretStr(key.strip())
+    if not text:
+        raise UpstreamSecretError(f"Secret {secret_name!r} is empty.")
+    return SecretStr(text)
+
+
+def upstream_api_key(settings: Settings) -> SecretStr | None:
+    """The upstream API key: from the secret `settings.upstream_secret_name` when set (cached for
+    SECRET_MAX_AGE_SECONDS), else `settings.upstream_api_key` (None when neither is set)."""
+    name = settings.upstream_secret_name
+    if not name:
+        return settings.upstream_api_key
+    value = _provider(settings).get(name, max_age=SECRET_MAX_AGE_SECONDS)
+    if value is None:
+        raise UpstreamSecretError(f"Secret {name!r} has no value.")
+    if isinstance(value, dict):  # only with a transform, which we do not ask for
+        raise UpstreamSecretError(f"Secret {name!r} could not be read as text.")
+    return parse_api_key(name, value)
+
+
+def clear_cache() -> None:
+    """Forget cached values and providers (tests; a new endpoint)."""
+    with _providers_lock:
+        for provider in _providers.values():
+            provider.clear_cache()
+        _providers.clear()

@@ -1,0 +1,488 @@
+"""AWS adapters: behaviour the shared contract cannot see (moto in-process, one server test).
+
+Item layout and sparse indexes, listings that span many DynamoDB pages, multipart streaming,
+lifecycle tags, presigned downloads, idempotent Step Functions starts, EventBridge delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from botocore.stub import Stubber
+from moto.server import ThreadedMotoServer
+
+from batch_api.adapters.aws import s3 as s3_adapter
+from batch_api.adapters.aws.dynamodb import DynamoMetadataStore
+from batch_api.adapters.aws.eventbridge import EventBridgeSink, EventPublishFailed
+from batch_api.adapters.aws.s3 import (
+    EXPIRE_DAYS_TAG,
+    S3BlobStore,
+    S3Journal,
+    content_disposition,
+    expire_days,
+)
+from batch_api.adapters.aws.schema import PARTITION_KEY, SORT_KEY
+from batch_api.adapters.aws.stepfunctions import StepFunctionsWorkflow
+from batch_api.adapters.memory import MemoryMetadataStore
+from batch_api.contract.errors import AlreadyExists
+from batch_api.contract.models import BatchRecord, FileRecord
+from tests.contract.aws_backend import BUCKET, REGION, MotoAccount, shared_session, start_account
+
+pytestmark = pytest.mark.contract
+
+NOW = 1_700_000_000
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def account() -> Iterator[MotoAccount]:
+    with ExitStack() as stack:
+        yield start_account(stack)
+
+
+def make_file(file_id: str, **fields: Any) -> FileRecord:
+    values: dict[str, Any] = {
+        "id": file_id,
+        "project_id": "proj-a",
+        "bytes": 1,
+        "created_at": NOW,
+        "filename": "f.jsonl",
+        "purpose": "batch",
+        "blob_key": f"files/{file_id}",
+    }
+    values.update(fields)
+    return FileRecord.model_validate(values)
+
+
+def make_batch(batch_id: str, **fields: Any) -> BatchRecord:
+    values: dict[str, Any] = {
+        "id": batch_id,
+        "project_id": "proj-a",
+        "endpoint": "/v1/chat/completions",
+        "input_file_id": "file-in",
+        "created_at": NOW,
+        "expires_at": NOW + 86400,
+    }
+    values.update(fields)
+    return BatchRecord.model_validate(values)
+
+
+def raw_item(account: MotoAccount, pk: str, sk: str) -> dict[str, Any]:
+    item: dict[str, Any] = account.table().get_item(Key={PARTITION_KEY: pk, SORT_KEY: sk})["Item"]
+    return item
+
+
+# ---------------------------------------------------------------- DynamoDB
+
+
+def test_file_leaves_the_expiry_index_when_deleted(account: MotoAccount) -> None:
+    store = DynamoMetadataStore(account.table())
+    store.create_file(make_file("file-1", expires_at=NOW + 5))
+
+    item = raw_item(account, "FILE#file-1", "FILE")
+    assert (item["gsi1pk"], item["gsi1sk"]) == ("proj-a#FILE", f"{NOW:012d}#file-1")
+    assert (item["gsi2pk"], item["gsi2sk"]) == ("EXPIRES", f"{NOW + 5:012d}#file-1")
+
+    assert store.mark_file_deleted("proj-a", "file-1")
+    item = raw_item(account, "FILE#file-1", "FILE")
+    assert "gsi2pk" not in item and "gsi2sk" not in item and item["deleted"] is True
+
+
+def test_batch_is_on_the_active_index_only_while_not_terminal(account: MotoAccount) -> None:
+    store = DynamoMetadataStore(account.table())
+    store.create_batch(make_batch("batch_1"))
+    store.create_batch(make_batch("batch_done", status="completed"))
+    assert "gsi2pk" not in raw_item(account, "BATCH#batch_done", "BATCH")
+    assert raw_item(account, "BATCH#batch_1", "BATCH")["gsi2sk"] == f"{NOW:012d}#batch_1"
+
+    store.update_batch(
+        "proj-a", "batch_1", {"status": "failed", "failed_at": NOW}, expected_status=["validating"]
+    )
+    assert "gsi2pk" not in raw_item(account, "BATCH#batch_1", "BATCH")
+    assert store.list_active_batches() == []
+
+    # a (hypothetical) move back to a live status puts it back, with the same sort key
+    store.update_batch("proj-a", "batch_1", {"status": "in_progress"}, expected_status=["failed"])
+    item = raw_item(account, "BATCH#batch_1", "BATCH")
+    assert (item["gsi2pk"], item["gsi2sk"]) == ("ACTIVE", f"{NOW:012d}#batch_1")
+
+
+def test_update_with_an_invalid_value_raises_and_changes_nothing(account: MotoAccount) -> None:
+    store = DynamoMetadataStore(account.table())
+    store.create_batch(make_batch("batch_1"))
+    with pytest.raises(ValueError):
+        store.update_batch("proj-a", "batch_1", {"status": "bogus"}, expected_status=["validating"])
+    with pytest.raises(ValueError):
+        store.update_batch("proj-a", "batch_1", {"no_such_field": 1}, expected_status=["validating"])
+    assert store.get_batch("proj-a", "batch_1") == make_batch("batch_1")
+
+
+def test_listings_page_through_many_dynamodb_pages_like_the_reference(account: MotoAccount) -> None:
+    """page_size=2 with most items filtered out: every answer must still match the in-memory store."""
+    dynamo = DynamoMetadataStore(account.table(), page_size=2)
+    memory = MemoryMetadataStore()
+    for i in range(18):
+        record = make_file(
+            f"file-{i:02d}",
+            created_at=NOW + i // 3,  # ties on created_at: the id decides
+            purpose="batch_output" if i % 4 == 0 else "batch",
+            expires_at=NOW - 1 if i % 5 == 0 else (NOW + 100 if i % 2 else None),
+            deleted=i % 7 == 0,
+        )
+        dynamo.create_file(record)
+        memory.create_file(record)
+        batch = make_batch(
+            f"batch_{i:02d}", created_at=NOW + i // 4, status="completed" if i % 3 else "in_progress"
+        )
+        dynamo.create_batch(batch)
+        memory.create_batch(batch)
+
+    for purpose in (None, "batch", "batch_output"):
+        for order in ("asc", "desc"):
+            for limit in (2, 50):
+                after: str | None = None
+                while True:
+                    args: dict[str, Any] = {
+                        "purpose": purpose,
+                        "order": order,
+                        "after": after,
+                        "limit": limit,
+                    }
+                    got = dynamo.list_files("proj-a", now=NOW, **args)
+                    assert got == memory.list_files("proj-a", now=NOW, **args), args
+                    if not got:
+                        break
+                    after = got[-1].id
+    for limit in (3, 50):
+        after = None
+        while page := dynamo.list_batches("proj-a", after=after, limit=limit):
+            assert page == memory.list_batches("proj-a", after=after, limit=limit)
+            after = page[-1].id
+    assert dynamo.list_expired_files(NOW, 2) == memory.list_expired_files(NOW, 2)
+    assert dynamo.list_expired_files(NOW, 100) == memory.list_expired_files(NOW, 100)
+    assert dynamo.list_active_batches() == memory.list_active_batches()
+
+
+def test_upload_part_counter_is_not_an_upload(account: MotoAccount) -> None:
+    from batch_api.contract.models import UploadPartRecord, UploadRecord
+
+    store = DynamoMetadataStore(account.table())
+    store.add_upload_part(
+        UploadPartRecord(id="part_1", upload_id="upload_1", created_at=NOW, bytes=1, blob_key="k")
+    )
+    assert store.get_upload("proj-a", "upload_1") is None
+    upload = UploadRecord(
+        id="upload_1",
+        project_id="proj-a",
+        bytes=1,
+        created_at=NOW,
+        expires_at=NOW + 60,
+        filename="f",
+        purpose="batch",
+        mime_type="text/plain",
+    )
+    store.create_upload(upload)  # the counter item does not make the upload "exist"
+    assert store.get_upload("proj-a", "upload_1") == upload
+    assert [p.id for p in store.get_upload_parts("upload_1")] == ["part_1"]
+
+
+def test_unexpected_dynamodb_errors_propagate(account: MotoAccount) -> None:
+    missing = DynamoMetadataStore(
+        shared_session().resource("dynamodb", region_name=REGION).Table("no-such-table")
+    )
+    with pytest.raises(ClientError) as caught:
+        missing.create_file(make_file("file-1"))
+    assert not isinstance(caught.value, AlreadyExists)
+    assert caught.value.response["Error"]["Code"] == "ResourceNotFoundException"
+
+
+# ---------------------------------------------------------------- S3 blobs
+
+
+class CallCounter:
+    def __init__(self, client: Any) -> None:
+        self.calls: list[str] = []
+        client.meta.events.register("before-call.s3.*", self._record)
+
+    def _record(self, model: Any, **_: Any) -> None:
+        self.calls.append(model.name)
+
+    def count(self, name: str) -> int:
+        return self.calls.count(name)
+
+
+def test_large_stream_goes_up_as_multipart_while_it_streams(account: MotoAccount) -> None:
+    client = account.client("s3")
+    counter = CallCounter(client)
+    store = S3BlobStore(client, BUCKET)
+    parts_sent_before_the_end: list[int] = []
+
+    def stream() -> Iterator[bytes]:
+        for i in range(17):
+            yield bytes([i]) * MiB
+        parts_sent_before_the_end.append(counter.count("UploadPart"))
+        yield b"tail"
+
+    assert store.write_stream("files/big", stream()) == 17 * MiB + 4
+    assert parts_sent_before_the_end == [2]  # parts left as the stream arrived: not buffered whole
+    assert counter.count("UploadPart") == 3 and counter.count("PutObject") == 0
+    assert store.get("files/big") == b"".join(bytes([i]) * MiB for i in range(17)) + b"tail"
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=BUCKET)
+
+
+def test_small_stream_is_one_put(account: MotoAccount) -> None:
+    client = account.client("s3")
+    counter = CallCounter(client)
+    S3BlobStore(client, BUCKET).write_stream("files/small", iter([b"a", b"b"]))
+    assert counter.count("PutObject") == 1 and counter.count("CreateMultipartUpload") == 0
+
+
+def test_failing_large_stream_aborts_the_multipart_upload(account: MotoAccount) -> None:
+    client = account.client("s3")
+    counter = CallCounter(client)
+    store = S3BlobStore(client, BUCKET)
+    store.put("files/kept", b"old")
+
+    def stream() -> Iterator[bytes]:
+        for _ in range(9):
+            yield b"x" * MiB
+        raise RuntimeError("source broke")
+
+    for key in ("files/new", "files/kept"):
+        with pytest.raises(RuntimeError):
+            store.write_stream(key, stream())
+    assert counter.count("UploadPart") == 2 and counter.count("AbortMultipartUpload") == 2
+    assert not store.exists("files/new")
+    assert store.get("files/kept") == b"old"
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=BUCKET)
+
+
+@pytest.mark.parametrize(
+    ("seconds_left", "days"),
+    [
+        (-100, 1),
+        (0, 1),
+        (1, 1),
+        (86400, 1),
+        (86401, 2),
+        (7 * 86400 + 5, 8),
+        (30 * 86400, 30),
+        (90 * 86400, 30),
+    ],
+)
+def test_set_expiry_tags_whole_days_rounded_up_within_1_to_30(
+    account: MotoAccount, seconds_left: int, days: int
+) -> None:
+    client = account.client("s3")
+    store = S3BlobStore(client, BUCKET, clock=lambda: NOW + 0.5)
+    store.put("files/f", b"x")
+    store.set_expiry("files/f", NOW + seconds_left)
+    tags = client.get_object_tagging(Bucket=BUCKET, Key="files/f")["TagSet"]
+    assert tags == [{"Key": EXPIRE_DAYS_TAG, "Value": str(days)}]
+    assert expire_days(NOW + seconds_left, NOW) == days
+
+
+def test_set_expiry_on_a_missing_object_is_quiet(account: MotoAccount) -> None:
+    """As the local stores: the hint has nothing to act on (a sweep may have deleted the object)."""
+    store = S3BlobStore(account.client("s3"), BUCKET)
+    store.set_expiry("files/none", NOW)
+    assert not store.exists("files/none")
+    with pytest.raises(ClientError):  # other errors still surface
+        S3BlobStore(account.client("s3"), "no-such-bucket").set_expiry("files/none", NOW)
+
+
+def test_delete_prefix_handles_more_than_one_delete_batch(
+    account: MotoAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_adapter, "_DELETE_BATCH", 10)  # 1000 in production; fewer objects here
+    client = account.client("s3")
+    counter = CallCounter(client)
+    store = S3BlobStore(client, BUCKET)
+    for i in range(23):
+        store.put(f"uploads/u1/parts/{i:04d}", b"")
+    store.put("uploads/u2/parts/0", b"")
+    store.delete_prefix("uploads/u1/")
+    assert store.list_keys("uploads/") == ["uploads/u2/parts/0"]
+    assert counter.count("DeleteObjects") == 3
+
+
+def test_content_disposition_keeps_odd_names_safe() -> None:
+    assert (
+        content_disposition("out.jsonl") == "attachment; filename=\"out.jsonl\"; filename*=UTF-8''out.jsonl"
+    )
+    value = content_disposition('rés "q".jsonl')
+    assert value.startswith('attachment; filename="r_s _q_.jsonl"; ')
+    assert value.endswith("filename*=UTF-8''r%C3%A9s%20%22q%22.jsonl")
+
+
+@pytest.fixture
+def moto_server() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def test_presigned_download_works_over_http(moto_server: str) -> None:
+    """Read with one endpoint, presign with another (as clients would reach S3), then GET the URL."""
+
+    def s3(endpoint: str) -> Any:
+        return shared_session().client(
+            "s3",
+            region_name=REGION,
+            endpoint_url=endpoint,
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+        )
+
+    public = moto_server.replace("127.0.0.1", "localhost")
+    reader = s3(moto_server)
+    reader.create_bucket(Bucket="presign-test")
+    store = S3BlobStore(reader, "presign-test", presign_client=s3(public))
+    store.put("files/file-1", b'{"ok": true}\n')
+
+    url = store.download_url("files/file-1", filename="batch output.jsonl", expires_in=3600)
+    assert url is not None and url.startswith(f"{public}/presign-test/files/file-1?")
+    query = parse_qs(urlsplit(url).query)
+    assert query["X-Amz-Expires"] == ["3600"]
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        assert answer.read() == b'{"ok": true}\n'
+        assert answer.headers["Content-Disposition"] == content_disposition("batch output.jsonl")
+
+    long = store.download_url("files/file-1", filename="a", expires_in=30 * 86400)
+    assert long is not None and parse_qs(urlsplit(long).query)["X-Amz-Expires"] == ["604800"]  # SigV4 max
+
+
+# ---------------------------------------------------------------- S3 journal
+
+
+def test_journal_writes_one_segment_per_append(account: MotoAccount) -> None:
+    client = account.client("s3")
+    journal = S3Journal(client, BUCKET)
+    journal.append("batch_1", 3, [b'{"a": 1}\n', b'{"a": "x\\r\\n"}\n'])
+    journal.append("batch_1", 3, [b'{"a": "\r"}\n'])  # a raw CR inside a line is not a line break
+    keys = S3BlobStore(client, BUCKET).list_keys("batches/batch_1/")
+    assert len(keys) == 2 and all(k.startswith("batches/batch_1/journal/00003/") for k in keys)
+    assert list(journal.read("batch_1", 3)) == [b'{"a": 1}\n', b'{"a": "x\\r\\n"}\n', b'{"a": "\r"}\n']
+
+
+def test_journal_reads_many_segments_in_order(account: MotoAccount) -> None:
+    journal = S3Journal(account.client("s3"), BUCKET, read_ahead=4)
+    lines = [b'{"n": %d}\n' % i for i in range(40)]
+    for line in lines:
+        journal.append("batch_1", 0, [line])
+    assert list(journal.read("batch_1", 0)) == lines
+
+
+@pytest.mark.parametrize("batch_id", ["", "a/b", "..", "."])
+def test_journal_rejects_batch_ids_that_would_change_the_key_layout(
+    account: MotoAccount, batch_id: str
+) -> None:
+    journal = S3Journal(account.client("s3"), BUCKET)
+    with pytest.raises(ValueError):
+        journal.append(batch_id, 0, [b"{}\n"])
+
+
+@pytest.mark.parametrize("bad", [b"no newline", b"two\nlines\n", b""])
+def test_journal_rejects_lines_that_would_not_read_back_as_one(account: MotoAccount, bad: bytes) -> None:
+    journal = S3Journal(account.client("s3"), BUCKET)
+    with pytest.raises(ValueError):
+        journal.append("batch_1", 0, [b"{}\n", bad])
+    assert list(journal.read("batch_1", 0)) == []
+
+
+# ---------------------------------------------------------------- Step Functions
+
+
+def test_starting_a_batch_twice_is_harmless(account: MotoAccount) -> None:
+    client = account.client("stepfunctions")
+    arn = client.create_state_machine(
+        name="batch-api-test",
+        definition=json.dumps({"StartAt": "Wait", "States": {"Wait": {"Type": "Pass", "End": True}}}),
+        roleArn="arn:aws:iam::123456789012:role/states",
+    )["stateMachineArn"]
+    workflow = StepFunctionsWorkflow(client, arn)
+
+    workflow.start("proj-a", "batch_1")
+    workflow.start("proj-a", "batch_1")  # same name and input: Step Functions returns the running one
+    workflow.start("proj-b", "batch_1")  # same name, other input: ExecutionAlreadyExists, still fine
+
+    [execution] = client.list_executions(stateMachineArn=arn)["executions"]
+    assert execution["name"] == "batch_1"
+    described = client.describe_execution(executionArn=execution["executionArn"])
+    assert json.loads(described["input"]) == {"project_id": "proj-a", "batch_id": "batch_1"}
+
+
+def test_other_step_functions_errors_propagate(account: MotoAccount) -> None:
+    client = account.client("stepfunctions")
+    workflow = StepFunctionsWorkflow(client, "arn:aws:states:us-east-1:123456789012:stateMachine:none")
+    with pytest.raises(ClientError) as caught:
+        workflow.start("proj-a", "batch_1")
+    assert caught.value.response["Error"]["Code"] == "StateMachineDoesNotExist"
+
+
+# ---------------------------------------------------------------- EventBridge
+
+
+def test_terminal_event_reaches_an_sqs_target_through_a_rule(account: MotoAccount) -> None:
+    events, sqs = account.client("events"), account.client("sqs")
+    events.create_event_bus(Name="batch-api-dev")
+    queue_url = sqs.create_queue(QueueName="batch-events")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    events.put_rule(
+        Name="completed",
+        EventBusName="batch-api-dev",
+        EventPattern=json.dumps({"source": ["batch-api"], "detail-type": ["batch.completed"]}),
+    )
+    events.put_targets(
+        Rule="completed", EventBusName="batch-api-dev", Targets=[{"Id": "q", "Arn": queue_arn}]
+    )
+
+    sink = EventBridgeSink(events, "batch-api-dev")
+    batch = make_batch("batch_1", status="completed", completed_at=NOW)
+    sink.publish("batch.failed", {**make_batch("batch_2", status="failed").to_wire(), "project_id": "proj-a"})
+    sink.publish("batch.completed", {**batch.to_wire(), "project_id": "proj-a"})
+
+    messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0)["Messages"]
+    assert len(messages) == 1  # the rule matched the completed event only
+    event = json.loads(messages[0]["Body"])
+    assert (event["source"], event["detail-type"]) == ("batch-api", "batch.completed")
+    assert event["detail"] == {**batch.to_wire(), "project_id": "proj-a"}
+
+
+def test_a_rejected_entry_raises(account: MotoAccount) -> None:
+    client = account.client("events")
+    sink = EventBridgeSink(client, "bus", source="batch-api-test")
+    with Stubber(client) as stub:
+        stub.add_response(
+            "put_events",
+            {
+                "FailedEntryCount": 1,
+                "Entries": [{"ErrorCode": "InternalFailure", "ErrorMessage": "try again"}],
+            },
+            {
+                "Entries": [
+                    {
+                        "Source": "batch-api-test",
+                        "DetailType": "batch.expired",
+                        "Detail": '{"id":"batch_1"}',
+                        "EventBusName": "bus",
+                    }
+                ]
+            },
+        )
+        with pytest.raises(EventPublishFailed, match="InternalFailure"):
+            sink.publish("batch.expired", {"id": "batch_1"})
+        stub.assert_no_pending_responses()
