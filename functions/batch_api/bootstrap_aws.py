@@ -1,0 +1,74 @@
+"""Wires the AWS adapters (DynamoDB, S3, Step Functions, EventBridge) into `Deps`, in one place.
+
+Used by the Lambda entry points and by `batch-api serve` with backend "aws" (which passes its
+in-process workflow). Building makes no AWS call: clients connect on first use, and the upstream
+API key is read from Secrets Manager only when a worker opens an upstream client, so functions that
+never call the upstream (the API) neither need nor read the secret.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from batch_api.config import Settings
+from batch_api.deps import Deps
+from batch_api.ports import Clock, Upstream, UpstreamFactory, Workflow
+from batch_api.upstreams import make_upstream_factory
+
+if TYPE_CHECKING:
+    import boto3
+
+
+def build_aws_deps(
+    settings: Settings,
+    *,
+    workflow: Workflow | None = None,
+    session: boto3.session.Session | None = None,
+    upstream_factory: UpstreamFactory | None = None,
+    clock: Clock | None = None,
+) -> Deps:
+    """Deps on the AWS adapters. `workflow` None: Step Functions on `settings.state_machine_arn`
+    (required then). `upstream_factory` None: from the settings, keyed from Secrets Manager when
+    `settings.upstream_secret_name` is set."""
+    from batch_api.adapters.aws.clients import aws_clients
+    from batch_api.adapters.aws.dynamodb import DynamoMetadataStore
+    from batch_api.adapters.aws.eventbridge import EventBridgeSink
+    from batch_api.adapters.aws.s3 import S3BlobStore, S3Journal
+    from batch_api.adapters.aws.stepfunctions import StepFunctionsWorkflow
+
+    clients = aws_clients(settings, session=session)
+    if workflow is None:
+        if not settings.state_machine_arn:
+            raise ValueError(
+                "BATCH_API_STATE_MACHINE_ARN must be set to start batches on AWS "
+                "(or pass a workflow that runs them in-process)"
+            )
+        workflow = StepFunctionsWorkflow(clients.stepfunctions, settings.state_machine_arn)
+    deps = Deps(
+        settings=settings,
+        metadata=DynamoMetadataStore(clients.dynamodb.Table(settings.table_name)),
+        blobs=S3BlobStore(clients.s3, settings.bucket_name),
+        journal=S3Journal(clients.s3, settings.bucket_name),
+        events=EventBridgeSink(clients.events, settings.event_bus_name, source=settings.event_source),
+        workflow=workflow,
+        upstream_factory=upstream_factory or aws_upstream_factory(settings),
+    )
+    if clock is not None:
+        deps.clock = clock
+    return deps
+
+
+def aws_upstream_factory(settings: Settings) -> UpstreamFactory:
+    """`make_upstream_factory`, with the API key looked up (through a cache) each time a client is
+    made, so a rotated secret is picked up without a cold start."""
+    checked = make_upstream_factory(settings)  # fails now on a bad URL, not in the first chunk
+    if settings.upstream_kind == "mock" or not settings.upstream_secret_name:
+        return checked
+
+    def make() -> Upstream:
+        from batch_api.adapters.aws.secrets import upstream_api_key
+
+        keyed = settings.model_copy(update={"upstream_api_key": upstream_api_key(settings)})
+        return make_upstream_factory(keyed)()
+
+    return make

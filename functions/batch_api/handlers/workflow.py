@@ -1,0 +1,121 @@
+"""One Lambda handler per workflow step: parse the state's input, call the step, return its output.
+
+The steps are the ones the local runner calls (`workflow/validate.py`, `process.py`, `finalize.py`);
+the state machine supplies what the runner does in-process: ordering, the chunk fan-out, the
+process loop until a chunk is done, retries, and the catch that ends a batch failed. Deps are built
+once per container, on the first invocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import orjson
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from batch_api.bootstrap_aws import build_aws_deps
+from batch_api.config import Settings
+from batch_api.deps import Deps
+from batch_api.handlers.observability import logger, metrics, route_library_logs, tracer
+from batch_api.upstreams.metered import metered
+from batch_api.workflow.finalize import fail_batch, finalize_batch
+from batch_api.workflow.process import process_chunk
+from batch_api.workflow.validate import validate_batch
+
+FAIL_MESSAGE_MAX_CHARS = 1000  # a Cause can be a 32 KB stack trace; the batch keeps a readable summary
+
+StepHandler = Callable[[dict[str, Any], LambdaContext], dict[str, Any]]
+
+_deps: Deps | None = None
+_deps_lock = threading.Lock()
+
+
+class StepsDoNotStartBatches:
+    """The Workflow port for the step functions: only the API starts executions."""
+
+    def start(self, project_id: str, batch_id: str) -> None:
+        raise RuntimeError("workflow step functions do not start batches; the API does")
+
+
+def get_deps() -> Deps:
+    """The container's Deps, built on first use; upstream clients report request metrics."""
+    global _deps
+    if _deps is None:
+        with _deps_lock:
+            if _deps is None:
+                built = build_aws_deps(Settings(), workflow=StepsDoNotStartBatches())
+                _deps = replace(built, upstream_factory=metered(built.upstream_factory, metrics))
+                route_library_logs()
+    return _deps
+
+
+def step_handler(fn: StepHandler) -> StepHandler:
+    """The decorator stack every step shares: logger context (correlation id = the batch id),
+    metrics flush, tracer."""
+    decorated = tracer.capture_lambda_handler(fn)
+    decorated = metrics.log_metrics(capture_cold_start_metric=True)(decorated)
+    wrapped: StepHandler = logger.inject_lambda_context(correlation_id_path="batch_id", clear_state=True)(
+        decorated
+    )
+    return wrapped
+
+
+@step_handler
+def validate_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """{"project_id", "batch_id"} -> {"project_id", "batch_id", "next", "manifest_key", "chunk_count", ...}"""
+    result = validate_batch(event, get_deps())
+    logger.info("validated", extra={"next": result["next"], "chunk_count": result.get("chunk_count")})
+    return result
+
+
+@step_handler
+def process_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """{"project_id", "batch_id", "chunk"} -> {..., "index", "done", "stopped"}; the state machine
+    calls again while "done" is false (the chunk's journal is the cursor)."""
+    logger.append_keys(chunk_index=event.get("chunk", {}).get("index"))
+    result = process_chunk(event, get_deps(), time_left=lambda: context.get_remaining_time_in_millis() / 1000)
+    logger.info("chunk processed", extra={"done": result["done"], "stopped": result["stopped"]})
+    return result
+
+
+@step_handler
+def finalize_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """{"project_id", "batch_id", ...} -> {"project_id", "batch_id", "status"}"""
+    result = finalize_batch(event, get_deps())
+    logger.info("finalized", extra={"status": result["status"]})
+    return result
+
+
+@step_handler
+def fail_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """End the batch failed. Input {"project_id", "batch_id", "error": {"code", "message"}}, or the
+    state input a Catch produced: {"project_id", "batch_id", ..., "failure": {"Error", "Cause"}}."""
+    if event.get("error"):
+        error = batch_error(event["error"].get("code"), event["error"].get("message"))
+    else:
+        failure = event.get("failure") or {}
+        error = batch_error(None, failure.get("Cause"), failure.get("Error"))
+    logger.error("a step failed; failing the batch", extra={"error": error})
+    ids = {"project_id": event["project_id"], "batch_id": event["batch_id"]}
+    return fail_batch({**ids, "error": error}, get_deps())
+
+
+def batch_error(code: Any, cause: Any, error_name: Any = None) -> dict[str, str]:
+    """The batch's error entry for a failed step. A Lambda's Cause is the JSON its runtime reports
+    ({"errorMessage", "errorType", "stackTrace"}): keep the type and message, drop the trace."""
+    if isinstance(cause, str) and cause.lstrip().startswith("{"):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            cause = orjson.loads(cause)
+    if isinstance(cause, dict):
+        error_name = error_name or cause.get("errorType")
+        cause = cause.get("errorMessage") or cause.get("Cause") or ""
+    cause = str(cause or "").strip()
+    detail = f"{error_name}: {cause}" if error_name and cause else str(error_name or cause)
+    message = "The batch failed because a workflow step failed" + (f" ({detail})." if detail else ".")
+    if len(message) > FAIL_MESSAGE_MAX_CHARS:
+        message = message[: FAIL_MESSAGE_MAX_CHARS - 1] + "…"
+    return {"code": str(code or "internal_error"), "message": message}

@@ -1,0 +1,429 @@
+"""The state machine CDK synthesizes, executed by moto's Step Functions with the real handlers in-process.
+
+The definition is the one in the dev stack's template (`tests/infra/helpers.render_definition`),
+unchanged except that CloudFormation references become the moto resources' names and ARNs. Each
+Lambda function named in it is created in moto's Lambda, and moto's invoke (which with
+`use_docker: False` never runs code) is routed to the handler the template names, called with the
+environment the template gives that function, with four test values: the upstream URL and secret
+name point at the test doubles, upstream retries are off, and chunks hold two lines (so three requests
+fan out over two chunks). The API Lambda starts the execution, as in production: create file -> create batch ->
+StartExecution (name = batch id) -> moto runs Validate, the Distributed Map of ProcessChunk loops and
+Finalize, or MarkFailed when a step keeps failing.
+
+moto seams used (private API; moto is pinned <5.3 in pyproject):
+- `moto.awslambda_simple.models.LambdaSimpleBackend.invoke`: the Lambda backend moto uses with
+  `use_docker: False`; replaced so an invoke runs our handler and, when it raises, answers like the
+  Lambda runtime (X-Amz-Function-Error: Unhandled and an errorType/errorMessage payload).
+- `moto.stepfunctions.parser.asl.component.common.retry.retrier_decl.time`: its `sleep` between
+  retries is recorded instead of slept, so the retry policy is checked without waiting for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import boto3
+import orjson
+import pytest
+from moto.awslambda_simple.models import LambdaSimpleBackend
+from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
+from openai.types import Batch
+
+import batch_api.handlers.workflow as steps
+from batch_api.adapters.aws.dynamodb import DynamoMetadataStore
+from batch_api.deps import Deps
+from batch_api.workflow.finalize import FinalizeError
+from tests.infra.helpers import function_logical_ids, render_definition, resources, synth_stack
+from tests.integration.conftest import (
+    BUCKET,
+    BUS,
+    INPUT_LINES,
+    PROJECT,
+    REGION,
+    SECRET,
+    TABLE,
+    UPSTREAM_KEY,
+    AwsWorld,
+    LambdaContext,
+)
+from tests.support.fake_upstream import FakeUpstreamServer
+from tests.unit.api_events import proxy_event
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.filterwarnings("ignore:No application metrics to publish"),
+]
+
+API_HANDLER = "batch_api.handlers.lambda_api.handler"
+ROLE_ARN = "arn:aws:iam::123456789012:role/batch-api-test-states"
+EXECUTION_TIMEOUT_SECONDS = 60
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The dev stack, synthesized once for this module (cdk-nag on, bundling skipped)."""
+    return synth_stack("dev", tmp_path_factory.mktemp("cdk.out")).template
+
+
+def resolve_environment(template: dict[str, Any], logical_id: str, refs: dict[str, str]) -> dict[str, str]:
+    """The function's environment from the template, each Ref replaced by the moto resource it names."""
+    variables = template["Resources"][logical_id]["Properties"].get("Environment", {}).get("Variables", {})
+    resolved: dict[str, str] = {}
+    for name, value in variables.items():
+        if isinstance(value, dict):
+            assert set(value) == {"Ref"}, f"{logical_id}: cannot resolve {name}={value}"
+            resolved[name] = refs[value["Ref"]]
+        else:
+            resolved[name] = str(value)
+    return resolved
+
+
+@dataclass
+class Invocations:
+    """What moto's Step Functions asked our Lambdas to do."""
+
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    retry_sleeps: list[float] = field(default_factory=list)
+    remaining_millis: int = 900_000  # what each invocation's context reports
+
+    def of(self, handler: str) -> list[dict[str, Any]]:
+        return [event for name, event in self.calls if name.endswith(handler)]
+
+
+@dataclass
+class Deployment:
+    """The synthesized stack on moto: functions, state machine, and the API module wired like Lambda."""
+
+    api: ModuleType
+    state_machine_arn: str
+    invocations: Invocations
+    statuses: dict[str, list[str]]
+    sfn: Any
+
+    def call_api(self, method: str, path: str, *, body: bytes = b"", content_type: str | None = None) -> Any:
+        headers = [("content-type", content_type)] if content_type else []
+        result = self.api.handler(proxy_event(method, path, headers=headers, body=body), LambdaContext())
+        assert result["statusCode"] == 200, result
+        return orjson.loads(result["body"])
+
+    def upload(self, data: bytes) -> str:
+        boundary = "batchapitestboundary"
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="requests.jsonl"\r\n'
+                "Content-Type: application/jsonl\r\n\r\n"
+            ).encode()
+            + data
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        created = self.call_api(
+            "POST", "/v1/files", body=body, content_type=f"multipart/form-data; boundary={boundary}"
+        )
+        return str(created["id"])
+
+    def create_batch(self, file_id: str) -> Batch:
+        body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        created = self.call_api(
+            "POST", "/v1/batches", body=orjson.dumps(body), content_type="application/json"
+        )
+        return Batch.model_validate(created)
+
+    def wait_for_execution(self, batch_id: str) -> dict[str, Any]:
+        arn = self.state_machine_arn.replace(":stateMachine:", ":execution:") + f":{batch_id}"
+        deadline = time.monotonic() + EXECUTION_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            described: dict[str, Any] = self.sfn.describe_execution(executionArn=arn)
+            if described["status"] != "RUNNING":
+                return described
+            time.sleep(0.05)
+        raise AssertionError(f"execution {batch_id} still running after {EXECUTION_TIMEOUT_SECONDS}s")
+
+    def content(self, file_id: str) -> list[dict[str, Any]]:
+        result = self.api.handler(proxy_event("GET", f"/v1/files/{file_id}/content"), LambdaContext())
+        assert result["statusCode"] == 200, result
+        raw = base64.b64decode(result["body"]) if result.get("isBase64Encoded") else result["body"].encode()
+        return [orjson.loads(line) for line in raw.splitlines()]
+
+
+def _resolve_handler(path: str) -> Callable[[dict[str, Any], Any], Any]:
+    module_name, _, attribute = path.rpartition(".")
+    handler: Callable[[dict[str, Any], Any], Any] = getattr(importlib.import_module(module_name), attribute)
+    return handler
+
+
+@contextmanager
+def lambdas_run_in_process(
+    monkeypatch: pytest.MonkeyPatch, functions: dict[str, tuple[str, Deps]], invocations: Invocations
+) -> Iterator[None]:
+    """Route moto Lambda invokes of `functions` (name -> (handler path, that function's Deps)) to the
+    handlers. One invocation at a time: the step handlers keep their Deps in one module global, which
+    each invocation points at its own function's Deps."""
+    lock = threading.Lock()
+
+    def invoke(
+        backend: LambdaSimpleBackend,
+        function_name: str,
+        qualifier: str | None,
+        body: Any,
+        headers: Any,
+        response_headers: dict[str, str],
+    ) -> bytes:
+        name = backend.get_function(function_name, qualifier).function_name
+        handler_path, deps = functions[name]
+        event = json.loads(body or b"{}")
+        context = LambdaContext(
+            function_name=name,
+            invoked_function_arn=f"arn:aws:lambda:{REGION}:123456789012:function:{name}",
+            aws_request_id=str(uuid.uuid4()),
+            remaining_millis=invocations.remaining_millis,
+        )
+        with lock:
+            invocations.calls.append((handler_path, event))
+            monkeypatch.setattr(steps, "_deps", deps)
+            try:
+                result = _resolve_handler(handler_path)(event, context)
+            except Exception as exc:
+                invocations.errors.append((handler_path, repr(exc)))
+                response_headers["x-amz-function-error"] = "Unhandled"
+                return orjson.dumps(
+                    {
+                        "errorMessage": str(exc),
+                        "errorType": type(exc).__name__,
+                        "requestId": context.aws_request_id,
+                        "stackTrace": traceback.format_exception(exc),
+                    }
+                )
+        return orjson.dumps(result)
+
+    monkeypatch.setattr(LambdaSimpleBackend, "invoke", invoke)
+    monkeypatch.setattr(retrier_decl, "time", SimpleNamespace(sleep=invocations.retry_sleeps.append))
+    yield
+
+
+def _load_api_module() -> ModuleType:
+    name = "batch_api.handlers.lambda_api"
+    if name in sys.modules:
+        return importlib.reload(sys.modules[name])
+    return importlib.import_module(name)
+
+
+@pytest.fixture
+def deployment(
+    template: dict[str, Any],
+    aws: AwsWorld,
+    upstream: FakeUpstreamServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Deployment]:
+    lambda_client = boto3.client("lambda", region_name=REGION)
+    sfn = boto3.client("stepfunctions", region_name=REGION)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("index.py", "def handler(event, context):\n    raise NotImplementedError\n")
+    role = boto3.client("iam", region_name=REGION).create_role(
+        RoleName="batch-api-test-lambda", AssumeRolePolicyDocument="{}"
+    )["Role"]["Arn"]
+
+    handlers = function_logical_ids(template)  # handler path -> logical id
+    refs: dict[str, str] = {}
+    for logical_id in resources(template, "AWS::DynamoDB::Table"):
+        refs[logical_id] = TABLE
+    for logical_id in resources(template, "AWS::S3::Bucket"):
+        refs[logical_id] = BUCKET  # the functions and the ItemReader name only the data bucket
+    for logical_id in resources(template, "AWS::Events::EventBus"):
+        refs[logical_id] = BUS
+    for logical_id in handlers.values():
+        refs[logical_id] = lambda_client.create_function(
+            FunctionName=logical_id,
+            Runtime="python3.12",
+            Role=role,
+            Handler="index.handler",
+            Code={"ZipFile": archive.getvalue()},
+        )["FunctionArn"]
+
+    definition = render_definition(template, refs)
+    state_machine_arn: str = sfn.create_state_machine(
+        name="batch-api-dev", definition=json.dumps(definition), roleArn=ROLE_ARN, type="STANDARD"
+    )["stateMachineArn"]
+    [machine_id] = resources(template, "AWS::StepFunctions::StateMachine")
+    refs[machine_id] = state_machine_arn
+
+    def environment(logical_id: str) -> dict[str, str]:
+        """What the template sets; the upstream (outside AWS) pointed at the test doubles."""
+        env = resolve_environment(template, logical_id, refs)
+        if "BATCH_API_UPSTREAM_URL" in env:
+            assert "BATCH_API_UPSTREAM_SECRET_NAME" in env, "the worker needs the key's secret too"
+            env["BATCH_API_UPSTREAM_URL"] = upstream.base_url
+            env["BATCH_API_UPSTREAM_SECRET_NAME"] = SECRET
+            env["BATCH_API_UPSTREAM_MAX_RETRIES"] = "0"
+        if "BATCH_API_CHUNK_MAX_LINES" in env:
+            env["BATCH_API_CHUNK_MAX_LINES"] = "2"  # three requests: two chunks, so the Map fans out
+        return env
+
+    def use_environment(env: dict[str, str], patch: pytest.MonkeyPatch) -> None:
+        for name in [n for n in os.environ if n.startswith("BATCH_API_")]:
+            patch.delenv(name)
+        for name, value in env.items():
+            patch.setenv(name, value)
+
+    def deps_for(logical_id: str) -> Deps:
+        with monkeypatch.context() as scoped:
+            use_environment(environment(logical_id), scoped)
+            scoped.setattr(steps, "_deps", None)
+            return steps.get_deps()
+
+    functions = {
+        logical_id: (handler_path, deps_for(logical_id))
+        for handler_path, logical_id in handlers.items()
+        if handler_path != API_HANDLER
+    }
+    # the API module reads its environment at import, as a Lambda cold start does
+    use_environment(environment(handlers[API_HANDLER]), monkeypatch)
+    api = _load_api_module()
+
+    # every status a batch is stored in, in order: created, then each conditional update
+    statuses: dict[str, list[str]] = {}
+    real_create, real_update = DynamoMetadataStore.create_batch, DynamoMetadataStore.update_batch
+
+    def recording_create(self: DynamoMetadataStore, record: Any) -> None:
+        real_create(self, record)
+        statuses.setdefault(record.id, []).append(record.status)
+
+    def recording_update(
+        self: DynamoMetadataStore, project_id: str, batch_id: str, changes: Any, **kw: Any
+    ) -> Any:
+        updated = real_update(self, project_id, batch_id, changes, **kw)
+        if "status" in changes:
+            statuses.setdefault(batch_id, []).append(updated.status)
+        return updated
+
+    monkeypatch.setattr(DynamoMetadataStore, "create_batch", recording_create)
+    monkeypatch.setattr(DynamoMetadataStore, "update_batch", recording_update)
+    invocations = Invocations()
+    with lambdas_run_in_process(monkeypatch, functions, invocations):
+        yield Deployment(api, state_machine_arn, invocations, statuses, sfn)
+
+
+def test_a_batch_runs_through_the_synthesized_state_machine(
+    deployment: Deployment, aws: AwsWorld, upstream: FakeUpstreamServer
+) -> None:
+    file_id = deployment.upload(INPUT_LINES)
+    batch = deployment.create_batch(file_id)
+    execution = deployment.wait_for_execution(batch.id)
+    assert execution["status"] == "SUCCEEDED", (execution, deployment.invocations.errors)
+    assert json.loads(execution["input"]) == {"project_id": PROJECT, "batch_id": batch.id}
+
+    assert deployment.statuses[batch.id] == ["validating", "in_progress", "finalizing", "completed"]
+    done = Batch.model_validate(deployment.call_api("GET", f"/v1/batches/{batch.id}"))
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 2, 1)
+    assert done.in_progress_at and done.finalizing_at and done.completed_at
+    assert done.output_file_id and done.error_file_id
+
+    output = deployment.content(done.output_file_id)
+    assert sorted(line["custom_id"] for line in output) == ["req-1", "req-3"]
+    assert all(line["response"]["status_code"] == 200 for line in output)
+    [failed] = deployment.content(done.error_file_id)
+    assert failed["custom_id"] == "req-2" and failed["response"]["status_code"] == 500
+
+    # the Distributed Map ran one ProcessChunk per manifest item, with the ItemSelector's shape
+    calls = deployment.invocations
+    assert [e["batch_id"] for e in calls.of(".validate_handler")] == [batch.id]
+    chunks = sorted(e["chunk"]["index"] for e in calls.of(".process_handler"))
+    assert chunks == [0, 1]
+    assert all(set(e) == {"project_id", "batch_id", "chunk"} for e in calls.of(".process_handler"))
+    assert len(calls.of(".finalize_handler")) == 1 and calls.of(".fail_handler") == []
+    assert calls.errors == [] and calls.retry_sleeps == []
+
+    assert {r.headers.get("authorization") for r in upstream.requests} == {f"Bearer {UPSTREAM_KEY}"}
+    [event] = aws.events_delivered()
+    assert event["detail-type"] == "batch.completed"
+    assert event["detail"]["id"] == batch.id and event["detail"]["project_id"] == PROJECT
+    assert event["detail"]["status"] == "completed"
+
+
+def test_a_chunk_that_runs_out_of_time_loops_until_done(
+    deployment: Deployment, upstream: FakeUpstreamServer
+) -> None:
+    """The child's Choice sends ProcessChunk round again while it answers done=false."""
+    deployment.invocations.remaining_millis = 10_000  # under the worker's safety margin
+    file_id = deployment.upload(INPUT_LINES)
+    batch = deployment.create_batch(file_id)
+    execution = deployment.wait_for_execution(batch.id)
+    assert execution["status"] == "SUCCEEDED", (execution, deployment.invocations.errors)
+
+    by_chunk: dict[int, list[dict[str, Any]]] = {}
+    for event in deployment.invocations.of(".process_handler"):
+        by_chunk.setdefault(event["chunk"]["index"], []).append(event)
+    # chunk 0 (two requests) needs a second call, which carries the first call's answer in $.result
+    assert len(by_chunk[0]) == 2 and len(by_chunk[1]) == 1
+    assert by_chunk[0][1]["result"]["done"] is False
+    done = Batch.model_validate(deployment.call_api("GET", f"/v1/batches/{batch.id}"))
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
+    assert len(upstream.requests) == 3  # nothing sent twice
+
+
+def test_a_step_that_keeps_failing_ends_the_batch_failed(
+    deployment: Deployment, aws: AwsWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_finalize(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
+        raise FinalizeError(f"batch {event['batch_id']}: deliberately broken for the test")
+
+    monkeypatch.setattr(steps, "finalize_batch", broken_finalize)
+    file_id = deployment.upload(INPUT_LINES)
+    batch = deployment.create_batch(file_id)
+    execution = deployment.wait_for_execution(batch.id)
+    assert execution["status"] == "FAILED"
+
+    calls = deployment.invocations
+    # States.TaskFailed is retried three times with backoff (1 s, 2 s, 4 s), then caught
+    assert len(calls.of(".finalize_handler")) == 4
+    assert calls.retry_sleeps == [1, 2, 4]
+    [mark_failed] = calls.of(".fail_handler")
+    assert mark_failed["error"]["code"] == "internal_error"
+    assert json.loads(mark_failed["error"]["message"])["errorType"] == "FinalizeError"  # the raw Cause
+
+    assert deployment.statuses[batch.id] == ["validating", "in_progress", "failed"]
+    failed = Batch.model_validate(deployment.call_api("GET", f"/v1/batches/{batch.id}"))
+    assert failed.status == "failed" and failed.failed_at
+    assert failed.errors is not None and failed.errors.data is not None
+    [error] = failed.errors.data
+    assert error.code == "internal_error"
+    assert error.message == (
+        "The batch failed because a workflow step failed "
+        f"(FinalizeError: batch {batch.id}: deliberately broken for the test)."
+    )
+    [event] = aws.events_delivered()
+    assert event["detail-type"] == "batch.failed" and event["detail"]["id"] == batch.id
+    assert aws.keys(f"batches/{batch.id}/journal/") == []
+
+
+def test_validation_failures_end_the_execution_without_the_map(deployment: Deployment, aws: AwsWorld) -> None:
+    file_id = deployment.upload(b'{"custom_id": "only", "method": "GET"}\n')
+    batch = deployment.create_batch(file_id)
+    assert deployment.wait_for_execution(batch.id)["status"] == "SUCCEEDED"  # Route -> Done
+    assert deployment.invocations.of(".process_handler") == []
+    assert deployment.invocations.of(".finalize_handler") == []
+    failed = Batch.model_validate(deployment.call_api("GET", f"/v1/batches/{batch.id}"))
+    assert failed.status == "failed" and failed.errors is not None and failed.errors.data
+    assert {e.code for e in failed.errors.data} >= {"missing_required_parameter"}
+    [event] = aws.events_delivered()
+    assert event["detail-type"] == "batch.failed"

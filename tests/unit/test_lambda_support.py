@@ -1,0 +1,200 @@
+"""The small pure pieces behind the Lambda entry points: the secret's shapes, the failed-step error
+entry, request metrics, the upstream factory's key lookup and the boto3 client configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from batch_api import bootstrap_aws
+from batch_api.adapters.aws import secrets
+from batch_api.adapters.aws.clients import client_config
+from batch_api.adapters.aws.secrets import UpstreamSecretError, parse_api_key
+from batch_api.config import Settings
+from batch_api.handlers.workflow import FAIL_MESSAGE_MAX_CHARS, batch_error
+from batch_api.ports import UpstreamResponse
+from batch_api.upstreams.metered import (
+    REQUESTS_FAILED,
+    REQUESTS_SUCCEEDED,
+    UPSTREAM_LATENCY,
+    MeteredUpstream,
+    metered,
+)
+from batch_api.upstreams.openai_http import OpenAIHttpUpstream
+
+pytestmark = pytest.mark.unit
+
+
+# ---------------------------------------------------------------- the secret
+
+
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [
+        ("sk-plain", "sk-plain"),
+        ("  sk-padded\n", "sk-padded"),
+        (b"sk-binary", "sk-binary"),
+        ('{"api_key": "sk-json"}', "sk-json"),
+        ('{"api_key": " sk-json ", "other": 1}', "sk-json"),
+        ("{not json", "{not json"),
+    ],
+)
+def test_secret_shapes(value: str | bytes, key: str) -> None:
+    assert parse_api_key("s", value).get_secret_value() == key
+
+
+@pytest.mark.parametrize("value", ["", "   ", '{"key": "sk"}', '{"api_key": ""}', '{"api_key": 7}'])
+def test_unusable_secrets_name_the_secret_but_not_the_value(value: str) -> None:
+    with pytest.raises(UpstreamSecretError, match="'team/upstream'") as raised:
+        parse_api_key("team/upstream", value)
+    assert "sk" not in str(raised.value).replace("'team/upstream'", "")
+
+
+def test_without_a_secret_name_the_settings_key_is_used() -> None:
+    assert secrets.upstream_api_key(Settings()) is None
+    assert secrets.upstream_api_key(Settings(upstream_api_key=SecretStr("sk-env"))) == SecretStr("sk-env")
+
+
+def test_the_upstream_key_is_looked_up_for_every_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rotated secret reaches the next chunk invocation without a cold start (the lookup is cached)."""
+    keys = iter(["sk-first", "sk-rotated"])
+    monkeypatch.setattr(secrets, "upstream_api_key", lambda settings: SecretStr(next(keys)))
+    keyed_with: list[str | None] = []
+    real_factory = bootstrap_aws.make_upstream_factory
+
+    def recording_factory(settings: Settings) -> Any:
+        key = settings.upstream_api_key
+        keyed_with.append(key.get_secret_value() if key else None)
+        return real_factory(settings)
+
+    monkeypatch.setattr(bootstrap_aws, "make_upstream_factory", recording_factory)
+    factory = bootstrap_aws.aws_upstream_factory(
+        Settings(upstream_url="http://127.0.0.1:9/v1", upstream_secret_name="team/upstream")
+    )
+    assert keyed_with == [None]  # wiring checks the URL without reading the secret
+    first, second = factory(), factory()
+    assert isinstance(first, OpenAIHttpUpstream) and isinstance(second, OpenAIHttpUpstream)
+    assert keyed_with == [None, "sk-first", "sk-rotated"]
+
+
+def test_a_bad_upstream_url_fails_at_wiring_time() -> None:
+    with pytest.raises(ValueError):
+        bootstrap_aws.aws_upstream_factory(Settings(upstream_url="not a url", upstream_secret_name="s"))
+
+
+# ---------------------------------------------------------------- the failed-step error entry
+
+
+def test_a_lambda_cause_keeps_type_and_message_but_not_the_trace() -> None:
+    cause = json.dumps(
+        {"errorMessage": "disk full", "errorType": "OSError", "stackTrace": ['  File "/var/task/x.py"']}
+    )
+    error = batch_error(None, cause, "OSError")
+    assert error == {
+        "code": "internal_error",
+        "message": "The batch failed because a workflow step failed (OSError: disk full).",
+    }
+    # the same Cause passed through as the message of the "error" shape
+    assert batch_error("internal_error", cause) == error
+
+
+def test_a_states_error_without_a_lambda_cause() -> None:
+    message = batch_error(None, "Task timed out", "States.Timeout")["message"]
+    assert message == "The batch failed because a workflow step failed (States.Timeout: Task timed out)."
+    assert batch_error(None, None)["message"] == "The batch failed because a workflow step failed."
+
+
+def test_long_causes_are_trimmed() -> None:
+    message = batch_error(None, "x" * 50_000, "E")["message"]
+    assert len(message) == FAIL_MESSAGE_MAX_CHARS and message.endswith("…")
+
+
+# ---------------------------------------------------------------- request metrics
+
+
+class RecordingMetrics:
+    def __init__(self) -> None:
+        self.added: list[tuple[str, str, float]] = []
+
+    def add_metric(self, name: str, unit: Any, value: float) -> None:
+        self.added.append((name, str(getattr(unit, "value", unit)), value))
+
+
+class ScriptedUpstream:
+    def __init__(self, *answers: UpstreamResponse | Exception) -> None:
+        self.answers = list(answers)
+        self.closed = False
+
+    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def test_requests_are_counted_per_client_and_timed_per_request() -> None:
+    inner = ScriptedUpstream(
+        UpstreamResponse(status_code=200),
+        UpstreamResponse(status_code=201),
+        UpstreamResponse(status_code=500),
+        UpstreamResponse(status_code=None, error_code="timeout"),
+        RuntimeError("client bug"),
+    )
+    sink = RecordingMetrics()
+    client = metered(lambda: inner, sink)()
+    assert isinstance(client, MeteredUpstream)
+
+    async def run() -> None:
+        for _ in range(4):
+            await client.send("/v1/chat/completions", b"{}")
+        with pytest.raises(RuntimeError):
+            await client.send("/v1/chat/completions", b"{}")
+        await client.aclose()
+
+    asyncio.run(run())
+    assert inner.closed
+    latencies = [value for name, unit, value in sink.added if name == UPSTREAM_LATENCY]
+    assert len(latencies) == 4 and all(value >= 0 for value in latencies)
+    assert {unit for name, unit, _ in sink.added if name == UPSTREAM_LATENCY} == {"Milliseconds"}
+    counts = [(name, unit, value) for name, unit, value in sink.added if name != UPSTREAM_LATENCY]
+    assert counts == [(REQUESTS_SUCCEEDED, "Count", 2), (REQUESTS_FAILED, "Count", 3)]
+
+
+def test_cancelled_requests_are_not_counted() -> None:
+    class Hanging(ScriptedUpstream):
+        async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+            await asyncio.sleep(60)
+            raise AssertionError("unreachable")
+
+    sink = RecordingMetrics()
+    client = MeteredUpstream(Hanging(), sink)
+
+    async def run() -> None:
+        task = asyncio.create_task(client.send("/v1/embeddings", b"{}"))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await client.aclose()
+
+    asyncio.run(run())
+    assert sink.added == []
+
+
+# ---------------------------------------------------------------- boto3 configuration
+
+
+def test_s3_addressing_follows_the_endpoint() -> None:
+    assert client_config(Settings(), s3=True).s3 == {"addressing_style": "virtual"}
+    moto = Settings(aws_endpoint_url="http://127.0.0.1:5000")
+    assert client_config(moto, s3=True).s3 == {"addressing_style": "path"}
+    config = client_config(Settings())
+    assert config.retries == {"mode": "standard", "max_attempts": 6}
+    assert config.max_pool_connections == 32
