@@ -9,7 +9,7 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from batch_api.adapters.aws import schema
+import batch_api.adapters.aws.schema as schema
 from infra.config import EnvConfig
 from infra.nag import acknowledge, logical_id, wildcard
 

@@ -134,6 +134,17 @@ def test_append_rejects_lines_that_would_not_read_back_as_one(tmp_path: Path, ba
     assert list(journal.read("batch_1", 0)) == []  # nothing written: the check runs first
 
 
+def test_batch_ids_lists_the_batches_that_have_journals(tmp_path: Path) -> None:
+    """Not a port method: the local runner uses it at start to drop journals left by a crash."""
+    journal = FilesystemJournal(tmp_path)
+    assert journal.batch_ids() == []
+    journal.append("batch_2", 0, [line(1)])
+    journal.append("batch_1", 3, [line(2)])
+    journal.append("batch_3", 0, [line(3)])
+    journal.delete_batch("batch_3")
+    assert journal.batch_ids() == ["batch_1", "batch_2"]
+
+
 def test_batch_ids_cannot_escape_the_root(tmp_path: Path) -> None:
     journal = FilesystemJournal(tmp_path / "data")
     for batch_id in ("..", "../x", "a/b", ""):

@@ -202,6 +202,15 @@ def test_create_file_too_large_points_at_uploads(clock: FixedClock, lambda_conte
     assert api.suggested_part_size(client.deps.settings) == 1024 * 1024
 
 
+def test_too_large_upload_part_names_data(clock: FixedClock, lambda_context: LambdaContext) -> None:
+    client = Client(make_deps(clock, max_request_bytes=2 * 1024 * 1024), lambda_context)
+    seed(client.deps)
+    event = _with_body(load_event("uploads_add_part.json"), b"x" * (2 * 1024 * 1024 + 1))
+    error = client.error(event, 413)
+    assert error["param"] == "data"
+    assert "part_size=1048576" in error["message"]
+
+
 def test_create_file_needs_purpose_and_file(client: Client) -> None:
     event = load_event("files_create.json")
     boundary = event["headers"]["content-type"].split("boundary=")[1]

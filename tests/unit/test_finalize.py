@@ -301,4 +301,26 @@ def test_finalize_losing_to_a_concurrent_finalize_returns_its_status() -> None:
     deps.metadata.update_batch = someone_else_finished_first
 
     assert finalize_batch(ids(), deps)["status"] == "completed"
-    assert deps.events.events == []  # the winner publishes, not us
+    # Events are published before the terminal update (at-least-once): the loser has published the
+    # same `batch.completed` the winner did; consumers dedupe on (batch id, status).
+    assert [kind for kind, _ in deps.events.events] == ["batch.completed"]
+
+
+def test_an_input_body_gone_mid_batch_keeps_what_finished() -> None:
+    """Defence in depth (the body is kept while the batch runs): finalize writes the results that exist
+    and counts the requests it cannot read as failed, with an entry in `errors` saying why."""
+    deps = make_deps(FakeUpstream(), chunk_max_lines=2)
+    add_batch(deps, jsonl([request(f"r{i}") for i in range(4)]))
+    validate_batch(ids(), deps)
+    chunks = load_manifest(deps, "batch_test")
+    process_chunk({**ids(), "chunk": chunks[0].model_dump()}, deps)
+    deps.blobs.delete(keys.file_key("file-input"))
+    assert process_chunk({**ids(), "chunk": chunks[1].model_dump()}, deps)["stopped"] == "input_missing"
+
+    assert finalize_batch(ids(), deps)["status"] == "completed"
+
+    batch = get_batch(deps)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 2)
+    assert [line["custom_id"] for line in file_lines(deps, batch.output_file_id)] == ["r0", "r1"]
+    assert [e.code for e in batch.errors] == ["input_file_missing"]
+    assert batch.error_file_id is None  # no line can be written for requests whose input is unreadable

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
+from batch_api import keys
 from batch_api.contract.models import Usage
 from batch_api.ports import UpstreamResponse
 from batch_api.workflow.lines import result_line
@@ -316,3 +317,27 @@ def test_nearly_out_of_time_abandons_in_flight_requests_before_lambda_kills_us()
 
     assert result["done"] is False
     assert _journal(deps) == []  # abandoned requests leave no line; the next run sends them again
+
+
+def test_no_time_left_at_all_starts_nothing() -> None:
+    """The local runner's shutdown: time_left answers 0, and not even a first request starts."""
+    deps, upstream, [chunk] = _setup(3)
+
+    result = _run(deps, chunk, time_left=lambda: 0.0)
+
+    assert result == {**ids(), "index": 0, "done": False, "stopped": None}
+    assert upstream.calls == [] and _journal(deps) == []
+
+
+def test_a_vanished_input_body_stops_the_chunk_instead_of_failing_it() -> None:
+    """Defence in depth (the body is kept while the batch runs): retrying cannot bring it back, so the
+    chunk stops and the journal of the chunks that ran is kept for finalize."""
+    deps, upstream, chunks = _setup(4, chunk_max_lines=2)
+    assert _run(deps, chunks[0])["done"] is True
+    deps.blobs.delete(keys.file_key("file-input"))
+
+    result = _run(deps, chunks[1])
+
+    assert result == {**ids(), "index": 1, "done": True, "stopped": "input_missing"}
+    assert upstream.sent_contents() == ["r0", "r1"]
+    assert len(_journal(deps, 0)) == 2

@@ -6,7 +6,7 @@ import pytest
 
 from batch_api import keys
 from batch_api.contract.errors import InvalidRequest, NotFound
-from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL
+from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL, BatchRecord
 from batch_api.deps import Deps
 from batch_api.service import files
 from tests.unit.conftest import T0, FixedClock
@@ -159,3 +159,63 @@ def test_sweep_deletes_expired_bodies_and_marks_them(deps: Deps, clock: FixedClo
     assert deps.metadata.get_file("p1", short.id).deleted  # type: ignore[union-attr]
     assert deps.blobs.exists(kept.blob_key)
     assert files.sweep_expired_files(deps) == 0
+
+
+def _batch_reading(deps: Deps, project_id: str, file_id: str, batch_id: str = "batch_x") -> None:
+    deps.metadata.create_batch(
+        BatchRecord(
+            id=batch_id,
+            project_id=project_id,
+            endpoint="/v1/chat/completions",
+            input_file_id=file_id,
+            status="in_progress",
+            created_at=T0,
+            expires_at=T0 + 86400,
+        )
+    )
+
+
+def test_delete_keeps_the_body_of_a_running_batchs_input_until_it_ends(deps: Deps) -> None:
+    record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
+    _batch_reading(deps, "p1", record.id)
+
+    files.delete_file(deps, "p1", record.id)
+    with pytest.raises(NotFound):
+        files.retrieve_file(deps, "p1", record.id)
+    assert deps.blobs.exists(record.blob_key)  # the batch still reads it
+
+    files.release_input_file(deps, "p1", record.id)  # the batch is still running: nothing happens
+    assert deps.blobs.exists(record.blob_key)
+    deps.metadata.update_batch("p1", "batch_x", {"status": "completed"}, expected_status={"in_progress"})
+    files.release_input_file(deps, "p1", record.id)
+    assert not deps.blobs.exists(record.blob_key)
+
+
+def test_release_leaves_a_live_input_file_alone(deps: Deps) -> None:
+    record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
+    files.release_input_file(deps, "p1", record.id)
+    assert deps.blobs.exists(record.blob_key)
+
+
+def test_a_batch_of_another_project_does_not_keep_a_body(deps: Deps) -> None:
+    record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
+    _batch_reading(deps, "p2", record.id)
+    files.delete_file(deps, "p1", record.id)
+    assert not deps.blobs.exists(record.blob_key)
+
+
+def test_sweep_marks_a_running_batchs_expired_input_but_keeps_its_body(deps: Deps, clock: FixedClock) -> None:
+    record = files.create_file(
+        deps, "p1", "a.jsonl", "batch", DATA, {"anchor": "created_at", "seconds": 3600}
+    )
+    _batch_reading(deps, "p1", record.id)
+    clock.advance(3600)
+
+    assert files.sweep_expired_files(deps) == 1
+    assert deps.metadata.get_file("p1", record.id).deleted  # type: ignore[union-attr]
+    assert deps.blobs.exists(record.blob_key)
+    assert files.sweep_expired_files(deps) == 0  # marked: not listed again
+
+    deps.metadata.update_batch("p1", "batch_x", {"status": "cancelled"}, expected_status={"in_progress"})
+    files.release_input_file(deps, "p1", record.id)
+    assert not deps.blobs.exists(record.blob_key)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pytest
 
 from batch_api import keys
+from batch_api.contract import ids
 from batch_api.contract.errors import ConditionFailed, InvalidRequest, NotFound, PayloadTooLarge
 from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL, UPLOAD_TTL
 from batch_api.deps import Deps
@@ -53,6 +55,11 @@ def test_create_upload_validates(deps: Deps, args: tuple[object, ...], param: st
     with pytest.raises(InvalidRequest) as raised:
         uploads.create_upload(deps, "p1", *args)  # type: ignore[arg-type]
     assert raised.value.param == param
+
+
+def test_negative_bytes_says_it_must_not_be_negative(deps: Deps) -> None:
+    with pytest.raises(InvalidRequest, match="must be >= 0"):
+        uploads.create_upload(deps, "p1", "f", "batch", -1, "text/plain")
 
 
 def test_add_part_stores_the_bytes(deps: Deps) -> None:
@@ -179,6 +186,42 @@ def test_complete_that_loses_a_race_removes_its_file(deps: Deps, monkeypatch: py
         uploads.complete_upload(deps, "p1", upload_id, part_ids)
     assert deps.blobs.list_keys("files/") == []
     assert files.list_files(deps, "p1") == ([], False)
+
+
+def test_complete_after_a_failed_update_reuses_the_registered_file(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    original = deps.metadata.update_upload
+    monkeypatch.setattr(
+        deps.metadata, "update_upload", lambda *a, **k: (_ for _ in ()).throw(OSError("throttled"))
+    )
+    with pytest.raises(OSError):
+        uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    monkeypatch.setattr(deps.metadata, "update_upload", original)
+
+    completed, file = uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert file.id == completed.file_id == ids.upload_file_id(upload_id)
+    assert deps.blobs.get(file.blob_key) == b"".join(CHUNKS)
+    assert [f.id for f in files.list_files(deps, "p1")[0]] == [file.id]
+
+
+def test_a_complete_that_finds_the_upload_completed_keeps_the_winners_file(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    original = deps.metadata.update_upload
+
+    def completed_meanwhile(project_id: str, upload_id: str, changes: Any, *, expected_status: Any) -> Any:
+        original(project_id, upload_id, changes, expected_status=["pending"])  # the winner, same file id
+        raise ConditionFailed(upload_id)
+
+    monkeypatch.setattr(deps.metadata, "update_upload", completed_meanwhile)
+    with pytest.raises(InvalidRequest) as raised:
+        uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert raised.value.code == "invalid_upload_status"
+    file = files.retrieve_file(deps, "p1", ids.upload_file_id(upload_id))
+    assert deps.blobs.get(file.blob_key) == b"".join(CHUNKS)
 
 
 def test_expired_upload_cannot_complete_and_shows_expired(deps: Deps, clock: FixedClock) -> None:

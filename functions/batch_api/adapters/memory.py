@@ -228,6 +228,11 @@ class MemoryJournal:
             lines = list(self.lines.get((batch_id, chunk_index), []))
         yield from lines
 
+    def batch_ids(self) -> list[str]:
+        """Batches with journal lines, like `FilesystemJournal.batch_ids` (not a port method)."""
+        with self._lock:
+            return sorted({batch_id for batch_id, _ in self.lines})
+
     def delete_batch(self, batch_id: str) -> None:
         with self._lock:
             for key in [k for k in self.lines if k[0] == batch_id]:

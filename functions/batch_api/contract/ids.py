@@ -54,3 +54,9 @@ def output_file_id(batch_id: str, kind: str) -> str:
     """Deterministic id of a batch's output ("output") or error ("error") file: finalize may run twice."""
     digest = hashlib.sha256(f"{batch_id}\x00{kind}".encode()).hexdigest()[:24]
     return f"file-{digest}"
+
+
+def upload_file_id(upload_id: str) -> str:
+    """Deterministic id of the file an upload completes into: a retried complete finds the same file."""
+    digest = hashlib.sha256(f"{upload_id}\x00file".encode()).hexdigest()[:24]
+    return f"file-{digest}"

@@ -73,26 +73,36 @@ def suggested_part_size(settings: Settings) -> int:
     return max(size, 1)
 
 
-def _too_large(settings: Settings, size: int | None) -> PayloadTooLarge:
+def _too_large(settings: Settings, size: int | None, param: str = "file") -> PayloadTooLarge:
+    """413 for a body over `max_request_bytes`; `param` is the form field that carried the bulk."""
     got = f"of {size} bytes " if size is not None else ""
     part_size = suggested_part_size(settings)
+    if param == "data":  # an upload part: the remedy is smaller parts
+        remedy = f"Send smaller Parts, e.g. upload_file_chunked(..., part_size={part_size})."
+    else:
+        remedy = (
+            "Upload larger files with the Uploads API in parts, e.g. "
+            f"client.uploads.upload_file_chunked(file=..., mime_type=..., purpose=..., part_size={part_size})."
+        )
     return PayloadTooLarge(
-        f"The request body {got}exceeds this endpoint's limit of {settings.max_request_bytes} bytes. "
-        "Upload larger files with the Uploads API in parts, e.g. "
-        f"client.uploads.upload_file_chunked(file=..., mime_type=..., purpose=..., part_size={part_size}).",
-        param="file",
+        f"The request body {got}exceeds this endpoint's limit of {settings.max_request_bytes} bytes. {remedy}",
+        param=param,
     )
 
 
 def request_bytes(
-    app: APIGatewayRestResolver, limit: int | None = None, settings: Settings | None = None
+    app: APIGatewayRestResolver,
+    limit: int | None = None,
+    settings: Settings | None = None,
+    param: str = "file",
 ) -> bytes:
-    """The raw request body; base64 or not. Bodies over `limit` are refused before decoding."""
+    """The raw request body; base64 or not. Bodies over `limit` are refused before decoding (413 naming
+    `param`)."""
     event = app.current_event
     body = event.body or ""
     if event.is_base64_encoded:
         if limit is not None and settings is not None and len(body) > (limit + 2) // 3 * 4:
-            raise _too_large(settings, len(body) * 3 // 4)
+            raise _too_large(settings, len(body) * 3 // 4, param)
         try:
             data = base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError) as exc:
@@ -100,7 +110,7 @@ def request_bytes(
     else:
         data = body.encode("utf-8", "surrogateescape")
     if limit is not None and settings is not None and len(data) > limit:
-        raise _too_large(settings, len(data))
+        raise _too_large(settings, len(data), param)
     return data
 
 
@@ -118,8 +128,9 @@ def json_body(app: APIGatewayRestResolver, model: type[_Body]) -> Any:
     return model.model_validate(value)
 
 
-def multipart_body(app: APIGatewayRestResolver, settings: Settings) -> MultipartForm:
-    data = request_bytes(app, settings.max_request_bytes, settings)
+def multipart_body(app: APIGatewayRestResolver, settings: Settings, param: str = "file") -> MultipartForm:
+    """The parsed form; `param` names the field a 413 points at (`file`, or `data` for upload parts)."""
+    data = request_bytes(app, settings.max_request_bytes, settings, param)
     return parse_multipart(data, app.current_event.headers.get("content-type"))
 
 
@@ -259,7 +270,7 @@ def create_app(deps: Deps) -> APIGatewayRestResolver:
 
     @app.post("/v1/uploads/<upload_id>/parts")
     def add_upload_part(upload_id: str) -> dict[str, Any]:
-        form = multipart_body(app, settings)
+        form = multipart_body(app, settings, "data")
         return uploads.add_part(
             deps, project(), upload_id, bytes(_required_part(form, "data").data)
         ).to_wire()

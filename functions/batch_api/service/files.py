@@ -94,8 +94,6 @@ def create_file(
 ) -> FileRecord:
     validate_purpose(purpose)
     seconds = expires_after_seconds(expires_after, param="expires_after")
-    if not filename:
-        raise InvalidRequest("The uploaded file must have a filename.", param="file", code="invalid_value")
     now = deps.now()
     file_id = ids.new_file_id()
     record = FileRecord(
@@ -161,12 +159,34 @@ def retrieve_file(deps: Deps, project_id: str, file_id: str) -> FileRecord:
 
 
 def delete_file(deps: Deps, project_id: str, file_id: str) -> dict[str, Any]:
+    """Mark the file deleted (404 from now on) and remove its body, unless a batch that has not ended
+    still reads it as input: then the body stays until that batch ends (`release_input_file`)."""
     record = retrieve_file(deps, project_id, file_id)
-    # The record goes first: a reader never finds a live record whose body is gone.
+    # The record goes first: a reader never finds a live record whose body is gone. And a batch that
+    # ends after this point sees the record deleted and removes the body itself.
     if not deps.metadata.mark_file_deleted(project_id, file_id):
         raise _not_found(file_id)
-    deps.blobs.delete(record.blob_key)
+    if not input_of_active_batch(deps, record):
+        deps.blobs.delete(record.blob_key)
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+def input_of_active_batch(deps: Deps, record: FileRecord) -> bool:
+    """Whether a batch that has not reached a terminal status uses the file as its input."""
+    return any(
+        batch.input_file_id == record.id and batch.project_id == record.project_id
+        for batch in deps.metadata.list_active_batches()
+    )
+
+
+def release_input_file(deps: Deps, project_id: str, file_id: str) -> None:
+    """Called when a batch has ended: if its input file was deleted or has expired meanwhile, remove the
+    body that was kept for the batch (unless another running batch still reads it)."""
+    record = deps.metadata.get_file(project_id, file_id)
+    if record is None or record.is_live(deps.now()):
+        return
+    if not input_of_active_batch(deps, record):
+        deps.blobs.delete(record.blob_key)
 
 
 def file_content(deps: Deps, project_id: str, file_id: str) -> tuple[FileRecord, str]:
@@ -179,10 +199,16 @@ def sweep_expired_files(deps: Deps, limit: int = 1000) -> int:
     """Delete the bodies of files whose `expires_at` passed and mark them deleted; return how many.
 
     The body goes first, so a crash in between leaves a record the next sweep finishes, never an
-    orphaned body. Expired files are already invisible to the API, whatever the sweep's lag.
+    orphaned body. Expired files are already invisible to the API, whatever the sweep's lag. The body
+    of an input file that a batch still running reads is kept: the record is marked deleted, and the
+    batch removes the body when it ends (`release_input_file`).
     """
     expired = deps.metadata.list_expired_files(deps.now(), limit)
+    in_use = (
+        {(b.project_id, b.input_file_id) for b in deps.metadata.list_active_batches()} if expired else set()
+    )
     for record in expired:
-        deps.blobs.delete(record.blob_key)
+        if (record.project_id, record.id) not in in_use:
+            deps.blobs.delete(record.blob_key)
         deps.metadata.mark_file_deleted(record.project_id, record.id)
     return len(expired)

@@ -14,10 +14,16 @@ from typing import Any
 
 from batch_api import keys
 from batch_api.contract import ids
-from batch_api.contract.errors import ConditionFailed, InvalidRequest, NotFound, PayloadTooLarge
+from batch_api.contract.errors import (
+    AlreadyExists,
+    ConditionFailed,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
 from batch_api.contract.models import UPLOAD_TTL, FileRecord, UploadPartRecord, UploadRecord
 from batch_api.deps import Deps
-from batch_api.service.files import expires_after_seconds, file_expires_at, store_file, validate_purpose
+from batch_api.service.files import expires_after_seconds, file_expires_at, validate_purpose
 
 MAX_UPLOAD_BYTES = 8 * 1024**3
 MAX_PART_BYTES = 64 * 1024**2
@@ -55,7 +61,11 @@ def create_upload(
         raise InvalidRequest("'filename' must not be empty.", param="filename", code="invalid_value")
     if not mime_type:
         raise InvalidRequest("'mime_type' must not be empty.", param="mime_type", code="invalid_value")
-    if not 0 <= byte_count <= MAX_UPLOAD_BYTES:
+    if byte_count < 0:
+        raise InvalidRequest(
+            f"Invalid value for 'bytes': {byte_count}. It must be >= 0.", param="bytes", code="invalid_value"
+        )
+    if byte_count > MAX_UPLOAD_BYTES:
         raise InvalidRequest(
             f"Invalid value for 'bytes': {byte_count}. An Upload can hold at most {MAX_UPLOAD_BYTES} bytes (8 GB).",
             param="bytes",
@@ -130,13 +140,52 @@ def _ordered_parts(
 def complete_upload(
     deps: Deps, project_id: str, upload_id: str, part_ids: list[str], md5: str | None = None
 ) -> tuple[UploadRecord, FileRecord]:
-    """Stitch the named parts into a new file; the upload becomes `completed` with that file."""
+    """Stitch the named parts into a new file; the upload becomes `completed` with that file.
+
+    The file's id is derived from the upload's (`ids.upload_file_id`), so a complete retried after a
+    crash or a failed update finds the file the first attempt registered instead of making a second
+    one. A complete that loses a race (another complete or a cancel got there first) answers from the
+    upload's current state: 400 `invalid_upload_status`.
+    """
     upload = _get_upload(deps, project_id, upload_id)
     _require_pending(deps, upload)
     parts = _ordered_parts(upload, deps.metadata.get_upload_parts(upload_id), part_ids)
 
+    file_id = ids.upload_file_id(upload_id)
+    record = deps.metadata.get_file(project_id, file_id)
+    if record is None:
+        try:
+            record = _stitch(deps, project_id, upload, file_id, parts, md5)
+        except KeyError:
+            # A part vanished under us: a concurrent complete (or cancel) won and dropped the parts.
+            _require_pending(deps, _get_upload(deps, project_id, upload_id))
+            raise
+    try:
+        completed = deps.metadata.update_upload(
+            project_id, upload_id, {"status": "completed", "file_id": file_id}, expected_status=["pending"]
+        )
+    except ConditionFailed:
+        current = _get_upload(deps, project_id, upload_id)
+        if current.file_id != file_id:
+            # A cancel won the race: the file belongs to no upload, so take it back.
+            deps.metadata.mark_file_deleted(project_id, file_id)
+            deps.blobs.delete(record.blob_key)
+        _require_pending(deps, current)  # raises: the upload is completed or cancelled now
+        raise
+    deps.blobs.delete_prefix(keys.upload_prefix(upload_id))
+    return completed, record
+
+
+def _stitch(
+    deps: Deps,
+    project_id: str,
+    upload: UploadRecord,
+    file_id: str,
+    parts: list[UploadPartRecord],
+    md5: str | None,
+) -> FileRecord:
+    """Concatenate the parts into `files/{file_id}` and register the file (once, whoever registers it)."""
     now = deps.now()
-    file_id = ids.new_file_id()
     record = FileRecord(
         id=file_id,
         project_id=project_id,
@@ -155,29 +204,27 @@ def complete_upload(
                 digest.update(chunk)
                 yield chunk
 
-    def write_checked() -> None:
-        deps.blobs.write_stream(record.blob_key, concatenated())
-        if md5 is not None and digest.hexdigest() != md5.lower():
+    deps.blobs.write_stream(record.blob_key, concatenated())
+    if md5 is not None and digest.hexdigest() != md5.lower():
+        if deps.metadata.get_file(project_id, file_id) is None:  # never remove a body a record points at
             deps.blobs.delete(record.blob_key)
-            raise InvalidRequest(
-                f"The md5 of the Parts is {digest.hexdigest()}, not the {md5} that was given.",
-                param="md5",
-                code="invalid_value",
-            )
-
-    store_file(deps, record, write_checked)
-    try:
-        completed = deps.metadata.update_upload(
-            project_id, upload_id, {"status": "completed", "file_id": file_id}, expected_status=["pending"]
+        raise InvalidRequest(
+            f"The md5 of the Parts is {digest.hexdigest()}, not the {md5} that was given.",
+            param="md5",
+            code="invalid_value",
         )
-    except ConditionFailed:
-        # Another complete or a cancel won the race: take our file back and report the state it won with.
-        deps.metadata.mark_file_deleted(project_id, file_id)
+    try:
+        if record.expires_at is not None:
+            deps.blobs.set_expiry(record.blob_key, record.expires_at)
+        deps.metadata.create_file(record)
+    except AlreadyExists:
+        # a concurrent complete of this upload registered it first; its body is the same parts
+        existing = deps.metadata.get_file(project_id, file_id)
+        return existing if existing is not None else record
+    except BaseException:
         deps.blobs.delete(record.blob_key)
-        _require_pending(deps, _get_upload(deps, project_id, upload_id))
         raise
-    deps.blobs.delete_prefix(keys.upload_prefix(upload_id))
-    return completed, record
+    return record
 
 
 def cancel_upload(deps: Deps, project_id: str, upload_id: str) -> UploadRecord:

@@ -2,12 +2,18 @@
 
 Idempotent at every point: file ids are deterministic and a file whose record exists is not written
 again; the terminal update is conditional; journals are deleted only after the terminal status is
-stored, and a batch in a terminal status returns at once.
+stored, and a batch in a terminal status only finishes that clean-up and returns.
+
+Terminal events are delivered at least once: the event is published *before* the conditional
+terminal update, so a failed publish leaves the batch unfinished and the step's retry publishes again;
+a crash between the publish and the update publishes the event a second time on the retry. Consumers
+dedupe on (batch id, status), the usual EventBridge contract.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -16,7 +22,6 @@ from batch_api import keys
 from batch_api.contract.errors import AlreadyExists, ConditionFailed, NotFound
 from batch_api.contract.ids import output_file_id
 from batch_api.contract.models import (
-    ACTIVE_STATUSES,
     BatchErrorEntry,
     BatchRecord,
     ChunkPlan,
@@ -25,13 +30,15 @@ from batch_api.contract.models import (
     Usage,
 )
 from batch_api.deps import Deps
+from batch_api.service.files import release_input_file
 from batch_api.workflow.lines import is_success, never_ran_line, parse_line, split_lines
 from batch_api.workflow.process import ChunkTally, read_tally
-from batch_api.workflow.validate import load_manifest
+from batch_api.workflow.validate import load_manifest, with_changes
 
 logger = logging.getLogger(__name__)
 
 WRITE_PIECE_BYTES = 1 << 20  # lines are handed to write_stream in pieces of about this size
+FAIL_ATTEMPTS = 10  # fail_batch re-reads when the status moves under it; it moves a few times at most
 
 NEVER_RAN_MESSAGES = {
     "batch_cancelled": "The batch was cancelled before this request ran.",
@@ -46,13 +53,14 @@ class FinalizeError(RuntimeError):
 def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
     """Write the output/error files and set the terminal status; input {"project_id", "batch_id"}.
 
-    Returns {"project_id", "batch_id", "status"} with the terminal status.
+    Returns {"project_id", "batch_id", "status"} with the terminal status. The terminal event is
+    published before the terminal update (at-least-once delivery, see the module docstring).
     """
     project_id, batch_id = event["project_id"], event["batch_id"]
     ids = {"project_id": project_id, "batch_id": batch_id}
     batch = _get_batch(deps, project_id, batch_id)
     if batch.is_terminal:
-        deps.journal.delete_batch(batch_id)  # a crash may have come between the terminal update and this
+        _after_terminal(deps, batch)  # a crash may have come between the terminal update and the clean-up
         return {**ids, "status": batch.status}
     if batch.status == "in_progress":
         try:
@@ -65,6 +73,7 @@ def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
         except ConditionFailed:  # the user cancelled (or another run moved on) meanwhile
             batch = _get_batch(deps, project_id, batch_id)
             if batch.is_terminal:
+                _after_terminal(deps, batch)
                 return {**ids, "status": batch.status}
     if batch.status not in ("finalizing", "cancelling"):
         raise FinalizeError(f"batch {batch_id} cannot be finalized from status {batch.status!r}")
@@ -77,11 +86,29 @@ def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
         max(0, chunk.lines - len(tally.done_ids)) for chunk, tally in zip(chunks, tallies, strict=True)
     )
     never_ran_code: str | None = None
+    errors: list[BatchErrorEntry] = []
     if never_ran:
         if cancelling:
             never_ran_code = "batch_cancelled"
         elif now >= batch.expires_at:
             never_ran_code = "batch_expired"
+        elif _input_blob_key(deps, batch) is None:
+            # process stopped because the input body is gone (it should be kept while the batch runs,
+            # so this is a defence): keep what finished, count the unreadable rest as failed
+            logger.warning(
+                "batch %s: the input file's body is gone; %d requests that never ran are counted failed "
+                "without error lines",
+                batch_id,
+                never_ran,
+            )
+            errors.append(
+                BatchErrorEntry(
+                    code="input_file_missing",
+                    message=f"The body of input file {batch.input_file_id} was gone before {never_ran} "
+                    "requests could run; they are counted as failed and have no lines in the error file.",
+                    param="input_file_id",
+                )
+            )
         else:
             raise FinalizeError(
                 f"batch {batch_id}: {never_ran} requests never ran, but the batch is neither cancelled nor expired"
@@ -112,8 +139,8 @@ def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
         else None
     )
 
-    status = "cancelled" if cancelling else "expired" if never_ran else "completed"
-    changes = {
+    status = "cancelled" if cancelling else "expired" if never_ran_code == "batch_expired" else "completed"
+    changes: dict[str, Any] = {
         "status": status,
         f"{status}_at": now,
         "output_file_id": output_id,
@@ -121,6 +148,11 @@ def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
         "request_counts": RequestCounts(total=batch.request_counts.total, completed=completed, failed=failed),
         "usage": usage,
     }
+    if errors:
+        changes["errors"] = [e.model_dump() for e in [*batch.errors, *errors]]
+    # publish first, then store: a failed publish leaves the batch unfinished, so the retry sends it
+    final = with_changes(batch, changes)
+    deps.events.publish(f"batch.{status}", {**final.to_wire(), "project_id": project_id})
     try:
         final = deps.metadata.update_batch(
             project_id, batch_id, changes, expected_status={"finalizing", "cancelling"}
@@ -128,18 +160,22 @@ def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
     except ConditionFailed:
         current = _get_batch(deps, project_id, batch_id)
         if current.is_terminal:  # a concurrent run finished first
+            _after_terminal(deps, current)
             return {**ids, "status": current.status}
         raise
-    deps.events.publish(f"batch.{status}", {**final.to_wire(), "project_id": project_id})
     # the files now hold every result and the terminal status is stored: the journals have done their job
-    deps.journal.delete_batch(batch_id)
+    _after_terminal(deps, final)
     logger.info("batch %s %s: %d completed, %d failed", batch_id, status, completed, failed)
     return {**ids, "status": status}
 
 
 def fail_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
     """Mark a batch failed after a step failed unexpectedly; input {"project_id", "batch_id", "error":
-    {"code", "message"}}. A batch already terminal is left as it is."""
+    {"code", "message"}}. A batch already terminal is left as it is.
+
+    The `batch.failed` event is published before the terminal update (at-least-once delivery): a
+    failed publish raises, and the batch stays unfinished for the caller's retry.
+    """
     project_id, batch_id = event["project_id"], event["batch_id"]
     ids = {"project_id": project_id, "batch_id": batch_id}
     error = event.get("error") or {}
@@ -147,19 +183,34 @@ def fail_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
         code=error.get("code") or "internal_error",
         message=error.get("message") or "The batch failed because of an internal error.",
     )
-    try:
-        failed = deps.metadata.update_batch(
-            project_id,
-            batch_id,
-            {"status": "failed", "failed_at": deps.now(), "errors": [entry.model_dump()]},
-            expected_status=ACTIVE_STATUSES,
-        )
-    except ConditionFailed:
+    changes: dict[str, Any] = {"status": "failed", "errors": [entry.model_dump()]}
+    for _ in range(FAIL_ATTEMPTS):
         current = deps.metadata.get_batch(project_id, batch_id)
-        return {**ids, "status": current.status if current is not None else None}
-    deps.events.publish("batch.failed", {**failed.to_wire(), "project_id": project_id})
-    deps.journal.delete_batch(batch_id)  # no output will be written from them
-    return {**ids, "status": "failed"}
+        if current is None:
+            return {**ids, "status": None}
+        if current.is_terminal:
+            _after_terminal(deps, current)
+            return {**ids, "status": current.status}
+        changes["failed_at"] = deps.now()
+        deps.events.publish(
+            "batch.failed", {**with_changes(current, changes).to_wire(), "project_id": project_id}
+        )
+        try:
+            failed = deps.metadata.update_batch(
+                project_id, batch_id, changes, expected_status={current.status}
+            )
+        except ConditionFailed:  # the status moved (a cancel, say) since we read it: look again
+            continue
+        _after_terminal(deps, failed)  # no output will be written from the journals
+        return {**ids, "status": "failed"}
+    raise ConditionFailed(batch_id)
+
+
+def _after_terminal(deps: Deps, batch: BatchRecord) -> None:
+    """Clean up after a batch reached its terminal status (every step is safe to repeat): drop an input
+    body that was kept only for this batch, then the journals."""
+    release_input_file(deps, batch.project_id, batch.input_file_id)
+    deps.journal.delete_batch(batch.id)
 
 
 # ---------------------------------------------------------------- helpers
@@ -242,24 +293,38 @@ def _coalesce(lines: Iterable[bytes], size: int = WRITE_PIECE_BYTES) -> Iterator
         yield b"".join(piece)
 
 
-def _write_file(deps: Deps, batch: BatchRecord, kind: str, pieces: Iterable[bytes], now: int) -> str:
-    """Write the batch's output or error file once and register it; a re-run finds the record and skips."""
+def _write_file(deps: Deps, batch: BatchRecord, kind: str, pieces: Iterable[bytes], now: int) -> str | None:
+    """Write the batch's output or error file once and register it; a re-run finds the record and skips.
+    None when there is nothing to write (failures with no line: their input could not be read).
+
+    The blob's expiry (on S3 the tag the lifecycle rules match) is set before the record is created and
+    again when a re-run finds the record, so a crash or a tagging error in between cannot leave an
+    output file that is never deleted. Setting it twice is harmless.
+    """
     file_id = output_file_id(batch.id, kind)
-    if deps.metadata.get_file(batch.project_id, file_id) is not None:
-        return file_id  # the record is created after the body is whole, so the body is there
     blob_key = keys.file_key(file_id)
-    size = deps.blobs.write_stream(blob_key, pieces)
+    existing = deps.metadata.get_file(batch.project_id, file_id)
+    if existing is not None:  # the record is created after the body is whole, so the body is there
+        if existing.expires_at is not None and not existing.deleted:
+            deps.blobs.set_expiry(existing.blob_key, existing.expires_at)
+        return file_id
+    pieces = iter(pieces)
+    first = next(pieces, None)
+    if first is None:
+        return None
+    size = deps.blobs.write_stream(blob_key, itertools.chain((first,), pieces))
+    expires_at = now + batch.output_expires_after_seconds
+    deps.blobs.set_expiry(blob_key, expires_at)
     record = FileRecord(
         id=file_id,
         project_id=batch.project_id,
         bytes=size,
         created_at=now,
-        expires_at=now + batch.output_expires_after_seconds,
+        expires_at=expires_at,
         filename=f"{batch.id}_{kind}.jsonl",
         purpose="batch_output",
         blob_key=blob_key,
     )
     with contextlib.suppress(AlreadyExists):  # a concurrent run registered it first; the bodies are the same
         deps.metadata.create_file(record)
-    deps.blobs.set_expiry(blob_key, record.expires_at or now)
     return file_id

@@ -41,6 +41,8 @@ RUNNABLE_STATUSES = frozenset({"in_progress", "validating"})
 
 TimeLeft = Callable[[], float]
 
+INPUT_MISSING = "input_missing"  # `stopped` when the input file's body vanished under a running batch
+
 
 @dataclass
 class ChunkTally:
@@ -95,9 +97,10 @@ def stop_reason(batch: BatchRecord, now: int) -> str | None:
 def process_chunk(event: dict[str, Any], deps: Deps, *, time_left: TimeLeft | None = None) -> dict[str, Any]:
     """Run one chunk: input {"project_id", "batch_id", "chunk": ChunkPlan dict}.
 
-    `time_left` returns the seconds this invocation may still run (a Lambda context's remaining time);
-    None means no limit. Returns {"project_id", "batch_id", "index", "done", "stopped"}: `done` false
-    means call again (time ran low), `stopped` is "cancelled" / "expired" when requests were left unrun.
+    `time_left` returns the seconds this invocation may still run (a Lambda context's remaining time;
+    the local runner answers 0 once it is shutting down); None means no limit. Returns {"project_id",
+    "batch_id", "index", "done", "stopped"}: `done` false means call again (time ran low), `stopped` is
+    "cancelled" / "expired" / "input_missing" when requests were left unrun.
     """
     return asyncio.run(process_chunk_async(event, deps, time_left=time_left))
 
@@ -123,15 +126,31 @@ async def process_chunk_async(
 
     input_file = deps.metadata.get_file(project_id, batch.input_file_id)
     if input_file is None:
-        raise RuntimeError(f"batch {batch_id}: input file {batch.input_file_id} has no record")
+        # The body is kept while the batch runs, even if the file is deleted or expires; should it be
+        # gone anyway (here, or a KeyError in `_ChunkRun.requests`), retrying cannot help: stop, and let
+        # finalize keep what already finished.
+        _log_input_missing(batch, plan)
+        deps.metadata.put_chunk_progress(batch_id, tally.progress(plan))
+        complete = len(tally.done_ids) >= plan.lines
+        return {**result, "done": True, "stopped": None if complete else INPUT_MISSING}
     run = _ChunkRun(deps, batch, plan, input_file.blob_key, tally, time_left)
     stopped = await run.run()
     complete = len(tally.done_ids) >= plan.lines
     if complete:
         return {**result, "done": True, "stopped": None}
-    if stopped in ("cancelled", "expired"):
+    if stopped in ("cancelled", "expired", INPUT_MISSING):
         return {**result, "done": True, "stopped": stopped}
     return {**result, "done": False, "stopped": None}
+
+
+def _log_input_missing(batch: BatchRecord, plan: ChunkPlan) -> None:
+    logger.warning(
+        "batch %s chunk %d: the body of input file %s is gone; the requests not yet run are left unrun "
+        "and will be counted failed",
+        batch.id,
+        plan.index,
+        batch.input_file_id,
+    )
 
 
 class _ChunkRun:
@@ -163,15 +182,22 @@ class _ChunkRun:
     # ---------------------------------------------------------------- input
 
     def requests(self) -> Iterator[tuple[str, bytes]]:
-        """(custom_id, body) of each request line of the chunk not yet in the journal, in file order."""
-        pieces = self.deps.blobs.iter_range(self.blob_key, self.plan.start, self.plan.end)
-        for _start, _end, raw in split_lines(pieces, self.plan.start):
-            if not raw.strip():
-                continue
-            obj = orjson.loads(raw)
-            custom_id = obj["custom_id"]
-            if custom_id not in self.tally.done_ids:
-                yield custom_id, orjson.dumps(obj["body"])
+        """(custom_id, body) of each request line of the chunk not yet in the journal, in file order.
+
+        Ends early (and sets `stopped`) if the input body vanishes while it is read."""
+        try:
+            pieces = self.deps.blobs.iter_range(self.blob_key, self.plan.start, self.plan.end)
+            lines = split_lines(pieces, self.plan.start)
+            for _start, _end, raw in lines:
+                if not raw.strip():
+                    continue
+                obj = orjson.loads(raw)
+                custom_id = obj["custom_id"]
+                if custom_id not in self.tally.done_ids:
+                    yield custom_id, orjson.dumps(obj["body"])
+        except KeyError:  # the blob store's "absent"
+            _log_input_missing(self.batch, self.plan)
+            self.stopped = self.stopped or INPUT_MISSING
 
     # ---------------------------------------------------------------- the loop
 
@@ -218,12 +244,14 @@ class _ChunkRun:
         return self.stopped
 
     def _stop_before_start(self) -> str | None:
-        """The cheap checks made before every request: the deadline and this invocation's time budget."""
+        """The cheap checks made before every request: the deadline and this invocation's time budget
+        (none left at all stops even the first request: the local runner is shutting down)."""
         if self.deps.now() >= self.batch.expires_at:
             return "expired"
-        if self.time_left is not None and self.started > 0:
+        if self.time_left is not None:
+            left = self.time_left()
             margin = max(TIME_MARGIN_FLOOR_SECONDS, 2 * self.slowest)
-            if self.time_left() < margin:
+            if left <= 0 or (self.started > 0 and left < margin):
                 return "time"
         return None
 

@@ -10,10 +10,12 @@ the journal records each finished request, so `resume()` after a crash simply ru
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from batch_api.deps import Deps
@@ -78,12 +80,28 @@ class LocalWorkflow:
     # ---------------------------------------------------------------- lifecycle
 
     def resume(self) -> int:
-        """Start every batch a previous process left in a non-terminal status; return how many."""
+        """Start every batch a previous process left in a non-terminal status; return how many.
+
+        First drop the journals of batches that are not active (terminal, or unknown): a crash between
+        a batch's terminal update and the deletion of its journals leaves them behind otherwise.
+        """
         active = self.deps.metadata.list_active_batches()
+        self._drop_stale_journals({batch.id for batch in active})
         for batch in active:
             logger.info("resuming batch %s (status %s)", batch.id, batch.status)
             self.start(batch.project_id, batch.id)
         return len(active)
+
+    def _drop_stale_journals(self, active_ids: set[str]) -> None:
+        journal = self.deps.journal
+        # local journals can list their batches (`FilesystemJournal.batch_ids`); it is not a port method
+        batch_ids = getattr(journal, "batch_ids", None)
+        if batch_ids is None:
+            return
+        for batch_id in batch_ids():
+            if batch_id not in active_ids:
+                logger.info("removing the journal of batch %s, which is no longer running", batch_id)
+                journal.delete_batch(batch_id)
 
     def start_sweeper(self, sweep: Callable[[], int]) -> None:
         """Run `sweep` (delete expired files) now and every `file_sweep_interval_seconds`."""
@@ -103,7 +121,8 @@ class LocalWorkflow:
         self._sweeper.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop taking work. Running requests are abandoned; the journal keeps what finished."""
+        """Stop taking work. Running chunks see no time left (`_time_left`): they start no new request
+        and abandon those in flight at their next progress tick; the journal keeps what finished."""
         self._stopping.set()
         if self._chunk_pool is not None:
             self._chunk_pool.shutdown(wait=False, cancel_futures=True)
@@ -160,7 +179,12 @@ class LocalWorkflow:
         try:
             for chunk in chunks:
                 pending.append(
-                    self._chunk_pool.submit(self._step, "process", process_chunk, {**ids, "chunk": chunk})
+                    self._chunk_pool.submit(
+                        self._step,
+                        "process",
+                        partial(process_chunk, time_left=self._time_left),
+                        {**ids, "chunk": chunk},
+                    )
                 )
         except RuntimeError as exc:  # pool shut down
             raise _Stopping() from exc
@@ -174,8 +198,14 @@ class LocalWorkflow:
             except Exception as exc:  # cancelled by shutdown
                 raise _Stopping() from exc
             if not result.get("done", True):
-                # Only a Lambda runs out of time; locally a chunk always finishes.
+                if self._stopping.is_set():  # the chunk stopped for the shutdown
+                    raise _Stopping()
+                # Only a Lambda runs out of time; locally a chunk finishes unless we shut down.
                 raise StepFailed(f"chunk {result.get('index')} did not finish")
+
+    def _time_left(self) -> float:
+        """A running chunk's time budget: unlimited, until the process shuts down."""
+        return 0.0 if self._stopping.is_set() else math.inf
 
     def _step(
         self, name: str, fn: Callable[[dict[str, Any], Deps], dict[str, Any]], event: dict[str, Any]

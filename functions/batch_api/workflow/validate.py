@@ -7,16 +7,19 @@ custom_ids seen and at most `max_batch_errors` error entries, whatever the file'
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 
 from batch_api import keys
 from batch_api.contract import models
 from batch_api.contract.errors import ConditionFailed, NotFound
 from batch_api.contract.models import TERMINAL_STATUSES, BatchErrorEntry, BatchRecord, ChunkPlan
 from batch_api.deps import Deps
+from batch_api.service.files import release_input_file
 from batch_api.workflow.lines import split_lines
 
 logger = logging.getLogger(__name__)
@@ -276,7 +279,7 @@ def validate_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
     """
     project_id, batch_id = event["project_id"], event["batch_id"]
     batch = _get_batch(deps, project_id, batch_id)
-    if not _needs_validation(deps, batch):
+    if not _needs_validation(batch):
         return _outcome(batch)
 
     input_file = deps.metadata.get_file(project_id, batch.input_file_id)
@@ -351,27 +354,44 @@ def _get_batch(deps: Deps, project_id: str, batch_id: str) -> BatchRecord:
     return batch
 
 
-def _needs_validation(deps: Deps, batch: BatchRecord) -> bool:
+def _needs_validation(batch: BatchRecord) -> bool:
     if batch.status == "validating":
         return True
-    # cancelled during validation before a plan was written (say a crash came first): finish the plan,
-    # so finalize can account for every line
-    return batch.status == "cancelling" and not deps.blobs.exists(keys.manifest_key(batch.id))
+    # Cancelled during validation before the plan was recorded on the batch (a crash may have come after
+    # the manifest was written but before the record was updated): finish the plan, so finalize can
+    # account for every line. The record decides, not the manifest: a valid plan has at least one chunk.
+    return batch.status == "cancelling" and batch.chunk_count == 0
 
 
 def _fail(deps: Deps, batch: BatchRecord, errors: list[BatchErrorEntry]) -> dict[str, Any]:
+    """End the batch `failed` with `errors`. The event is published before the terminal update, so a
+    failed publish raises and the step's retry validates and publishes again (at-least-once delivery;
+    a crash between the two publishes twice)."""
+    changes = {"status": "failed", "failed_at": deps.now(), "errors": [e.model_dump() for e in errors]}
+    deps.events.publish(
+        "batch.failed", {**with_changes(batch, changes).to_wire(), "project_id": batch.project_id}
+    )
     try:
         failed = deps.metadata.update_batch(
             batch.project_id,
             batch.id,
-            {"status": "failed", "failed_at": deps.now(), "errors": [e.model_dump() for e in errors]},
+            changes,
             # an invalid file fails even if the user cancelled meanwhile: the errors say more
             expected_status={"validating", "cancelling"},
         )
     except ConditionFailed:
         return _outcome(_get_batch(deps, batch.project_id, batch.id))
-    deps.events.publish("batch.failed", {**failed.to_wire(), "project_id": failed.project_id})
+    release_input_file(deps, failed.project_id, failed.input_file_id)
     return _outcome(failed)
+
+
+def with_changes(batch: BatchRecord, changes: Mapping[str, Any]) -> BatchRecord:
+    """The record as `update_batch(changes)` will store it: what a terminal event announces before the
+    update is made."""
+    data = batch.model_dump()
+    for key, value in changes.items():
+        data[key] = value.model_dump() if isinstance(value, BaseModel) else value
+    return BatchRecord.model_validate(data)
 
 
 def _outcome(batch: BatchRecord) -> dict[str, Any]:

@@ -303,6 +303,18 @@ class FilesystemJournal:
                 if line.endswith(b"\n"):
                     yield line
 
+    def batch_ids(self) -> list[str]:
+        """Batches that have a journal directory, sorted. Not part of the port: the local runner uses it
+        at start to drop journals a crash left behind after their batch ended."""
+        base = self.root / "batches"
+        if not base.is_dir():
+            return []
+        return sorted(
+            entry.name
+            for entry in base.iterdir()
+            if (entry / "journal").is_dir() and not entry.name.startswith(TEMP_PREFIX)
+        )
+
     def delete_batch(self, batch_id: str) -> None:
         directory = self._batch_dir(batch_id)
         with self._lock:

@@ -1,7 +1,8 @@
-"""Review findings: each test demonstrates one correctness problem (they fail until it is fixed)."""
+"""Durability and race edge cases: crashes between writes, concurrent completes, inputs removed mid-batch."""
 
 from __future__ import annotations
 
+import inspect
 import socket
 import sqlite3
 import threading
@@ -188,7 +189,9 @@ class _CancelThenCrash(RecordingMetadata):
     def update_batch(self, project_id: str, batch_id: str, changes: Any, *, expected_status: Any) -> Any:
         expected = set(expected_status)
         if self.armed and expected == {"validating"} and changes.get("status") == "in_progress":
-            super().update_batch(project_id, batch_id, {"status": "cancelling"}, expected_status={"validating"})
+            super().update_batch(
+                project_id, batch_id, {"status": "cancelling"}, expected_status={"validating"}
+            )
             raise ConditionFailed(batch_id)
         if self.armed and expected == {"cancelling"} and "request_counts" in changes:
             self.armed = False
@@ -226,7 +229,9 @@ class _HookedBlobs(SmallPieceBlobStore):
         super().__init__()
         self.hook: Any = None
 
-    def iter_range(self, key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    def iter_range(
+        self, key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes]:
         if self.hook is not None and key.endswith(self.second_part):
             hook, self.hook = self.hook, None
             hook()
@@ -281,7 +286,13 @@ def test_sqlite_store_recovers_after_a_failed_commit(tmp_path: Path) -> None:
     real = store._conn
     store._conn = _CommitFailsOnce(real)  # type: ignore[assignment]
     record = FileRecord(
-        id="file-a", project_id=PROJECT, bytes=1, created_at=1, filename="a", purpose="batch", blob_key="files/a"
+        id="file-a",
+        project_id=PROJECT,
+        bytes=1,
+        created_at=1,
+        filename="a",
+        purpose="batch",
+        blob_key="files/a",
     )
     with pytest.raises(sqlite3.OperationalError):
         store.create_file(record)
@@ -300,9 +311,10 @@ def local_server() -> Iterator[tuple[str, int]]:
         def resolve(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
             return {"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": "{}"}
 
-    server = LocalHTTPServer(
-        ("127.0.0.1", 0), app=App(), blobs=None, signing_key=b"k", max_request_bytes=1024
-    )
+    options: dict[str, Any] = {"app": App(), "blobs": None, "signing_key": b"k", "max_request_bytes": 1024}
+    if "part_size" in inspect.signature(LocalHTTPServer.__init__).parameters:
+        options["part_size"] = 512
+    server = LocalHTTPServer(("127.0.0.1", 0), **options)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -318,11 +330,59 @@ def test_http_server_answers_a_bad_content_length(local_server: tuple[str, int],
     request thread hangs for as long as the keep-alive client holds the socket), and a non-number
     raises, so the client gets no HTTP answer at all. Either should be a 400 in the error envelope."""
     with socket.create_connection(local_server, timeout=3) as sock:
-        sock.sendall(
-            f"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode()
-        )
+        sock.sendall(f"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
         try:
             answer = sock.recv(4096)
         except TimeoutError:
             answer = b"<no answer within 3 s>"
     assert answer.startswith(b"HTTP/1.1 400"), answer
+
+
+# ---------------------------------------------------------------- output expiry lost on a finalize retry
+
+
+def test_output_file_expiry_is_set_even_if_finalize_died_after_registering_the_file() -> None:
+    """_write_file registers the FileRecord, then sets the blob's expiry (on AWS: the `expire-days`
+    tag the lifecycle rules match). A crash or a tagging error in between, and the re-run finds the
+    record and returns early, so the object is never tagged and S3 never deletes it."""
+    deps = make_deps(FakeUpstream())
+    add_batch(deps, jsonl([request("r0")]), output_expires_after_seconds=7200)
+    validate_batch(ids(), deps)
+    for chunk in load_manifest(deps, "batch_test"):
+        process_chunk({**ids(), "chunk": chunk.model_dump()}, deps)
+    real_set_expiry = deps.blobs.set_expiry
+    deps.blobs.set_expiry = lambda key, at: (_ for _ in ()).throw(RuntimeError("PutObjectTagging throttled"))  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        finalize_batch(ids(), deps)
+    deps.blobs.set_expiry = real_set_expiry  # type: ignore[method-assign]
+
+    finalize_batch(ids(), deps)  # the step's retry
+
+    batch = get_batch(deps)
+    assert batch.status == "completed"
+    assert batch.output_file_id is not None
+    assert keys.file_key(batch.output_file_id) in deps.blobs.expiry
+
+
+# ---------------------------------------------------------------- uploads: crash inside complete
+
+
+def test_upload_complete_retried_after_a_crash_makes_one_file() -> None:
+    """complete_upload stores the FileRecord (a new random id) before moving the upload to
+    `completed`. If that update fails (crash, throttling), the upload is still pending and the retry
+    stitches a second file: the project now lists two live copies, one of which no Upload points at."""
+    deps = make_deps()
+    upload = uploads.create_upload(deps, PROJECT, "in.jsonl", "batch", 3, "application/jsonl")
+    part = uploads.add_part(deps, PROJECT, upload.id, b"abc")
+    real_update = deps.metadata.update_upload
+    deps.metadata.update_upload = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("kill -9"))  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        uploads.complete_upload(deps, PROJECT, upload.id, [part.id])
+    deps.metadata.update_upload = real_update  # type: ignore[method-assign]
+
+    completed, file = uploads.complete_upload(deps, PROJECT, upload.id, [part.id])
+
+    listed = deps.metadata.list_files(
+        PROJECT, purpose=None, order="desc", after=None, limit=100, now=deps.now()
+    )
+    assert [f.id for f in listed] == [file.id]
