@@ -16,7 +16,7 @@ run: $(STAMP)
 	$(VENV)/bin/batch-api serve
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION=20 $(PY) -m pytest -n 2 --dist loadfile -q
 
 unit: $(STAMP)
 	$(PY) -m pytest -m unit -q

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     requests_per_chunk: int = Field(default=32, ge=1, le=1024)  # requests in flight per chunk
     completion_window_seconds: int = Field(default=86400, ge=1)  # the length of the "24h" window
     progress_interval_seconds: float = Field(default=1.0, gt=0)  # how often counts and cancel are checked
+    # how long finished results may wait before they are journaled: 0 = at once (local files, cheap appends);
+    # on S3, where each append is a PUT, the stack sets 1 s
+    journal_flush_interval_seconds: float = Field(default=0.0, ge=0, le=60)
     max_batch_errors: int = Field(default=1000, ge=1)  # validation errors kept in Batch.errors
 
     # API

@@ -80,7 +80,11 @@ class Workflow(Construct):
             timeout=STEP_TIMEOUT,
             memory_mb=memory,
         )
-        upstream_env = {"BATCH_API_REQUESTS_PER_CHUNK": str(config.requests_per_chunk)}
+        upstream_env = {
+            "BATCH_API_REQUESTS_PER_CHUNK": str(config.requests_per_chunk),
+            # each journal append is an S3 PUT: batch a second of results per PUT
+            "BATCH_API_JOURNAL_FLUSH_INTERVAL_SECONDS": "1",
+        }
         if config.upstream_url:
             upstream_env["BATCH_API_UPSTREAM_URL"] = config.upstream_url
         if upstream_secret is not None and config.upstream_secret_name:

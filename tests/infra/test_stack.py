@@ -259,6 +259,7 @@ def test_function_environment(
     assert process["BATCH_API_UPSTREAM_SECRET_NAME"] == env_settings["upstream_secret_name"]
     assert process["BATCH_API_UPSTREAM_URL"] == env_settings["upstream_url"]
     assert process["BATCH_API_REQUESTS_PER_CHUNK"] == str(env_settings["requests_per_chunk"])
+    assert float(process["BATCH_API_JOURNAL_FLUSH_INTERVAL_SECONDS"]) > 0  # one S3 PUT per interval
 
 
 # ------------------------------------------------------------------ least privilege

@@ -138,6 +138,21 @@ def test_lines_that_complete_together_share_one_journal_append() -> None:
     assert deps.journal.appends <= 4  # two waves of eight, give or take a straggler
 
 
+def test_a_journal_flush_interval_batches_results_into_fewer_appends() -> None:
+    # one request at a time, 10 ms each: every result would be its own append without an interval
+    deps, _, [chunk] = _setup(
+        20, upstream=FakeUpstream(latency=0.01), requests_per_chunk=1, journal_flush_interval_seconds=0.1
+    )
+    immediate, _, [same_chunk] = _setup(20, upstream=FakeUpstream(latency=0.01), requests_per_chunk=1)
+
+    _run(deps, chunk)
+    _run(immediate, same_chunk)
+
+    assert len(_journal(deps)) == len(_journal(immediate)) == 20
+    assert immediate.journal.appends == 20
+    assert deps.journal.appends <= 5  # ~0.2 s of work in 0.1 s windows, plus the final flush
+
+
 def test_progress_is_written_while_the_chunk_runs() -> None:
     deps, _, [chunk] = _setup(
         12, upstream=FakeUpstream(latency=0.01), requests_per_chunk=1, progress_interval_seconds=0.02

@@ -276,9 +276,16 @@ class _ChunkRun:
         usage = usage_of(self.batch.endpoint, response.body) if success else Usage()
         self.pending.append((custom_id, result_line(self.batch.id, custom_id, response), success, usage))
         if not self.flush_scheduled:
-            # runs after every task resumed in this loop iteration: lines that complete together share one append
+            # Interval 0 (local): runs after every task resumed in this loop iteration, so lines that complete
+            # together share one append. On S3 every append is a PUT that blocks the loop for tens of ms, so
+            # there the journal is flushed every interval instead (a crash re-sends at most that much).
             self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            delay = self.deps.settings.journal_flush_interval_seconds
+            loop = asyncio.get_running_loop()
+            if delay > 0:
+                loop.call_later(delay, self._flush)
+            else:
+                loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self.flush_scheduled = False
