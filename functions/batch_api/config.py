@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     # how long finished results may wait before they are journaled: 0 = at once (local files, cheap appends);
     # on S3, where each append is a PUT, the stack sets 1 s
     journal_flush_interval_seconds: float = Field(default=0.0, ge=0, le=60)
-    max_batch_errors: int = Field(default=1000, ge=1)  # validation errors kept in Batch.errors
+    # validation errors kept in Batch.errors; 500 short entries keep a batch well under DynamoDB's 400 KB item
+    max_batch_errors: int = Field(default=500, ge=1, le=2000)
 
     # API
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

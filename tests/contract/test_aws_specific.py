@@ -486,3 +486,34 @@ def test_a_rejected_entry_raises(account: MotoAccount) -> None:
         with pytest.raises(EventPublishFailed, match="InternalFailure"):
             sink.publish("batch.expired", {"id": "batch_1"})
         stub.assert_no_pending_responses()
+
+
+def test_a_failed_batch_with_the_most_validation_errors_fits_in_one_item(account: MotoAccount) -> None:
+    """Batch.errors lives on the batch item: at the cap, with messages at their longest, it must stay
+    under DynamoDB's 400 KB item limit (moto enforces it, like DynamoDB)."""
+    from batch_api.config import Settings
+    from batch_api.contract.models import BatchErrorEntry
+
+    store = DynamoMetadataStore(account.table())
+    store.create_batch(make_batch("batch_many_errors"))
+    cap = Settings().max_batch_errors
+    longest = (
+        "Line 49999 uses model '"
+        + "m" * 76
+        + "...', but line 1 uses '"
+        + "n" * 76
+        + "...'; a batch file must use one model."
+    )
+    errors = [
+        BatchErrorEntry(code="mismatched_model", message=longest, param="body.model", line=49_999)
+    ] * cap
+
+    failed = store.update_batch(
+        "proj-a",
+        "batch_many_errors",
+        {"status": "failed", "failed_at": NOW, "errors": errors},
+        expected_status={"validating"},
+    )
+
+    assert failed.status == "failed" and len(failed.errors) == cap
+    assert store.get_batch("proj-a", "batch_many_errors").errors[-1].message == longest  # type: ignore[union-attr]
