@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test unit contract integration e2e infra lint format bench clean
+.PHONY: run test unit contract integration e2e infra lint format coverage bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,8 +42,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix functions tests bench infra
 	$(VENV)/bin/ruff format functions tests bench infra
 
+coverage: $(STAMP)
+	JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION=20 $(PY) -m pytest -n 2 --dist loadfile -q --cov --cov-report=term-missing:skip-covered
+
 bench: $(STAMP)
-	$(PY) bench/upstream_client.py
+	$(PY) bench/upstream_client.py --output bench/results/upstream_client.md
 	$(PY) bench/memory_200mb.py
 	$(PY) bench/pipeline_overhead.py
 

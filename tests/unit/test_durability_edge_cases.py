@@ -380,7 +380,7 @@ def test_upload_complete_retried_after_a_crash_makes_one_file() -> None:
         uploads.complete_upload(deps, PROJECT, upload.id, [part.id])
     deps.metadata.update_upload = real_update  # type: ignore[method-assign]
 
-    completed, file = uploads.complete_upload(deps, PROJECT, upload.id, [part.id])
+    _completed, file = uploads.complete_upload(deps, PROJECT, upload.id, [part.id])
 
     listed = deps.metadata.list_files(
         PROJECT, purpose=None, order="desc", after=None, limit=100, now=deps.now()
