@@ -51,6 +51,10 @@ class EnvConfig(BaseModel):
 
     upstream_url: str | None = None  # None: the deterministic mock upstream (demos only)
     upstream_secret_name: str | None = None  # an existing Secrets Manager secret holding the upstream key
+    # an existing Secrets Manager secret holding the client API keys (comma-separated, or JSON
+    # {"api_keys": [...]}); None: batch-api/<env>/api-keys. There is no "off": without keys the API
+    # would serve anyone on the internet as one project.
+    api_keys_secret_name: str | None = Field(default=None, min_length=1)
 
     map_max_concurrency: int = Field(default=10, ge=1, le=10_000)  # Distributed Map MaxConcurrency
     chunk_max_lines: int = Field(default=1000, ge=1, le=50_000)
@@ -78,6 +82,11 @@ class EnvConfig(BaseModel):
     def log_retention_name(self) -> str:
         """The aws_logs.RetentionDays member for `log_retention_days`."""
         return LOG_RETENTION_DAYS[self.log_retention_days]
+
+    @property
+    def api_keys_secret(self) -> str:
+        """The name of the secret holding the client API keys."""
+        return self.api_keys_secret_name or f"batch-api/{self.name}/api-keys"
 
     @property
     def stack_name(self) -> str:

@@ -69,6 +69,9 @@ class BatchApiStack(Stack):
             config=config,
             functions=functions,
             storage=storage,
+            api_keys_secret=secretsmanager.Secret.from_secret_name_v2(
+                self, "ApiKeysSecret", config.api_keys_secret
+            ),
             state_machine=workflow.state_machine,
             log_retention=log_retention,
             removal_policy=removal_policy,

@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     event_bus_name: str = "default"
     event_source: str = "batch-api"
     upstream_secret_name: str | None = None  # Secrets Manager secret holding the upstream API key
+    api_keys_secret_name: str | None = None  # Secrets Manager secret holding the client API keys (AWS)
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -50,6 +50,10 @@ class MetadataStore(Protocol):
 
     def get_upload_parts(self, upload_id: str) -> list[UploadPartRecord]: ...
 
+    def list_expired_uploads(self, now: int, limit: int) -> list[UploadRecord]:
+        """Uploads (any project) still `pending` whose expires_at <= now, ordered by (expires_at, id),
+        at most `limit` of them."""
+
     # batches
     def create_batch(self, record: BatchRecord) -> None: ...
 
@@ -72,9 +76,19 @@ class MetadataStore(Protocol):
 
     def list_chunk_progress(self, batch_id: str) -> list[ChunkProgress]: ...
 
+    def delete_chunk_progress(self, batch_id: str) -> None:
+        """Remove every chunk progress record of the batch (none is fine)."""
+
     # idempotency keys
     def claim_idempotency_key(self, project_id: str, key: str, resource_id: str, created_at: int) -> str:
-        """Record key -> resource_id if absent; return the resource id stored for the key either way."""
+        """Record key -> resource_id, expiring `IDEMPOTENCY_KEY_TTL` after `created_at`, if the key has no
+        record or only an expired one (its expiry <= `created_at`, the time of this claim); return the
+        resource id stored for the key either way."""
+
+    def purge_expired_idempotency_keys(self, now: int) -> int:
+        """Remove key records whose expiry <= now; return how many this call removed. A store that
+        expires records by itself (DynamoDB TTL) may leave them to that and return 0: an expired
+        record is treated as absent either way."""
 
 
 class BlobStore(Protocol):

@@ -1,7 +1,8 @@
 """The REST API: one Lambda proxy ({proxy+}, ANY) running the Powertools resolver for every route.
 
 Authentication is the handler's: the openai SDK sends `Authorization: Bearer <key>`, checked against
-hashed keys in the table; API Gateway authorizers (IAM, Cognito) cannot check those keys.
+the keys in the API keys secret (each key is its own project, stored under a hash of the key); API
+Gateway authorizers (IAM, Cognito) cannot check those keys.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from aws_cdk import CfnOutput, Duration, RemovalPolicy
 from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_logs as logs
+from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
@@ -25,6 +27,14 @@ MAX_REQUEST_BYTES = 4_500_000
 MAX_INLINE_DOWNLOAD_BYTES = 4_000_000
 
 
+def openai_error_template(error_type: str) -> str:
+    """A gateway response body in the OpenAI envelope; `messageString` is the message, JSON-quoted."""
+    return (
+        '{"error":{"message":$context.error.messageString,'
+        f'"type":"{error_type}","param":null,"code":null}}}}'
+    )
+
+
 class Api(Construct):
     def __init__(
         self,
@@ -34,6 +44,7 @@ class Api(Construct):
         config: EnvConfig,
         functions: FunctionFactory,
         storage: Storage,
+        api_keys_secret: secretsmanager.ISecret,
         state_machine: sfn.IStateMachine,
         log_retention: logs.RetentionDays,
         removal_policy: RemovalPolicy,
@@ -48,6 +59,7 @@ class Api(Construct):
             memory_mb=config.api_memory_mb,
             environment={
                 "BATCH_API_STATE_MACHINE_ARN": state_machine.state_machine_arn,
+                "BATCH_API_API_KEYS_SECRET_NAME": config.api_keys_secret,
                 "BATCH_API_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
                 "BATCH_API_MAX_INLINE_DOWNLOAD_BYTES": str(MAX_INLINE_DOWNLOAD_BYTES),
                 "POWERTOOLS_TRACER_CAPTURE_RESPONSE": "false",  # file downloads would bloat traces
@@ -59,6 +71,7 @@ class Api(Construct):
         prefixes = ("files/", "uploads/")
         storage.grant_objects(self.function, read=prefixes, write=prefixes, delete=prefixes)
         state_machine.grant_start_execution(self.function)
+        api_keys_secret.grant_read(self.function)
 
         self.access_logs = logs.LogGroup(
             self, "AccessLogs", retention=log_retention, removal_policy=removal_policy
@@ -96,6 +109,18 @@ class Api(Construct):
                 ),
             ),
         )
+        # Answers API Gateway makes itself (stage throttling, a body over 10 MB, a Lambda error or
+        # timeout) keep the OpenAI error envelope, with all four keys, like the handler's answers.
+        for response_id, response_type, error_type in (
+            ("Throttled", apigateway.ResponseType.THROTTLED, "rate_limit_exceeded"),
+            ("Default4xx", apigateway.ResponseType.DEFAULT_4_XX, "invalid_request_error"),
+            ("Default5xx", apigateway.ResponseType.DEFAULT_5_XX, "server_error"),
+        ):
+            self.rest_api.add_gateway_response(
+                response_id,
+                type=response_type,
+                templates={"application/json": openai_error_template(error_type)},
+            )
         self.base_url = f"{self.rest_api.url}v1"
         CfnOutput(self, "BaseUrl", value=self.base_url, description="openai SDK base_url")
 
@@ -107,7 +132,7 @@ class Api(Construct):
                 "AwsSolutions-APIG3": "WAF is left to the operator (an account-level choice with its own cost); "
                 "the stage is throttled and every route checks a bearer API key.",
                 "AwsSolutions-APIG4": "The handler authenticates each request with the OpenAI-style bearer API key "
-                "(hashed keys in DynamoDB); IAM and Cognito authorizers cannot check those keys.",
+                "(the keys in the API keys secret); IAM and Cognito authorizers cannot check those keys.",
                 "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
                 "AmazonAPIGatewayPushToCloudWatchLogs]": "API Gateway's account-level logging role; this AWS managed "
                 "policy is the documented one for it and only lets API Gateway write its own logs.",

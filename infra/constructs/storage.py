@@ -18,7 +18,9 @@ EXPIRE_TAG = "expire-days"
 MAX_EXPIRE_DAYS = 30
 # workflow state (manifest, part files, journal) outlives its batch (<= 24 h window + finalize) by days
 BATCH_STATE_DAYS = 7
-UPLOAD_PARTS_DAYS = 2  # an Upload expires an hour after it is created
+# an Upload expires an hour after it is created; the sweep deletes the parts of expired ones where it
+# runs, and this rule is the backstop for their bytes
+UPLOAD_PARTS_DAYS = 2
 
 _ATTRIBUTE_TYPES = {
     "S": dynamodb.AttributeType.STRING,
@@ -100,6 +102,8 @@ class Storage(Construct):
             encryption=dynamodb.TableEncryption.AWS_MANAGED,
             deletion_protection=not destroy,
             removal_policy=removal_policy,
+            # DynamoDB deletes expired idempotency keys (lazily; readers treat them as absent already)
+            time_to_live_attribute=schema.TTL_ATTRIBUTE,
         )
         for index_name, partition_key, sort_key in schema.GLOBAL_SECONDARY_INDEXES:
             self.table.add_global_secondary_index(

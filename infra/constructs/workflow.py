@@ -117,8 +117,13 @@ class Workflow(Construct):
 
         for function in self.functions:
             storage.grant_table(function)
+        # Every step that can end a batch (validate, finalize, fail) releases its input file: the body of
+        # an input file deleted or expired while the batch ran is kept for it, and removed when it ends
+        # (service.files.release_input_file), so those steps delete under files/ too.
         # validate: reads the input file, writes the manifest
-        storage.grant_objects(self.validate_function, read=("files/", "batches/"), write=("batches/",))
+        storage.grant_objects(
+            self.validate_function, read=("files/", "batches/"), write=("batches/",), delete=("files/",)
+        )
         # process: reads its chunk of the input, appends to the journal
         storage.grant_objects(self.process_function, read=("files/", "batches/"), write=("batches/",))
         # finalize: reads the journal and input, writes output/error files (tagged), drops the journal
@@ -126,9 +131,9 @@ class Workflow(Construct):
             self.finalize_function,
             read=("files/", "batches/"),
             write=("files/", "batches/"),
-            delete=("batches/",),
+            delete=("files/", "batches/"),
         )
-        storage.grant_objects(self.fail_function, delete=("batches/",))  # drops the journal
+        storage.grant_objects(self.fail_function, delete=("files/", "batches/"))  # the journal, the input
         for publisher in (self.validate_function, self.finalize_function, self.fail_function):
             bus.grant_put_events_to(publisher)
         if upstream_secret is not None:
@@ -202,11 +207,13 @@ class Workflow(Construct):
         mark_failed = self._task(
             "MarkFailed",
             self.fail_function,
+            # the whole error output: a reference to $.failure.Cause would itself fail (States.Runtime,
+            # uncaught, batch stuck) on an error output without a Cause; fail_handler reads both fields
             payload=sfn.TaskInput.from_object(
                 {
                     "project_id": sfn.JsonPath.string_at("$.project_id"),
                     "batch_id": sfn.JsonPath.string_at("$.batch_id"),
-                    "error": {"code": "internal_error", "message": sfn.JsonPath.string_at("$.failure.Cause")},
+                    "failure": sfn.JsonPath.object_at("$.failure"),
                 }
             ),
             result_path=sfn.JsonPath.DISCARD,

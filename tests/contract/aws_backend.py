@@ -30,7 +30,7 @@ from moto.s3.responses import S3Response
 
 from batch_api.adapters.aws.dynamodb import DynamoMetadataStore
 from batch_api.adapters.aws.s3 import S3BlobStore, S3Journal
-from batch_api.adapters.aws.schema import create_table_kwargs
+from batch_api.adapters.aws.schema import create_table_kwargs, time_to_live_kwargs
 
 REGION = "us-east-1"
 TABLE = "batch-api-test"
@@ -82,6 +82,7 @@ def start_account(stack: ExitStack) -> MotoAccount:
     stack.enter_context(mock_aws())
     account = MotoAccount(shared_session())
     account.client("dynamodb").create_table(**create_table_kwargs(TABLE))
+    account.client("dynamodb").update_time_to_live(**time_to_live_kwargs(TABLE))
     account.client("s3").create_bucket(Bucket=BUCKET)
     return account
 

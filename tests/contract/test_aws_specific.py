@@ -10,6 +10,7 @@ import json
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
+from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -29,11 +30,11 @@ from batch_api.adapters.aws.s3 import (
     content_disposition,
     expire_days,
 )
-from batch_api.adapters.aws.schema import PARTITION_KEY, SORT_KEY
+from batch_api.adapters.aws.schema import PARTITION_KEY, SORT_KEY, TTL_ATTRIBUTE
 from batch_api.adapters.aws.stepfunctions import StepFunctionsWorkflow
 from batch_api.adapters.memory import MemoryMetadataStore
 from batch_api.contract.errors import AlreadyExists
-from batch_api.contract.models import BatchRecord, FileRecord
+from batch_api.contract.models import IDEMPOTENCY_KEY_TTL, BatchRecord, FileRecord, UploadRecord
 from tests.contract.aws_backend import BUCKET, REGION, MotoAccount, shared_session, start_account
 
 pytestmark = pytest.mark.contract
@@ -73,6 +74,21 @@ def make_batch(batch_id: str, **fields: Any) -> BatchRecord:
     }
     values.update(fields)
     return BatchRecord.model_validate(values)
+
+
+def make_upload(upload_id: str, **fields: Any) -> UploadRecord:
+    values: dict[str, Any] = {
+        "id": upload_id,
+        "project_id": "proj-a",
+        "bytes": 1,
+        "created_at": NOW,
+        "expires_at": NOW + 3600,
+        "filename": "f.jsonl",
+        "purpose": "batch",
+        "mime_type": "application/jsonl",
+    }
+    values.update(fields)
+    return UploadRecord.model_validate(values)
 
 
 def raw_item(account: MotoAccount, pk: str, sk: str) -> dict[str, Any]:
@@ -115,6 +131,47 @@ def test_batch_is_on_the_active_index_only_while_not_terminal(account: MotoAccou
     assert (item["gsi2pk"], item["gsi2sk"]) == ("ACTIVE", f"{NOW:012d}#batch_1")
 
 
+def test_upload_is_on_the_expiry_index_only_while_pending(account: MotoAccount) -> None:
+    store = DynamoMetadataStore(account.table())
+    store.create_upload(make_upload("upload_1"))
+    store.create_upload(make_upload("upload_done", status="completed"))
+    item = raw_item(account, "UPLOAD#upload_1", "UPLOAD")
+    assert (item["gsi2pk"], item["gsi2sk"]) == ("UPLOAD_EXPIRES", f"{NOW + 3600:012d}#upload_1")
+    assert "gsi2pk" not in raw_item(account, "UPLOAD#upload_done", "UPLOAD")
+
+    store.update_upload("proj-a", "upload_1", {"status": "expired"}, expected_status=["pending"])
+    item = raw_item(account, "UPLOAD#upload_1", "UPLOAD")
+    assert "gsi2pk" not in item  # off the index; the sort key stays, ready should it be pending again
+    assert item["gsi2sk"] == f"{NOW + 3600:012d}#upload_1"
+    assert store.get_upload("proj-a", "upload_1") == make_upload("upload_1", status="expired")
+
+
+def test_idempotency_item_carries_a_numeric_ttl(account: MotoAccount) -> None:
+    store = DynamoMetadataStore(account.table())
+    store.claim_idempotency_key("proj-a", "key-1", "batch_1", NOW)
+    item = raw_item(account, "IDEMP#proj-a", "KEY#key-1")
+    assert item[TTL_ATTRIBUTE] == NOW + IDEMPOTENCY_KEY_TTL  # a Number: DynamoDB TTL ignores anything else
+    assert isinstance(item[TTL_ATTRIBUTE], Decimal)
+
+
+def test_idempotency_item_written_before_keys_expired_is_judged_by_its_age(account: MotoAccount) -> None:
+    for key in ("key-old", "key-young"):
+        account.table().put_item(
+            Item={
+                PARTITION_KEY: "IDEMP#proj-a",
+                SORT_KEY: f"KEY#{key}",
+                "project_id": "proj-a",
+                "resource_id": f"batch_{key}",
+                "created_at": NOW if key == "key-old" else NOW + 10,
+            }
+        )
+    store = DynamoMetadataStore(account.table())
+    later = NOW + IDEMPOTENCY_KEY_TTL
+    assert store.claim_idempotency_key("proj-a", "key-young", "batch_new", later) == "batch_key-young"
+    assert store.claim_idempotency_key("proj-a", "key-old", "batch_new", later) == "batch_new"
+    assert raw_item(account, "IDEMP#proj-a", "KEY#key-old")[TTL_ATTRIBUTE] == later + IDEMPOTENCY_KEY_TTL
+
+
 def test_update_with_an_invalid_value_raises_and_changes_nothing(account: MotoAccount) -> None:
     store = DynamoMetadataStore(account.table())
     store.create_batch(make_batch("batch_1"))
@@ -144,6 +201,14 @@ def test_listings_page_through_many_dynamodb_pages_like_the_reference(account: M
         )
         dynamo.create_batch(batch)
         memory.create_batch(batch)
+        upload = make_upload(
+            f"upload_{i:02d}",
+            project_id=f"proj-{i % 2}",
+            expires_at=NOW - i // 3,  # ties on expires_at: the id decides
+            status="pending" if i % 3 == 0 else "completed",
+        )
+        dynamo.create_upload(upload)
+        memory.create_upload(upload)
 
     for purpose in (None, "batch", "batch_output"):
         for order in ("asc", "desc"):
@@ -169,6 +234,9 @@ def test_listings_page_through_many_dynamodb_pages_like_the_reference(account: M
     assert dynamo.list_expired_files(NOW, 2) == memory.list_expired_files(NOW, 2)
     assert dynamo.list_expired_files(NOW, 100) == memory.list_expired_files(NOW, 100)
     assert dynamo.list_active_batches() == memory.list_active_batches()
+    for limit in (1, 2, 100):
+        assert dynamo.list_expired_uploads(NOW - 2, limit) == memory.list_expired_uploads(NOW - 2, limit)
+    assert len(dynamo.list_expired_uploads(NOW, 100)) == 6
 
 
 def test_upload_part_counter_is_not_an_upload(account: MotoAccount) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import pytest
 from batch_api.adapters.local.sqlite import SCHEMA_VERSION, SqliteMetadataStore
 from batch_api.contract.errors import AlreadyExists, ConditionFailed
 from batch_api.contract.models import (
+    IDEMPOTENCY_KEY_TTL,
     BatchErrorEntry,
     BatchRecord,
     ChunkProgress,
@@ -61,17 +63,21 @@ def make_batch(
     return BatchRecord.model_validate(values)
 
 
-def make_upload(upload_id: str, *, project: str = "proj-a") -> UploadRecord:
-    return UploadRecord(
-        id=upload_id,
-        project_id=project,
-        bytes=100,
-        created_at=NOW,
-        expires_at=NOW + 3600,
-        filename="big.jsonl",
-        purpose="batch",
-        mime_type="application/jsonl",
-    )
+def make_upload(
+    upload_id: str, *, project: str = "proj-a", expires_at: int = NOW + 3600, **fields: object
+) -> UploadRecord:
+    values: dict[str, object] = {
+        "id": upload_id,
+        "project_id": project,
+        "bytes": 100,
+        "created_at": NOW,
+        "expires_at": expires_at,
+        "filename": "big.jsonl",
+        "purpose": "batch",
+        "mime_type": "application/jsonl",
+    }
+    values.update(fields)
+    return UploadRecord.model_validate(values)
 
 
 def ids(records: list[FileRecord] | list[BatchRecord]) -> list[str]:
@@ -244,6 +250,51 @@ def test_upload_parts_come_back_in_insertion_order_per_upload(metadata_store: Me
     assert metadata_store.get_upload_parts("upload_none") == []
 
 
+def test_list_expired_uploads_spans_projects_in_expiry_order_and_only_pending(
+    metadata_store: MetadataStore,
+) -> None:
+    metadata_store.create_upload(make_upload("upload_late", expires_at=NOW))
+    metadata_store.create_upload(make_upload("upload_early", project="proj-b", expires_at=NOW - 100))
+    metadata_store.create_upload(make_upload("upload_live", expires_at=NOW + 1))
+    metadata_store.create_upload(make_upload("upload_done", expires_at=NOW - 50, status="completed"))
+    metadata_store.create_upload(make_upload("upload_cancelled", expires_at=NOW - 50, status="cancelled"))
+    metadata_store.create_upload(make_upload("upload_expired", expires_at=NOW - 50, status="expired"))
+
+    assert ids(metadata_store.list_expired_uploads(NOW, 10)) == ["upload_early", "upload_late"]
+    assert metadata_store.list_expired_uploads(NOW, 10)[0] == make_upload(
+        "upload_early", project="proj-b", expires_at=NOW - 100
+    )
+    assert ids(metadata_store.list_expired_uploads(NOW, 1)) == ["upload_early"]
+    assert metadata_store.list_expired_uploads(NOW, 0) == []
+    assert metadata_store.list_expired_uploads(NOW - 101, 10) == []
+    assert ids(metadata_store.list_expired_uploads(NOW + 1, 10)) == [
+        "upload_early",
+        "upload_late",
+        "upload_live",
+    ]
+
+
+def test_an_upload_leaves_the_expired_listing_when_it_leaves_pending(metadata_store: MetadataStore) -> None:
+    for upload_id in ("upload_a", "upload_b", "upload_c"):
+        metadata_store.create_upload(make_upload(upload_id, expires_at=NOW - 10))
+
+    metadata_store.update_upload("proj-a", "upload_a", {"status": "expired"}, expected_status=["pending"])
+    metadata_store.update_upload(
+        "proj-a", "upload_b", {"status": "completed", "file_id": "file-b"}, expected_status=["pending"]
+    )
+    assert ids(metadata_store.list_expired_uploads(NOW, 10)) == ["upload_c"]
+    with pytest.raises(ConditionFailed):  # marking it expired is conditional on pending, like any update
+        metadata_store.update_upload("proj-a", "upload_b", {"status": "expired"}, expected_status=["pending"])
+    stored = metadata_store.get_upload("proj-a", "upload_b")
+    assert stored is not None and stored.status == "completed"
+
+    # a later expiry moves it in the listing; a (hypothetical) move back to pending lists it again
+    metadata_store.update_upload("proj-a", "upload_c", {"expires_at": NOW + 5}, expected_status=["pending"])
+    assert metadata_store.list_expired_uploads(NOW, 10) == []
+    metadata_store.update_upload("proj-a", "upload_a", {"status": "pending"}, expected_status=["expired"])
+    assert ids(metadata_store.list_expired_uploads(NOW + 5, 10)) == ["upload_a", "upload_c"]
+
+
 # ---------------------------------------------------------------- batches
 
 
@@ -393,6 +444,79 @@ def test_idempotency_key_first_claim_wins_per_project(metadata_store: MetadataSt
     assert metadata_store.claim_idempotency_key("proj-b", "key-1", "batch_other", NOW) == "batch_other"
 
 
+def test_delete_chunk_progress_removes_only_that_batchs_progress(metadata_store: MetadataStore) -> None:
+    metadata_store.create_batch(make_batch("batch_1", status="completed"))
+    for index in range(30):  # more than one DynamoDB batch write
+        metadata_store.put_chunk_progress("batch_1", ChunkProgress(index=index, completed=1))
+    metadata_store.put_chunk_progress("batch_2", ChunkProgress(index=0, completed=99))
+
+    metadata_store.delete_chunk_progress("batch_1")
+    metadata_store.delete_chunk_progress("batch_1")  # again, and for a batch with none: fine
+    metadata_store.delete_chunk_progress("batch_none")
+
+    assert metadata_store.list_chunk_progress("batch_1") == []
+    assert metadata_store.list_chunk_progress("batch_2") == [ChunkProgress(index=0, completed=99)]
+    assert metadata_store.get_batch("proj-a", "batch_1") == make_batch("batch_1", status="completed")
+
+
+def test_idempotency_key_expires_a_day_after_its_claim(metadata_store: MetadataStore) -> None:
+    expiry = NOW + IDEMPOTENCY_KEY_TTL
+    assert metadata_store.claim_idempotency_key("proj-a", "key-1", "batch_first", NOW) == "batch_first"
+    assert metadata_store.claim_idempotency_key("proj-b", "key-1", "batch_other", NOW + 10) == "batch_other"
+
+    assert metadata_store.claim_idempotency_key("proj-a", "key-1", "batch_early", expiry - 1) == "batch_first"
+    # at its expiry the record counts as absent, whether or not anything removed it yet
+    assert metadata_store.claim_idempotency_key("proj-a", "key-1", "batch_new", expiry) == "batch_new"
+    # the new claim is a record of its own, expiring a day after it
+    assert metadata_store.claim_idempotency_key("proj-a", "key-1", "batch_3", expiry + 1) == "batch_new"
+    assert (
+        metadata_store.claim_idempotency_key("proj-a", "key-1", "batch_4", expiry + IDEMPOTENCY_KEY_TTL - 1)
+        == "batch_new"
+    )
+    # the other project's key expires on its own clock
+    assert metadata_store.claim_idempotency_key("proj-b", "key-1", "batch_b2", expiry) == "batch_other"
+    assert metadata_store.claim_idempotency_key("proj-b", "key-1", "batch_b3", expiry + 10) == "batch_b3"
+
+
+def test_purge_of_idempotency_keys_keeps_the_live_ones(metadata_store: MetadataStore) -> None:
+    metadata_store.claim_idempotency_key("proj-a", "key-old", "batch_old", NOW)
+    metadata_store.claim_idempotency_key("proj-a", "key-live", "batch_live", NOW + 100)
+    later = NOW + IDEMPOTENCY_KEY_TTL
+
+    assert metadata_store.purge_expired_idempotency_keys(NOW) == 0
+    # the stores that purge remove the expired key; DynamoDB leaves it to TTL (0)
+    assert metadata_store.purge_expired_idempotency_keys(later) in (0, 1)
+    assert metadata_store.purge_expired_idempotency_keys(later) == 0
+
+    assert metadata_store.claim_idempotency_key("proj-a", "key-live", "batch_x", later) == "batch_live"
+    assert metadata_store.claim_idempotency_key("proj-a", "key-old", "batch_y", later) == "batch_y"
+
+
+@pytest.mark.parametrize("state", ["absent", "expired"])
+def test_concurrent_claims_of_a_free_key_agree_on_one_winner(
+    metadata_store: MetadataStore, state: str
+) -> None:
+    claimed_at = NOW
+    if state == "expired":
+        metadata_store.claim_idempotency_key("proj-a", "key-1", "batch_old", NOW)
+        claimed_at = NOW + IDEMPOTENCY_KEY_TTL
+    results: list[str] = []
+    start = threading.Barrier(8)
+
+    def claim(worker: int) -> None:
+        start.wait()
+        results.append(metadata_store.claim_idempotency_key("proj-a", "key-1", f"batch_{worker}", claimed_at))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(results) == 8 and len(set(results)) == 1 and results[0] != "batch_old"
+    assert metadata_store.claim_idempotency_key("proj-a", "key-1", "batch_late", claimed_at + 1) == results[0]
+
+
 def test_records_survive_reopening_the_store(open_metadata_store: Callable[[], MetadataStore]) -> None:
     first = open_metadata_store()
     first.create_file(make_file("file-1", expires_at=NOW + 10))
@@ -420,6 +544,46 @@ def test_sqlite_sets_wal_and_schema_version(tmp_path: Path) -> None:
     with SqliteMetadataStore(tmp_path / "db" / "metadata.sqlite3") as store:
         assert store._query("PRAGMA journal_mode") == [("wal",)]
         assert store._query("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+def test_sqlite_purges_expired_idempotency_keys(tmp_path: Path) -> None:
+    with SqliteMetadataStore(tmp_path / "metadata.sqlite3") as store:
+        store.claim_idempotency_key("proj-a", "key-old", "batch_old", NOW)
+        store.claim_idempotency_key("proj-a", "key-live", "batch_live", NOW + 1)
+
+        assert store.purge_expired_idempotency_keys(NOW + IDEMPOTENCY_KEY_TTL) == 1
+        assert store._query("SELECT key, expires_at FROM idempotency_keys") == [
+            ("key-live", NOW + 1 + IDEMPOTENCY_KEY_TTL)
+        ]
+
+
+def test_sqlite_upgrades_a_version_1_database(tmp_path: Path) -> None:
+    """Version 1 kept idempotency keys without an expiry: they get one, a day after their creation."""
+    path = tmp_path / "metadata.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE idempotency_keys (project_id TEXT NOT NULL, key TEXT NOT NULL,"
+            " resource_id TEXT NOT NULL, created_at INTEGER NOT NULL, PRIMARY KEY (project_id, key))"
+        )
+        conn.execute("INSERT INTO idempotency_keys VALUES ('proj-a', 'key-1', 'batch_v1', ?)", (NOW,))
+        conn.execute("PRAGMA user_version=1")
+    conn.close()
+
+    with SqliteMetadataStore(path) as store:
+        assert store._query("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        assert (
+            store.claim_idempotency_key("proj-a", "key-1", "batch_x", NOW + IDEMPOTENCY_KEY_TTL - 1)
+            == "batch_v1"
+        )
+        assert (
+            store.claim_idempotency_key("proj-a", "key-1", "batch_new", NOW + IDEMPOTENCY_KEY_TTL)
+            == "batch_new"
+        )
+    with SqliteMetadataStore(path) as store:  # opening the upgraded file again changes nothing
+        assert (
+            store.claim_idempotency_key("proj-a", "key-1", "batch_y", NOW + IDEMPOTENCY_KEY_TTL)
+            == "batch_new"
+        )
 
 
 def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:

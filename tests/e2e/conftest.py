@@ -98,7 +98,7 @@ def _aws_resources(endpoint: str, name: str) -> dict[str, str]:
     """A fresh table, bucket and bus on the moto server; the env that points the server at them."""
     import boto3
 
-    from batch_api.adapters.aws.schema import create_table_kwargs
+    from batch_api.adapters.aws.schema import create_table_kwargs, time_to_live_kwargs
 
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
@@ -108,7 +108,9 @@ def _aws_resources(endpoint: str, name: str) -> dict[str, str]:
     session = boto3.Session(
         aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
     )
-    session.client("dynamodb", endpoint_url=endpoint).create_table(**create_table_kwargs(name))
+    dynamodb = session.client("dynamodb", endpoint_url=endpoint)
+    dynamodb.create_table(**create_table_kwargs(name))
+    dynamodb.update_time_to_live(**time_to_live_kwargs(name))
     session.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
     session.client("events", endpoint_url=endpoint).create_event_bus(Name=name)
     return {

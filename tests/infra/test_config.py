@@ -81,3 +81,15 @@ def test_defaults_are_safe_for_an_unlisted_environment() -> None:
     assert config.removal_policy == "retain"
     assert config.architecture == "arm64"
     assert config.log_retention_name == "ONE_MONTH"
+
+
+def test_every_environment_has_an_api_keys_secret() -> None:
+    """Without client API keys the API would serve anyone: there is a secret name even when unset."""
+    assert (
+        load_env_config({"environments": {"test": {}}}, "test").api_keys_secret == "batch-api/test/api-keys"
+    )
+    for name in ("dev", "prod"):
+        config = load_env_config(CONTEXT, name)
+        assert config.api_keys_secret == CONTEXT["environments"][name]["api_keys_secret_name"]
+    with pytest.raises(ConfigError, match="api_keys_secret_name"):
+        load_env_config({"environments": {"test": {"api_keys_secret_name": ""}}}, "test")

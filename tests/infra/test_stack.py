@@ -163,6 +163,8 @@ def test_table_is_built_from_the_shared_key_schema(template: dict[str, Any]) -> 
     assert props["BillingMode"] == "PAY_PER_REQUEST"
     assert props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
     assert props["SSESpecification"]["SSEEnabled"] is True
+    # idempotency keys carry their expiry in this attribute; DynamoDB deletes them after it
+    assert props["TimeToLiveSpecification"] == {"AttributeName": schema.TTL_ATTRIBUTE, "Enabled": True}
 
 
 def test_removal_policy_follows_the_environment(
@@ -251,6 +253,7 @@ def test_function_environment(
         assert env["POWERTOOLS_METRICS_NAMESPACE"] == "BatchApi"
         assert ("BATCH_API_STATE_MACHINE_ARN" in env) is (handler == API_HANDLER), handler
         assert ("BATCH_API_UPSTREAM_SECRET_NAME" in env) is handler.endswith("process_handler"), handler
+        assert ("BATCH_API_API_KEYS_SECRET_NAME" in env) is (handler == API_HANDLER), handler
     api = env_of(template, functions[API_HANDLER])
     assert api["BATCH_API_STATE_MACHINE_ARN"] == {"Ref": machine_id}
     assert 4_000_000 <= int(api["BATCH_API_MAX_REQUEST_BYTES"]) <= 4_700_000  # 6 MB proxy limit after base64
@@ -278,19 +281,32 @@ def test_only_the_publishing_steps_may_put_events(
             assert statement["Resource"] == {"Fn::GetAtt": [bus_id, "Arn"]}
 
 
-def test_only_the_worker_reads_the_upstream_secret(
+def test_only_the_worker_reads_the_upstream_secret_and_only_the_api_the_api_keys(
     template: dict[str, Any], functions: dict[str, str], env_settings: dict[str, Any]
 ) -> None:
+    readers = {
+        f"{WORKFLOW}.process_handler": env_settings["upstream_secret_name"],
+        API_HANDLER: env_settings["api_keys_secret_name"],
+    }
     for handler, logical_id in functions.items():
         statements = role_statements(template, logical_id)
         secret = [s for s in statements if any(a.startswith("secretsmanager:") for a in actions_of([s]))]
-        if not handler.endswith("process_handler"):
+        if handler not in readers:
             assert secret == [], handler
             continue
-        assert len(secret) == 1
+        assert len(secret) == 1, handler
         assert "secretsmanager:GetSecretValue" in actions_of(secret)
         resource = json.dumps(secret[0]["Resource"])
-        assert f":secret:{env_settings['upstream_secret_name']}-??????" in resource  # that secret only
+        assert f":secret:{readers[handler]}-??????" in resource  # that secret only
+
+
+def test_the_api_authenticates_with_the_api_keys_secret(
+    template: dict[str, Any], functions: dict[str, str], env_settings: dict[str, Any]
+) -> None:
+    """Without keys the handler serves every caller as one project: the API must always get the secret."""
+    api = env_of(template, functions[API_HANDLER])
+    assert api["BATCH_API_API_KEYS_SECRET_NAME"] == env_settings["api_keys_secret_name"]
+    assert "BATCH_API_API_KEYS" not in api  # keys never sit in the function's configuration
 
 
 def test_only_the_api_starts_executions(template: dict[str, Any], functions: dict[str, str]) -> None:
@@ -342,6 +358,23 @@ def test_object_access_is_scoped_by_key_prefix(template: dict[str, Any], functio
     fail = functions[f"{WORKFLOW}.fail_handler"]
     assert s3_prefixes(template, fail, "s3:GetObject") == set()
     assert s3_prefixes(template, fail, "s3:PutObject") == set()
+
+
+def test_steps_that_end_a_batch_may_release_its_input_and_journal(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    """validate (on failure), finalize and fail end batches, and then delete the input body kept for a
+    batch whose input file was deleted or expired meanwhile (release_input_file), and the journals.
+    Without s3:DeleteObject on files/ the terminal step fails with AccessDenied, after the status was set."""
+    validate = functions[f"{WORKFLOW}.validate_handler"]
+    assert s3_prefixes(template, validate, "s3:DeleteObject") == {"files/"}
+    for step in ("finalize_handler", "fail_handler"):
+        assert s3_prefixes(template, functions[f"{WORKFLOW}.{step}"], "s3:DeleteObject") == {
+            "files/",
+            "batches/",
+        }, step
+    process = functions[f"{WORKFLOW}.process_handler"]
+    assert s3_prefixes(template, process, "s3:DeleteObject") == set()  # never ends a batch
 
 
 # ------------------------------------------------------------------ workflow
@@ -433,7 +466,7 @@ def test_every_failure_ends_the_batch_failed(template: dict[str, Any], functions
     assert mark["Parameters"] == {
         "project_id.$": "$.project_id",
         "batch_id.$": "$.batch_id",
-        "error": {"code": "internal_error", "message.$": "$.failure.Cause"},
+        "failure.$": "$.failure",  # never "$.failure.Cause": an error output may have no Cause
     }
     assert mark["ResultPath"] is None
     assert states[mark["Next"]]["Type"] == "Fail"
@@ -490,6 +523,29 @@ def test_rest_api_proxies_everything_to_the_api_function(
     base_urls = [o for o in template["Outputs"].values() if o.get("Description") == "openai SDK base_url"]
     assert len(base_urls) == 1
     assert base_urls[0]["Value"]["Fn::Join"][1][-1].endswith("/v1")
+
+
+def test_api_gateway_errors_keep_the_openai_envelope(template: dict[str, Any]) -> None:
+    """Throttling, a body over 10 MB, a Lambda error or timeout are answered by API Gateway itself."""
+    found = {
+        r["Properties"]["ResponseType"]: r["Properties"]
+        for r in resources(template, "AWS::ApiGateway::GatewayResponse").values()
+    }
+    assert {"THROTTLED", "DEFAULT_4XX", "DEFAULT_5XX"} <= set(found)
+    for response_type, props in found.items():
+        body = props["ResponseTemplates"]["application/json"]
+        # API Gateway puts the message in as a JSON string literal
+        error = json.loads(body.replace("$context.error.messageString", '"Too Many Requests"'))["error"]
+        assert set(error) == {"message", "type", "param", "code"}, response_type
+        assert error["message"] == "Too Many Requests"
+    assert (
+        json.loads(
+            found["THROTTLED"]["ResponseTemplates"]["application/json"].replace(
+                "$context.error.messageString", '""'
+            )
+        )["error"]["type"]
+        == "rate_limit_exceeded"
+    )
 
 
 def test_alarms_on_failed_executions_and_worker_errors(

@@ -20,7 +20,7 @@ from moto import mock_aws
 
 from batch_api import keys
 from batch_api.adapters.aws import secrets
-from batch_api.adapters.aws.schema import create_table_kwargs
+from batch_api.adapters.aws.schema import create_table_kwargs, time_to_live_kwargs
 from batch_api.contract.models import BatchRecord, FileRecord
 from batch_api.deps import Deps
 from tests.support.fake_upstream import FakeUpstreamServer
@@ -107,7 +107,9 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[AwsWorld]:
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with mock_aws(config=MOTO_CONFIG):
-        boto3.client("dynamodb", region_name=REGION).create_table(**create_table_kwargs(TABLE))
+        dynamodb = boto3.client("dynamodb", region_name=REGION)
+        dynamodb.create_table(**create_table_kwargs(TABLE))
+        dynamodb.update_time_to_live(**time_to_live_kwargs(TABLE))
         s3 = boto3.client("s3", region_name=REGION)
         s3.create_bucket(Bucket=BUCKET)
         sqs = boto3.client("sqs", region_name=REGION)

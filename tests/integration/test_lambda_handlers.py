@@ -379,3 +379,64 @@ def test_api_cold_start_makes_no_aws_call(monkeypatch: pytest.MonkeyPatch) -> No
 def test_the_api_needs_a_state_machine(lambda_env: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="BATCH_API_STATE_MACHINE_ARN"):
         load_api_module()
+
+
+API_KEYS_SECRET = "batch-api/test/api-keys"
+
+
+def with_authorization(event: dict[str, Any], value: str | None) -> dict[str, Any]:
+    for key in ("headers", "multiValueHeaders"):
+        event[key] = {k: v for k, v in event[key].items() if k.lower() != "authorization"}
+        if value is not None:
+            event[key]["authorization"] = value if key == "headers" else [value]
+    return event
+
+
+def test_the_api_requires_a_key_from_the_api_keys_secret(
+    lambda_env: dict[str, str],
+    state_machine_arn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    lambda_context: LambdaContext,
+) -> None:
+    """The stack names a secret of client keys; without it every caller would be one open project."""
+    from batch_api.adapters.aws import secrets
+    from batch_api.handlers.auth import project_id_for_key
+
+    client = boto3.client("secretsmanager", region_name=REGION)
+    client.create_secret(Name=API_KEYS_SECRET, SecretString="sk-test, sk-other")
+    monkeypatch.setenv("BATCH_API_API_KEYS_SECRET_NAME", API_KEYS_SECRET)
+    api = load_api_module()
+
+    def status(authorization: str | None) -> int:
+        event = with_authorization(load_event("api/batches_list.json"), authorization)
+        result: dict[str, Any] = api.handler(event, lambda_context)
+        return int(result["statusCode"])
+
+    assert status(None) == 401
+    assert status("Bearer sk-wrong") == 401
+    assert status("Bearer sk-test") == 200
+    assert status("Bearer sk-other") == 200
+    # each key is its own project: a batch of the local project is not listed for a keyed caller
+    seed_batch(api.deps)
+    listed = api.handler(
+        with_authorization(load_event("api/batches_list.json"), "Bearer sk-test"), lambda_context
+    )
+    assert _json(listed)["data"] == []
+    assert project_id_for_key("sk-test") != PROJECT
+    # a revoked key stops working once the cached secret is refreshed, without a deployment
+    client.put_secret_value(SecretId=API_KEYS_SECRET, SecretString='{"api_keys": ["sk-other"]}')
+    secrets.clear_cache()
+    assert status("Bearer sk-test") == 401
+    assert status("Bearer sk-other") == 200
+
+
+def test_the_api_fails_closed_when_the_api_keys_secret_is_unreadable(
+    lambda_env: dict[str, str],
+    state_machine_arn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    lambda_context: LambdaContext,
+) -> None:
+    monkeypatch.setenv("BATCH_API_API_KEYS_SECRET_NAME", "batch-api/test/no-such-secret")
+    api = load_api_module()
+    with pytest.raises(Exception, match=r"no-such-secret|ResourceNotFound|not find"):
+        api.handler(load_event("api/batches_list.json"), lambda_context)

@@ -293,8 +293,11 @@ def deployment(
         for handler_path, logical_id in handlers.items()
         if handler_path != API_HANDLER
     }
-    # the API module reads its environment at import, as a Lambda cold start does
-    use_environment(environment(handlers[API_HANDLER]), monkeypatch)
+    # the API module reads its environment at import, as a Lambda cold start does. Client keys are
+    # left out: this module drives one unauthenticated project; test_lambda_handlers covers the keys.
+    api_environment = environment(handlers[API_HANDLER])
+    assert api_environment.pop("BATCH_API_API_KEYS_SECRET_NAME")
+    use_environment(api_environment, monkeypatch)
     api = _load_api_module()
 
     # every status a batch is stored in, in order: created, then each conditional update
@@ -398,8 +401,8 @@ def test_a_step_that_keeps_failing_ends_the_batch_failed(
     assert len(calls.of(".finalize_handler")) == 4
     assert calls.retry_sleeps == [1, 2, 4]
     [mark_failed] = calls.of(".fail_handler")
-    assert mark_failed["error"]["code"] == "internal_error"
-    assert json.loads(mark_failed["error"]["message"])["errorType"] == "FinalizeError"  # the raw Cause
+    assert mark_failed["failure"]["Error"] == "FinalizeError"  # the Catch's whole error output
+    assert json.loads(mark_failed["failure"]["Cause"])["errorType"] == "FinalizeError"  # the raw Cause
 
     assert deployment.statuses[batch.id] == ["validating", "in_progress", "failed"]
     failed = Batch.model_validate(deployment.call_api("GET", f"/v1/batches/{batch.id}"))

@@ -175,6 +175,33 @@ def test_journal_is_removed_after_a_crash_between_terminal_update_and_journal_de
     assert list(deps.journal.read("batch_test", 0)) == []
 
 
+def test_chunk_progress_is_removed_after_a_crash_before_its_deletion() -> None:
+    """finalize deletes the progress records, then the journals; a crash before the first leaves both,
+    and resume() finishes the clean-up for a batch it no longer runs."""
+    deps = make_deps(FakeUpstream(), chunk_max_lines=1)
+    add_batch(deps, jsonl([request("r0"), request("r1")]))
+    validate_batch(ids(), deps)
+    for chunk in load_manifest(deps, "batch_test"):
+        process_chunk({**ids(), "chunk": chunk.model_dump()}, deps)
+    real_delete = deps.metadata.delete_chunk_progress
+    deps.metadata.delete_chunk_progress = lambda batch_id: (_ for _ in ()).throw(RuntimeError("kill -9"))  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        finalize_batch(ids(), deps)
+    deps.metadata.delete_chunk_progress = real_delete  # type: ignore[method-assign]
+    assert get_batch(deps).status == "completed"
+    assert len(deps.metadata.list_chunk_progress("batch_test")) == 2
+
+    workflow = LocalWorkflow(step_attempts=1, step_backoff_seconds=0.0)
+    workflow.bind(deps)
+    try:
+        workflow.resume()
+        assert workflow.wait_idle(10)
+    finally:
+        workflow.stop()
+    assert deps.metadata.list_chunk_progress("batch_test") == []
+    assert list(deps.journal.read("batch_test", 0)) == []
+
+
 # ---------------------------------------------------------------- cancel during validate + crash
 
 

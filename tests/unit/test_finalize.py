@@ -9,6 +9,7 @@ import pytest
 from batch_api import keys
 from batch_api.contract.errors import ConditionFailed
 from batch_api.contract.ids import output_file_id
+from batch_api.contract.models import ChunkProgress
 from batch_api.workflow.finalize import FinalizeError, fail_batch, finalize_batch
 from batch_api.workflow.process import process_chunk
 from batch_api.workflow.validate import load_manifest, validate_batch
@@ -72,6 +73,7 @@ def test_finalize_writes_output_and_error_files_and_completes() -> None:
     assert detail["project_id"] == PROJECT and detail["status"] == "completed"
     assert detail["output_file_id"] == batch.output_file_id
     assert list(deps.journal.read("batch_test", 0)) == []  # journals freed once the status is stored
+    assert deps.metadata.list_chunk_progress("batch_test") == []  # and the progress records with them
 
 
 def test_finalize_twice_writes_nothing_new() -> None:
@@ -121,6 +123,19 @@ def test_rerun_on_a_terminal_batch_frees_a_journal_left_behind() -> None:
 
     assert finalize_batch(ids(), deps)["status"] == "completed"
     assert list(deps.journal.read("batch_test", 0)) == []
+
+
+def test_rerun_on_a_terminal_batch_frees_chunk_progress_left_behind() -> None:
+    deps = _run_batch(4, chunk_max_lines=2)
+    left = deps.metadata.list_chunk_progress("batch_test")
+    assert len(left) == 2
+    finalize_batch(ids(), deps)
+    for progress in left:  # as if the process died before deleting them
+        deps.metadata.put_chunk_progress("batch_test", progress)
+
+    assert finalize_batch(ids(), deps)["status"] == "completed"
+    assert deps.metadata.list_chunk_progress("batch_test") == []
+    assert get_batch(deps).request_counts.model_dump() == {"total": 4, "completed": 4, "failed": 0}
 
 
 def test_a_batch_whose_every_line_failed_is_completed_without_an_output_file() -> None:
@@ -255,10 +270,12 @@ def test_fail_batch_fails_any_active_batch(status: str) -> None:
     deps = make_deps()
     add_batch(deps, jsonl([request("a")]))
     deps.metadata.batches["batch_test"] = get_batch(deps).model_copy(update={"status": status})
+    deps.metadata.put_chunk_progress("batch_test", ChunkProgress(index=0, completed=1))
 
     result = fail_batch({**ids(), "error": {"code": "internal_error", "message": "step kept failing"}}, deps)
 
     assert result == {**ids(), "status": "failed"}
+    assert deps.metadata.list_chunk_progress("batch_test") == []
     batch = get_batch(deps)
     assert batch.status == "failed" and batch.failed_at == deps.now()
     assert [(e.code, e.message) for e in batch.errors] == [("internal_error", "step kept failing")]

@@ -8,7 +8,7 @@ import pytest
 
 from batch_api.adapters.memory import RecordingWorkflow
 from batch_api.contract.errors import ConditionFailed, Conflict, InvalidRequest, NotFound
-from batch_api.contract.models import ChunkProgress, Usage
+from batch_api.contract.models import IDEMPOTENCY_KEY_TTL, TERMINAL_STATUSES, ChunkProgress, Usage
 from batch_api.deps import Deps
 from batch_api.service import batches, files
 from tests.unit.conftest import T0, FixedClock, make_deps
@@ -126,6 +126,19 @@ def test_idempotency_key_replays_the_same_batch(deps: Deps, input_file_id: str, 
     assert len(deps.metadata.list_batches("p1", after=None, limit=10)) == 2
 
 
+def test_idempotency_key_expires_a_day_after_the_first_request(
+    deps: Deps, input_file_id: str, clock: FixedClock
+) -> None:
+    first = _create(deps, input_file_id, idempotency_key="key-1")
+    clock.advance(IDEMPOTENCY_KEY_TTL - 1)
+    assert _create(deps, input_file_id, idempotency_key="key-1").id == first.id
+    clock.advance(1)
+    fresh = _create(deps, input_file_id, idempotency_key="key-1")
+    assert fresh.id != first.id and fresh.created_at == T0 + IDEMPOTENCY_KEY_TTL
+    assert _create(deps, input_file_id, idempotency_key="key-1").id == fresh.id
+    assert len(deps.metadata.list_batches("p1", after=None, limit=10)) == 2
+
+
 def test_idempotency_key_whose_first_attempt_died_creates_the_batch(deps: Deps, input_file_id: str) -> None:
     deps.metadata.claim_idempotency_key("p1", "key-1", "batch_claimed", T0)
     batch = _create(deps, input_file_id, idempotency_key="key-1")
@@ -192,6 +205,24 @@ def test_terminal_batch_reports_its_stored_counts(deps: Deps, input_file_id: str
     )
     deps.metadata.put_chunk_progress(batch.id, ChunkProgress(index=0, completed=99))
     assert batches.retrieve_batch(deps, "p1", batch.id).request_counts.completed == 2
+
+
+@pytest.mark.parametrize("status", sorted(TERMINAL_STATUSES))
+def test_a_terminal_batch_is_reported_without_reading_chunk_progress(
+    deps: Deps, input_file_id: str, status: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finalize deletes a terminal batch's progress records: nothing may depend on them afterwards."""
+    batch = _create(deps, input_file_id)
+    deps.metadata.update_batch("p1", batch.id, {"status": status}, expected_status=["validating"])
+
+    def no_progress(batch_id: str) -> list[ChunkProgress]:
+        raise AssertionError("chunk progress read for a terminal batch")
+
+    monkeypatch.setattr(deps.metadata, "list_chunk_progress", no_progress)
+    assert batches.retrieve_batch(deps, "p1", batch.id).status == status
+    assert [b.status for b in batches.list_batches(deps, "p1")[0]] == [status]
+    if status == "cancelled":
+        assert batches.cancel_batch(deps, "p1", batch.id).status == "cancelled"
 
 
 def test_list_is_newest_first_with_pages(deps: Deps, input_file_id: str, clock: FixedClock) -> None:

@@ -249,3 +249,121 @@ def test_cancel_of_completed_upload_is_refused(deps: Deps) -> None:
         uploads.cancel_upload(deps, "p1", upload_id)
     with pytest.raises(NotFound):
         uploads.cancel_upload(deps, "p2", upload_id)
+
+
+# ---------------------------------------------------------------- the sweep of expired uploads
+
+
+def _stored_status(deps: Deps, upload_id: str) -> str:
+    upload = deps.metadata.get_upload("p1", upload_id)
+    assert upload is not None
+    return upload.status
+
+
+def test_sweep_marks_expired_pending_uploads_and_drops_their_parts(deps: Deps, clock: FixedClock) -> None:
+    expired_id, _ = _upload_with_parts(deps)
+    completed_id, completed_parts = _upload_with_parts(deps)
+    uploads.complete_upload(deps, "p1", completed_id, completed_parts)
+    cancelled_id, _ = _upload_with_parts(deps)
+    uploads.cancel_upload(deps, "p1", cancelled_id)
+    clock.advance(60)
+    later_id, _ = _upload_with_parts(deps)  # expires a minute after the others
+    assert uploads.sweep_expired_uploads(deps) == 0
+
+    clock.advance(UPLOAD_TTL - 60 + uploads.SWEEP_GRACE_SECONDS - 1)  # expired, but within the grace
+    assert uploads.sweep_expired_uploads(deps) == 0
+    assert deps.blobs.list_keys(keys.upload_prefix(expired_id))
+
+    clock.advance(1)
+    assert uploads.sweep_expired_uploads(deps) == 1
+    assert _stored_status(deps, expired_id) == "expired"
+    assert deps.blobs.list_keys(keys.upload_prefix(expired_id)) == []
+    assert len(deps.blobs.list_keys(keys.upload_prefix(later_id))) == len(CHUNKS)  # not yet past its grace
+    assert (_stored_status(deps, completed_id), _stored_status(deps, cancelled_id)) == (
+        "completed",
+        "cancelled",
+    )
+    assert uploads.sweep_expired_uploads(deps) == 0  # marked: not listed again
+
+    clock.advance(60)
+    assert uploads.sweep_expired_uploads(deps) == 1
+    assert deps.blobs.list_keys("uploads/") == []
+
+
+def test_sweep_respects_its_limit(deps: Deps, clock: FixedClock) -> None:
+    for _ in range(3):
+        _upload_with_parts(deps)
+    clock.advance(UPLOAD_TTL + uploads.SWEEP_GRACE_SECONDS)
+    assert uploads.sweep_expired_uploads(deps, limit=2) == 2
+    assert uploads.sweep_expired_uploads(deps, limit=2) == 1
+    assert deps.blobs.list_keys("uploads/") == []
+
+
+def test_sweep_leaves_an_upload_completed_meanwhile_completed(
+    deps: Deps, clock: FixedClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    stale = deps.metadata.get_upload("p1", upload_id)
+    _, file = uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    clock.advance(UPLOAD_TTL + uploads.SWEEP_GRACE_SECONDS)
+    monkeypatch.setattr(deps.metadata, "list_expired_uploads", lambda now, limit: [stale])  # a lagging index
+
+    assert uploads.sweep_expired_uploads(deps) == 0
+    assert _stored_status(deps, upload_id) == "completed"
+    assert deps.blobs.get(file.blob_key) == b"".join(CHUNKS)
+
+
+def test_a_crash_between_dropping_parts_and_marking_is_finished_by_the_next_sweep(
+    deps: Deps, clock: FixedClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id, _ = _upload_with_parts(deps)
+    clock.advance(UPLOAD_TTL + uploads.SWEEP_GRACE_SECONDS)
+    real_update = deps.metadata.update_upload
+
+    def killed(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("kill -9")
+
+    monkeypatch.setattr(deps.metadata, "update_upload", killed)
+    with pytest.raises(RuntimeError):
+        uploads.sweep_expired_uploads(deps)
+    assert deps.blobs.list_keys("uploads/") == []
+    monkeypatch.setattr(deps.metadata, "update_upload", real_update)
+
+    assert uploads.sweep_expired_uploads(deps) == 1
+    assert _stored_status(deps, upload_id) == "expired"
+
+
+def test_an_expired_upload_answers_the_same_before_and_after_the_sweep(deps: Deps, clock: FixedClock) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    clock.advance(UPLOAD_TTL + uploads.SWEEP_GRACE_SECONDS)
+
+    def answers() -> tuple[list[tuple[str | None, str]], dict[str, Any]]:
+        refusals: list[tuple[str | None, str]] = []
+        for attempt in (
+            lambda: uploads.add_part(deps, "p1", upload_id, b"x"),
+            lambda: uploads.complete_upload(deps, "p1", upload_id, part_ids),
+        ):
+            with pytest.raises(InvalidRequest) as raised:
+                attempt()
+            refusals.append((raised.value.code, str(raised.value)))
+        upload = deps.metadata.get_upload("p1", upload_id)
+        assert upload is not None
+        return refusals, uploads.upload_wire(deps, "p1", upload)
+
+    before = answers()
+    assert [code for code, _ in before[0]] == ["upload_expired", "upload_expired"]
+    assert before[1]["status"] == "expired"
+    assert uploads.sweep_expired_uploads(deps) == 1
+    assert answers() == before
+    # and it can still be cancelled, as before the sweep (docs/bad-input.md, "Not errors")
+    assert uploads.cancel_upload(deps, "p1", upload_id).status == "cancelled"
+    assert _stored_status(deps, upload_id) == "cancelled"
+
+
+def test_an_expired_upload_cancelled_before_the_sweep_stays_cancelled(deps: Deps, clock: FixedClock) -> None:
+    upload_id, _ = _upload_with_parts(deps)
+    clock.advance(UPLOAD_TTL + uploads.SWEEP_GRACE_SECONDS)
+    assert uploads.cancel_upload(deps, "p1", upload_id).status == "cancelled"
+    assert deps.blobs.list_keys("uploads/") == []
+    assert uploads.sweep_expired_uploads(deps) == 0
+    assert _stored_status(deps, upload_id) == "cancelled"

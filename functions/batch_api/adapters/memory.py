@@ -9,6 +9,7 @@ from typing import Any
 
 from batch_api.contract.errors import AlreadyExists, ConditionFailed
 from batch_api.contract.models import (
+    IDEMPOTENCY_KEY_TTL,
     TERMINAL_STATUSES,
     BatchRecord,
     ChunkProgress,
@@ -42,7 +43,8 @@ class MemoryMetadataStore:
         self.parts: dict[str, list[UploadPartRecord]] = {}
         self.batches: dict[str, BatchRecord] = {}
         self.progress: dict[str, dict[int, ChunkProgress]] = {}
-        self.idempotency: dict[tuple[str, str], str] = {}
+        # (project, key) -> (resource id, expires_at)
+        self.idempotency: dict[tuple[str, str], tuple[str, int]] = {}
 
     # files
     def create_file(self, record: FileRecord) -> None:
@@ -114,6 +116,12 @@ class MemoryMetadataStore:
         with self._lock:
             return [p.model_copy(deep=True) for p in self.parts.get(upload_id, [])]
 
+    def list_expired_uploads(self, now: int, limit: int) -> list[UploadRecord]:
+        with self._lock:
+            items = [u for u in self.uploads.values() if u.status == "pending" and u.expires_at <= now]
+        items.sort(key=lambda u: (u.expires_at, u.id))
+        return [u.model_copy(deep=True) for u in items[: max(limit, 0)]]
+
     # batches
     def create_batch(self, record: BatchRecord) -> None:
         with self._lock:
@@ -156,9 +164,24 @@ class MemoryMetadataStore:
             chunks = self.progress.get(batch_id, {})
             return [chunks[i].model_copy(deep=True) for i in sorted(chunks)]
 
+    def delete_chunk_progress(self, batch_id: str) -> None:
+        with self._lock:
+            self.progress.pop(batch_id, None)
+
     def claim_idempotency_key(self, project_id: str, key: str, resource_id: str, created_at: int) -> str:
         with self._lock:
-            return self.idempotency.setdefault((project_id, key), resource_id)
+            stored = self.idempotency.get((project_id, key))
+            if stored is not None and stored[1] > created_at:
+                return stored[0]
+            self.idempotency[(project_id, key)] = (resource_id, created_at + IDEMPOTENCY_KEY_TTL)
+            return resource_id
+
+    def purge_expired_idempotency_keys(self, now: int) -> int:
+        with self._lock:
+            expired = [k for k, (_, expires_at) in self.idempotency.items() if expires_at <= now]
+            for k in expired:
+                del self.idempotency[k]
+            return len(expired)
 
 
 class MemoryBlobStore:

@@ -123,7 +123,7 @@ def serve(settings: Settings) -> int:
     from batch_api.handlers.api import suggested_part_size
     from batch_api.local.bootstrap import DataDirLocked, build_local_app
     from batch_api.local.server import LocalHTTPServer
-    from batch_api.service.files import sweep_expired_files
+    from batch_api.service.housekeeping import sweep
 
     if settings.upstream_kind == "http" and not settings.upstream_url:
         logger.error("--upstream http needs --upstream-url (or BATCH_API_UPSTREAM_URL)")
@@ -171,7 +171,7 @@ def serve(settings: Settings) -> int:
     resumed = app.workflow.resume()
     if resumed:
         logger.info("resumed %d unfinished batch(es)", resumed)
-    app.workflow.start_sweeper(lambda: sweep_expired_files(app.deps, limit=1000))
+    app.workflow.start_sweeper(lambda: sweep(app.deps, limit=1000))
 
     def stop(signum: int, _frame: Any) -> None:
         logger.info("received %s, shutting down", signal.Signals(signum).name)

@@ -27,6 +27,10 @@ from batch_api.service.files import expires_after_seconds, file_expires_at, vali
 
 MAX_UPLOAD_BYTES = 8 * 1024**3
 MAX_PART_BYTES = 64 * 1024**2
+# The sweep leaves an expired upload alone this long, so a part or a complete that started just before
+# the expiry (stitching 8 GB takes minutes) finishes before its parts are deleted.
+SWEEP_GRACE_SECONDS = 15 * 60
+CANCELLABLE_UPLOAD_STATUSES = ("pending", "expired")
 
 
 def _get_upload(deps: Deps, project_id: str, upload_id: str) -> UploadRecord:
@@ -36,13 +40,22 @@ def _get_upload(deps: Deps, project_id: str, upload_id: str) -> UploadRecord:
     return record
 
 
+def status_at(upload: UploadRecord, now: int) -> str:
+    """The upload's status as the API shows it: a pending upload past its expiry is `expired` already,
+    whether or not the sweep has stored that yet."""
+    if upload.status == "pending" and upload.expires_at <= now:
+        return "expired"
+    return upload.status
+
+
 def _require_pending(deps: Deps, upload: UploadRecord) -> None:
-    if upload.status != "pending":
-        raise InvalidRequest(
-            f"Upload {upload.id} is already {upload.status}.", param="upload_id", code="invalid_upload_status"
-        )
-    if upload.expires_at <= deps.now():
+    status = status_at(upload, deps.now())
+    if status == "expired":
         raise InvalidRequest(f"Upload {upload.id} has expired.", param="upload_id", code="upload_expired")
+    if status != "pending":
+        raise InvalidRequest(
+            f"Upload {upload.id} is already {status}.", param="upload_id", code="invalid_upload_status"
+        )
 
 
 def create_upload(
@@ -228,11 +241,12 @@ def _stitch(
 
 
 def cancel_upload(deps: Deps, project_id: str, upload_id: str) -> UploadRecord:
-    """pending -> cancelled and drop the parts; cancelling again returns the cancelled upload."""
+    """pending -> cancelled and drop the parts; cancelling again returns the cancelled upload. An expired
+    upload can be cancelled too, whether or not the sweep has marked it `expired` yet."""
     upload = _get_upload(deps, project_id, upload_id)
     if upload.status == "cancelled":
         return upload
-    if upload.status != "pending":
+    if upload.status not in CANCELLABLE_UPLOAD_STATUSES:
         raise InvalidRequest(
             f"Upload {upload_id} is already {upload.status} and cannot be cancelled.",
             param="upload_id",
@@ -240,7 +254,7 @@ def cancel_upload(deps: Deps, project_id: str, upload_id: str) -> UploadRecord:
         )
     try:
         cancelled = deps.metadata.update_upload(
-            project_id, upload_id, {"status": "cancelled"}, expected_status=["pending"]
+            project_id, upload_id, {"status": "cancelled"}, expected_status=CANCELLABLE_UPLOAD_STATUSES
         )
     except ConditionFailed:
         return cancel_upload(deps, project_id, upload_id)  # the state moved; answer for the new one
@@ -253,8 +267,31 @@ def upload_wire(
 ) -> dict[str, Any]:
     """The Upload object; a pending upload past its expiry shows as `expired`, and a completed one
     carries its file."""
-    if upload.status == "pending" and upload.expires_at <= deps.now():
-        upload = upload.model_copy(update={"status": "expired"})
+    status = status_at(upload, deps.now())
+    if status != upload.status:
+        upload = upload.model_copy(update={"status": status})
     if file is None and upload.file_id is not None:
         file = deps.metadata.get_file(project_id, upload.file_id)
     return upload.to_wire(file)
+
+
+def sweep_expired_uploads(deps: Deps, limit: int = 1000) -> int:
+    """Delete the parts of pending uploads whose `expires_at` passed (more than `SWEEP_GRACE_SECONDS`
+    ago) and mark them `expired`; return how many were marked.
+
+    The parts go first, so a crash in between leaves a pending upload the next sweep finishes, never
+    parts nobody lists. The API already treats such an upload as expired (no part, complete or cancel
+    is accepted), whatever the sweep's lag; an upload that was completed or cancelled meanwhile keeps
+    that status (the update is conditional on `pending`).
+    """
+    swept = 0
+    for upload in deps.metadata.list_expired_uploads(deps.now() - SWEEP_GRACE_SECONDS, limit):
+        deps.blobs.delete_prefix(keys.upload_prefix(upload.id))
+        try:
+            deps.metadata.update_upload(
+                upload.project_id, upload.id, {"status": "expired"}, expected_status=["pending"]
+            )
+        except ConditionFailed:
+            continue
+        swept += 1
+    return swept

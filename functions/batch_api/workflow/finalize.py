@@ -208,8 +208,11 @@ def fail_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
 
 def _after_terminal(deps: Deps, batch: BatchRecord) -> None:
     """Clean up after a batch reached its terminal status (every step is safe to repeat): drop an input
-    body that was kept only for this batch, then the journals."""
+    body that was kept only for this batch, the chunk progress records (the stored counts are final;
+    retrieve reads progress only while chunks run), then the journals. The journals go last: a local
+    restart that finds journals of an ended batch finishes the clean-up (`LocalWorkflow.resume`)."""
     release_input_file(deps, batch.project_id, batch.input_file_id)
+    deps.metadata.delete_chunk_progress(batch.id)
     deps.journal.delete_batch(batch.id)
 
 

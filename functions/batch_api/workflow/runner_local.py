@@ -82,8 +82,9 @@ class LocalWorkflow:
     def resume(self) -> int:
         """Start every batch a previous process left in a non-terminal status; return how many.
 
-        First drop the journals of batches that are not active (terminal, or unknown): a crash between
-        a batch's terminal update and the deletion of its journals leaves them behind otherwise.
+        First drop the chunk progress and journals of batches that are not active (terminal, or
+        unknown): a crash between a batch's terminal update and their deletion leaves them behind
+        otherwise (finalize deletes the journals last, so journals are what such a crash leaves).
         """
         active = self.deps.metadata.list_active_batches()
         self._drop_stale_journals({batch.id for batch in active})
@@ -101,23 +102,23 @@ class LocalWorkflow:
         for batch_id in batch_ids():
             if batch_id not in active_ids:
                 logger.info("removing the journal of batch %s, which is no longer running", batch_id)
+                self.deps.metadata.delete_chunk_progress(batch_id)
                 journal.delete_batch(batch_id)
 
-    def start_sweeper(self, sweep: Callable[[], int]) -> None:
-        """Run `sweep` (delete expired files) now and every `file_sweep_interval_seconds`."""
+    def start_sweeper(self, sweep: Callable[[], object]) -> None:
+        """Run `sweep` (`service.housekeeping.sweep`: expired files, uploads and idempotency keys) now and
+        every `file_sweep_interval_seconds`; it logs what it did."""
         interval = self.deps.settings.file_sweep_interval_seconds
 
         def loop() -> None:
             while not self._stopping.is_set():
                 try:
-                    removed = sweep()
-                    if removed:
-                        logger.info("removed %d expired files", removed)
+                    sweep()
                 except Exception:
-                    logger.exception("file sweep failed; will try again")
+                    logger.exception("sweep failed; will try again")
                 self._stopping.wait(interval)
 
-        self._sweeper = threading.Thread(target=loop, name="file-sweeper", daemon=True)
+        self._sweeper = threading.Thread(target=loop, name="sweeper", daemon=True)
         self._sweeper.start()
 
     def stop(self, timeout: float = 5.0) -> None:

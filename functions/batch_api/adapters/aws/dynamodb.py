@@ -4,13 +4,18 @@ Items (record fields are stored as native attributes beside the keys):
 
     file            pk FILE#{id}             sk FILE      gsi1 {project}#FILE / {created_at:012d}#{id}
                                                           gsi2 EXPIRES / {expires_at:012d}#{id}  (live, with expiry)
-    upload          pk UPLOAD#{id}           sk UPLOAD
+    upload          pk UPLOAD#{id}           sk UPLOAD    gsi2 UPLOAD_EXPIRES / {expires_at:012d}#{id}  (pending)
     upload part     pk UPLOAD#{id}           sk PART#{seq:010d}#{part_id}   (seq: arrival order)
     part counter    pk UPLOAD#{id}           sk PARTSEQ                     (atomic ADD hands out seq)
     batch           pk BATCH#{id}            sk BATCH     gsi1 {project}#BATCH / {created_at:012d}#{id}
                                                           gsi2 ACTIVE / {created_at:012d}#{id}    (non-terminal)
     chunk progress  pk BATCH#{id}            sk CHUNK#{index:05d}           (PutItem overwrite)
-    idempotency     pk IDEMP#{project}       sk KEY#{key}
+    idempotency     pk IDEMP#{project}       sk KEY#{key}                   ttl created_at + 24 h (DynamoDB TTL)
+
+An upload keeps its gsi2sk whatever its status; only gsi2pk comes and goes (a GSI holds an item only
+when both its keys are present), so the sort key is always at hand should an upload become pending
+again. DynamoDB deletes idempotency items some time after their `ttl` (up to days later), so a claim
+treats an item past its ttl as absent.
 
 Native attributes (not one JSON blob) let a status transition be one conditional UpdateItem that
 SETs only the changed fields: atomic, no read-modify-write race between two writers. Base-table
@@ -38,9 +43,11 @@ from batch_api.adapters.aws.schema import (
     GSI2_SORT_KEY,
     PARTITION_KEY,
     SORT_KEY,
+    TTL_ATTRIBUTE,
 )
 from batch_api.contract.errors import AlreadyExists, ConditionFailed
 from batch_api.contract.models import (
+    IDEMPOTENCY_KEY_TTL,
     TERMINAL_STATUSES,
     BatchRecord,
     ChunkProgress,
@@ -53,6 +60,8 @@ RecordT = TypeVar("RecordT", bound=BaseModel)
 
 EXPIRES_PARTITION = "EXPIRES"
 ACTIVE_PARTITION = "ACTIVE"
+UPLOAD_EXPIRES_PARTITION = "UPLOAD_EXPIRES"
+_CLAIM_ATTEMPTS = 5  # a claim re-tries only when the item it lost to vanished (TTL) before it could read it
 _CONDITION_FAILED = "ConditionalCheckFailedException"
 
 
@@ -322,7 +331,14 @@ class DynamoMetadataStore:
     # ------------------------------------------------------------ uploads
 
     def create_upload(self, record: UploadRecord) -> None:
-        item = {**_attributes(record), PARTITION_KEY: _upload_pk(record.id), SORT_KEY: "UPLOAD"}
+        item = {
+            **_attributes(record),
+            PARTITION_KEY: _upload_pk(record.id),
+            SORT_KEY: "UPLOAD",
+            GSI2_SORT_KEY: _sort_key(record.expires_at, record.id),
+        }
+        if record.status == "pending":
+            item[GSI2_PARTITION_KEY] = UPLOAD_EXPIRES_PARTITION
         self._put_new(item, record.id)
 
     def get_upload(self, project_id: str, upload_id: str) -> UploadRecord | None:
@@ -332,8 +348,26 @@ class DynamoMetadataStore:
     def update_upload(
         self, project_id: str, upload_id: str, changes: Mapping[str, Any], *, expected_status: Iterable[str]
     ) -> UploadRecord:
+        set_extra: dict[str, Any] = {}
+        remove: list[str] = []
+        if "expires_at" in changes:
+            expires_at = _validated_changes(UploadRecord, {"expires_at": changes["expires_at"]})["expires_at"]
+            set_extra[GSI2_SORT_KEY] = _sort_key(expires_at, upload_id)
+        new_status = changes.get("status")
+        if new_status == "pending":
+            set_extra[GSI2_PARTITION_KEY] = UPLOAD_EXPIRES_PARTITION
+        elif new_status is not None:
+            remove = [GSI2_PARTITION_KEY]  # off the expiry index; gsi2sk stays (see the module docstring)
         return self._conditional_update(
-            UploadRecord, _upload_pk(upload_id), "UPLOAD", project_id, upload_id, changes, expected_status
+            UploadRecord,
+            _upload_pk(upload_id),
+            "UPLOAD",
+            project_id,
+            upload_id,
+            changes,
+            expected_status,
+            set_extra=set_extra,
+            remove=remove,
         )
 
     def add_upload_part(self, part: UploadPartRecord) -> None:
@@ -362,6 +396,24 @@ class DynamoMetadataStore:
                 ConsistentRead=True,
             )
         ]
+
+    def list_expired_uploads(self, now: int, limit: int) -> list[UploadRecord]:
+        if limit <= 0:
+            return []
+        records: list[UploadRecord] = []
+        # gsi2sk is "{expires_at:012d}#{id}": below "{now+1:012d}" means expires_at <= now
+        for item in self._query(
+            IndexName=GSI2_NAME,
+            KeyConditionExpression=Key(GSI2_PARTITION_KEY).eq(UPLOAD_EXPIRES_PARTITION)
+            & Key(GSI2_SORT_KEY).lt(f"{now + 1:012d}"),
+            limit=min(self.page_size, limit),
+        ):
+            record = _record(UploadRecord, item)
+            if record.status == "pending":  # a GSI can lag the base table by a moment
+                records.append(record)
+                if len(records) >= limit:
+                    break
+        return records
 
     # ------------------------------------------------------------ batches
 
@@ -452,26 +504,54 @@ class DynamoMetadataStore:
         )
         return sorted((_record(ChunkProgress, item) for item in items), key=lambda p: p.index)
 
+    def delete_chunk_progress(self, batch_id: str) -> None:
+        keys = self._query(
+            KeyConditionExpression=Key(PARTITION_KEY).eq(_batch_pk(batch_id))
+            & Key(SORT_KEY).begins_with("CHUNK#"),
+            ProjectionExpression="#pk, #sk",
+            ExpressionAttributeNames={"#pk": PARTITION_KEY, "#sk": SORT_KEY},
+            ConsistentRead=True,
+        )
+        with self.table.batch_writer() as batch:
+            for item in keys:
+                batch.delete_item(Key={PARTITION_KEY: item[PARTITION_KEY], SORT_KEY: item[SORT_KEY]})
+
     # ------------------------------------------------------------ idempotency keys
 
     def claim_idempotency_key(self, project_id: str, key: str, resource_id: str, created_at: int) -> str:
         pk, sk = f"IDEMP#{project_id}", f"KEY#{key}"
-        try:
-            self.table.put_item(
-                Item={
-                    PARTITION_KEY: pk,
-                    SORT_KEY: sk,
-                    "project_id": project_id,
-                    "resource_id": resource_id,
-                    "created_at": created_at,
-                },
-                ConditionExpression=Attr(PARTITION_KEY).not_exists(),
-            )
-        except ClientError as exc:
-            if not _is_condition_failure(exc):
-                raise
-            stored = self._get(pk, sk)
-            if stored is None:  # cannot happen: the condition failed because it exists
-                raise
-            return str(stored["resource_id"])
-        return resource_id
+        expires_at = created_at + IDEMPOTENCY_KEY_TTL
+        for _ in range(_CLAIM_ATTEMPTS):
+            try:
+                # absent, or expired by now though TTL has not deleted it yet: the claim takes the key
+                self.table.put_item(
+                    Item={
+                        PARTITION_KEY: pk,
+                        SORT_KEY: sk,
+                        "project_id": project_id,
+                        "resource_id": resource_id,
+                        "created_at": created_at,
+                        TTL_ATTRIBUTE: expires_at,
+                    },
+                    ConditionExpression="attribute_not_exists(#pk) OR #ttl <= :now"
+                    # written before keys expired: it has no ttl, so its age decides
+                    " OR (attribute_not_exists(#ttl) AND created_at <= :created_before)",
+                    ExpressionAttributeNames={"#pk": PARTITION_KEY, "#ttl": TTL_ATTRIBUTE},
+                    ExpressionAttributeValues={
+                        ":now": created_at,
+                        ":created_before": created_at - IDEMPOTENCY_KEY_TTL,
+                    },
+                )
+            except ClientError as exc:
+                if not _is_condition_failure(exc):
+                    raise
+                stored = self._get(pk, sk)
+                if stored is None:  # TTL deleted it between our put and our read: claim again
+                    continue
+                return str(stored["resource_id"])
+            return resource_id
+        raise ConditionFailed(key)
+
+    def purge_expired_idempotency_keys(self, now: int) -> int:
+        """DynamoDB TTL deletes expired key items (`TTL_ATTRIBUTE`); claims treat them as absent till then."""
+        return 0

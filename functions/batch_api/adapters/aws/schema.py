@@ -1,8 +1,11 @@
 """The DynamoDB key schema, shared by the adapter, the CDK stack and the tests (so they cannot drift).
 
 One table. Base key (pk, sk). GSI1 lists a project's files or batches in creation order. GSI2 is
-sparse: only live files with an expiry (for the sweep) and non-terminal batches (for resume and
-monitoring) carry its keys.
+sparse: only live files with an expiry and pending uploads (for the sweeps), and non-terminal batches
+(for resume and monitoring) carry its keys.
+
+Items that are dropped by DynamoDB TTL (idempotency keys) hold their expiry, in epoch seconds, in
+`TTL_ATTRIBUTE`. TTL deletion is lazy (it can take days), so readers treat an item past it as absent.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ GSI1_SORT_KEY = "gsi1sk"
 GSI2_NAME = "by-state"
 GSI2_PARTITION_KEY = "gsi2pk"
 GSI2_SORT_KEY = "gsi2sk"
+
+TTL_ATTRIBUTE = "ttl"
 
 # (attribute name, DynamoDB type) for every key attribute, in the shape CreateTable wants.
 KEY_ATTRIBUTES: tuple[tuple[str, str], ...] = (
@@ -55,4 +60,12 @@ def create_table_kwargs(table_name: str) -> dict[str, object]:
             }
             for name, pk, sk in GLOBAL_SECONDARY_INDEXES
         ],
+    }
+
+
+def time_to_live_kwargs(table_name: str) -> dict[str, object]:
+    """boto3 `update_time_to_live` arguments (CreateTable cannot enable TTL); the CDK stack sets the same."""
+    return {
+        "TableName": table_name,
+        "TimeToLiveSpecification": {"Enabled": True, "AttributeName": TTL_ATTRIBUTE},
     }

@@ -1,7 +1,9 @@
-"""The upstream API key from Secrets Manager, through Powertools parameters (cached per container).
+"""Secrets from Secrets Manager, through Powertools parameters (cached per container): the upstream
+API key, and the API keys clients authenticate with.
 
-The secret holds the key as a plain string, or as JSON `{"api_key": "..."}`. The value is never
-logged, and errors name the secret, not its content.
+The upstream secret holds the key as a plain string, or as JSON `{"api_key": "..."}`; the client keys
+secret a comma- or newline-separated string, or JSON `{"api_keys": [...]}`. Values are never logged,
+and errors name the secret, not its content.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from batch_api.config import Settings
 # A rotated key is picked up within this time; a chunk invocation reads it once, from the cache.
 SECRET_MAX_AGE_SECONDS = 300
 JSON_KEY_FIELD = "api_key"
+API_KEYS_FIELD = "api_keys"  # the client keys secret as JSON: {"api_keys": ["...", ...]}
 
 _providers: dict[tuple[str | None, str | None], SecretsProvider] = {}
 _providers_lock = threading.Lock()
@@ -25,6 +28,10 @@ _providers_lock = threading.Lock()
 
 class UpstreamSecretError(ValueError):
     """The secret exists but holds no usable API key."""
+
+
+class ApiKeysSecretError(ValueError):
+    """The client API keys secret exists but holds no usable key."""
 
 
 def _provider(settings: Settings) -> SecretsProvider:
@@ -73,6 +80,38 @@ def upstream_api_key(settings: Settings) -> SecretStr | None:
     if isinstance(value, dict):  # only with a transform, which we do not ask for
         raise UpstreamSecretError(f"Secret {name!r} could not be read as text.")
     return parse_api_key(name, value)
+
+
+def parse_api_keys(secret_name: str, value: str | bytes) -> list[SecretStr]:
+    """The client API keys in a secret's value: separated by commas or newlines, or the `api_keys`
+    list of a JSON object. At least one key, or `ApiKeysSecretError`."""
+    text = (value.decode("utf-8") if isinstance(value, bytes) else value).strip()
+    keys: list[str] = []
+    if text.startswith("{"):
+        try:
+            document = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise ApiKeysSecretError(f"Secret {secret_name!r} is not valid JSON.") from exc
+        listed = document.get(API_KEYS_FIELD) if isinstance(document, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+            raise ApiKeysSecretError(
+                f"Secret {secret_name!r} is a JSON object without a list of strings {API_KEYS_FIELD!r}."
+            )
+        keys = [k.strip() for k in listed if k.strip()]
+    else:
+        keys = [k.strip() for k in text.replace("\n", ",").split(",") if k.strip()]
+    if not keys:
+        raise ApiKeysSecretError(f"Secret {secret_name!r} holds no API key.")
+    return [SecretStr(k) for k in keys]
+
+
+def client_api_keys(settings: Settings, secret_name: str) -> list[SecretStr]:
+    """The API keys clients must present, from the secret `secret_name` (cached for
+    SECRET_MAX_AGE_SECONDS, so an added or revoked key takes effect within that time)."""
+    value = _provider(settings).get(secret_name, max_age=SECRET_MAX_AGE_SECONDS)
+    if value is None or isinstance(value, dict):
+        raise ApiKeysSecretError(f"Secret {secret_name!r} could not be read as text.")
+    return parse_api_keys(secret_name, value)
 
 
 def clear_cache() -> None:

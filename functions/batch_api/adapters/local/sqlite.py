@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from batch_api.contract.errors import AlreadyExists, ConditionFailed
 from batch_api.contract.models import (
+    IDEMPOTENCY_KEY_TTL,
     TERMINAL_STATUSES,
     BatchRecord,
     ChunkProgress,
@@ -34,7 +35,7 @@ from batch_api.contract.models import (
     UploadRecord,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: idempotency_keys.expires_at
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -56,6 +57,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     expires_at INTEGER NOT NULL,
     doc TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS uploads_by_expiry ON uploads (status, expires_at, id);
 
 CREATE TABLE IF NOT EXISTS upload_parts (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -87,8 +89,14 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     key TEXT NOT NULL,
     resource_id TEXT NOT NULL,
     created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
     PRIMARY KEY (project_id, key)
 );
+"""
+
+# Run after _SCHEMA; each index needs the columns the migrations before it add.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expires_at);
 """
 
 _TERMINAL = tuple(sorted(TERMINAL_STATUSES))
@@ -130,6 +138,16 @@ class SqliteMetadataStore:
             )
         with self._write() as conn:
             for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            idempotency_columns = {row[1] for row in conn.execute("PRAGMA table_info(idempotency_keys)")}
+            if "expires_at" not in idempotency_columns:
+                # version 1 kept keys forever: they expire IDEMPOTENCY_KEY_TTL after creation from now on
+                conn.execute("ALTER TABLE idempotency_keys ADD COLUMN expires_at INTEGER NOT NULL DEFAULT 0")
+                conn.execute(
+                    "UPDATE idempotency_keys SET expires_at = created_at + ?", (IDEMPOTENCY_KEY_TTL,)
+                )
+            for statement in _INDEXES.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -295,6 +313,14 @@ class SqliteMetadataStore:
         rows = self._query("SELECT doc FROM upload_parts WHERE upload_id = ? ORDER BY seq", (upload_id,))
         return [UploadPartRecord.model_validate_json(doc) for (doc,) in rows]
 
+    def list_expired_uploads(self, now: int, limit: int) -> list[UploadRecord]:
+        rows = self._query(
+            "SELECT doc FROM uploads WHERE status = 'pending' AND expires_at <= ?"
+            " ORDER BY expires_at, id LIMIT ?",
+            (now, max(limit, 0)),
+        )
+        return [UploadRecord.model_validate_json(doc) for (doc,) in rows]
+
     # ------------------------------------------------------------ batches
 
     def create_batch(self, record: BatchRecord) -> None:
@@ -376,16 +402,28 @@ class SqliteMetadataStore:
         )
         return [ChunkProgress.model_validate_json(doc) for (doc,) in rows]
 
+    def delete_chunk_progress(self, batch_id: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM chunk_progress WHERE batch_id = ?", (batch_id,))
+
     # ------------------------------------------------------------ idempotency keys
 
     def claim_idempotency_key(self, project_id: str, key: str, resource_id: str, created_at: int) -> str:
         with self._write() as conn:
+            # a record that expired by the time of this claim is replaced, as if it were absent
             conn.execute(
-                "INSERT OR IGNORE INTO idempotency_keys (project_id, key, resource_id, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                (project_id, key, resource_id, created_at),
+                "INSERT INTO idempotency_keys (project_id, key, resource_id, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (project_id, key) DO UPDATE SET resource_id = excluded.resource_id,"
+                " created_at = excluded.created_at, expires_at = excluded.expires_at"
+                " WHERE idempotency_keys.expires_at <= excluded.created_at",
+                (project_id, key, resource_id, created_at, created_at + IDEMPOTENCY_KEY_TTL),
             )
             row = conn.execute(
                 "SELECT resource_id FROM idempotency_keys WHERE project_id = ? AND key = ?", (project_id, key)
             ).fetchone()
         return str(row[0])
+
+    def purge_expired_idempotency_keys(self, now: int) -> int:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,)).rowcount
