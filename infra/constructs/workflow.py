@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
@@ -138,6 +139,26 @@ class Workflow(Construct):
             bus.grant_put_events_to(publisher)
         if upstream_secret is not None:
             upstream_secret.grant_read(self.process_function)
+
+        # The sweep the local server runs on a timer: expired files' records and bytes, expired pending
+        # uploads' parts, idempotency keys (DynamoDB TTL and the bucket's lifecycle rules are backstops).
+        self.housekeeping_function = functions.create(
+            steps,
+            "Housekeeping",
+            handler=f"{HANDLERS}.housekeeping_handler",
+            description="batch-api: hourly sweep of expired files, uploads and idempotency keys",
+            timeout=Duration.minutes(5),
+            memory_mb=memory,
+        )
+        storage.grant_table(self.housekeeping_function)
+        storage.grant_objects(self.housekeeping_function, delete=("files/", "uploads/"))
+        events.Rule(
+            self,
+            "HousekeepingSchedule",
+            description="batch-api: run the housekeeping sweep every hour",
+            schedule=events.Schedule.rate(Duration.hours(1)),
+            targets=[targets.LambdaFunction(self.housekeeping_function, retry_attempts=2)],
+        )
 
         self.log_group = logs.LogGroup(
             self,

@@ -185,7 +185,7 @@ def test_removal_policy_follows_the_environment(
 # ------------------------------------------------------------------ functions
 
 
-def test_five_functions_on_the_newest_python_arm64_traced(
+def test_six_functions_on_the_newest_python_arm64_traced(
     template: dict[str, Any], functions: dict[str, str]
 ) -> None:
     from aws_cdk import aws_lambda
@@ -200,6 +200,7 @@ def test_five_functions_on_the_newest_python_arm64_traced(
         f"{WORKFLOW}.process_handler",
         f"{WORKFLOW}.finalize_handler",
         f"{WORKFLOW}.fail_handler",
+        f"{WORKFLOW}.housekeeping_handler",
     }
     codes = set()
     for logical_id in functions.values():
@@ -581,3 +582,24 @@ def test_dashboard_graphs_batches_requests_upstream_and_api(template: dict[str, 
         "Errors",
     ):
         assert metric in body, metric
+
+
+def test_housekeeping_runs_every_hour_and_may_only_delete_expired_bodies(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    housekeeping = functions[f"{WORKFLOW}.housekeeping_handler"]
+    rules = [
+        r["Properties"]
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::Events::Rule" and "ScheduleExpression" in r["Properties"]
+    ]
+    assert [r["ScheduleExpression"] for r in rules] == ["rate(1 hour)"]
+    assert rules[0]["Targets"][0]["Arn"] == {"Fn::GetAtt": [housekeeping, "Arn"]}
+    s3_actions = {
+        action
+        for statement in role_statements(template, housekeeping)
+        for action in ([statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"])
+        if action.startswith("s3:")
+    }
+    assert "s3:DeleteObject" in s3_actions
+    assert s3_actions <= {"s3:DeleteObject", "s3:ListBucket"}, s3_actions  # deletes (by prefix), never reads or writes

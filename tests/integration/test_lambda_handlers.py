@@ -82,6 +82,7 @@ def test_workflow_samples_cover_every_step() -> None:
         "fail.json",
         "fail_from_catch.json",
         "finalize.json",
+        "housekeeping.json",
         "process.json",
         "validate.json",
     ]
@@ -220,6 +221,27 @@ def test_fail_samples_end_the_batch_failed_with_a_readable_error(
     # a second failure report (a retried fail task) changes nothing
     assert steps.fail_handler(load_event(f"workflow/{sample}"), lambda_context)["status"] == "failed"
     assert aws.events_delivered(expected=1, timeout=0.2) == []
+
+
+def test_the_scheduled_housekeeping_removes_expired_files(
+    step_deps: Deps, aws: AwsWorld, lambda_context: LambdaContext
+) -> None:
+    expired = seed_input_file(step_deps, file_id="file-expired")
+    kept = seed_input_file(step_deps, file_id="file-kept")
+    step_deps.metadata.mark_file_deleted(PROJECT, expired.id)  # record gone from the API ...
+    now = step_deps.now()
+    step_deps.metadata.create_file(  # ... and one that expired an hour ago
+        expired.model_copy(
+            update={"id": "file-old", "blob_key": keys.file_key("file-old"), "expires_at": now - 3600}
+        )
+    )
+    step_deps.blobs.put(keys.file_key("file-old"), b"{}\n")
+
+    result = steps.housekeeping_handler(load_event("workflow/housekeeping.json"), lambda_context)
+
+    assert result["removed"]["files"] == 1
+    assert step_deps.metadata.get_file(PROJECT, "file-old").deleted  # type: ignore[union-attr]
+    assert aws.keys("files/") == sorted([keys.file_key(expired.id), keys.file_key(kept.id)])
 
 
 def test_steps_do_not_start_batches(step_deps: Deps) -> None:

@@ -21,6 +21,7 @@ from batch_api.bootstrap_aws import build_aws_deps
 from batch_api.config import Settings
 from batch_api.deps import Deps
 from batch_api.handlers.observability import logger, metrics, route_library_logs, tracer
+from batch_api.service.housekeeping import sweep
 from batch_api.upstreams.metered import metered
 from batch_api.workflow.finalize import fail_batch, finalize_batch
 from batch_api.workflow.process import process_chunk
@@ -102,6 +103,16 @@ def fail_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any
     logger.error("a step failed; failing the batch", extra={"error": error})
     ids = {"project_id": event["project_id"], "batch_id": event["batch_id"]}
     return fail_batch({**ids, "error": error}, get_deps())
+
+
+@step_handler
+def housekeeping_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Scheduled hourly: the sweep the local server runs on a timer. Removes expired files' bytes and
+    records, the parts of expired pending uploads and expired idempotency keys; S3 lifecycle rules and
+    DynamoDB TTL remain the backstops."""
+    removed = sweep(get_deps())
+    logger.info("housekeeping sweep done", extra={"removed": removed})
+    return {"removed": removed}
 
 
 def batch_error(code: Any, cause: Any, error_name: Any = None) -> dict[str, str]:
