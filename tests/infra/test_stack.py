@@ -602,4 +602,5 @@ def test_housekeeping_runs_every_hour_and_may_only_delete_expired_bodies(
         if action.startswith("s3:")
     }
     assert "s3:DeleteObject" in s3_actions
-    assert s3_actions <= {"s3:DeleteObject", "s3:ListBucket"}, s3_actions  # deletes (by prefix), never reads or writes
+    # deletes (by prefix), never reads or writes
+    assert s3_actions <= {"s3:DeleteObject", "s3:ListBucket"}, s3_actions
