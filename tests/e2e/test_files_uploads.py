@@ -153,6 +153,8 @@ def test_errors_are_openai_envelopes(server: Any, client: openai.OpenAI) -> None
     with pytest.raises(openai.ConflictError) as conflict:
         client.with_options(max_retries=2).batches.cancel(batch.id)
     assert conflict.value.response.headers["x-should-retry"] == "false"
+    assert conflict.value.request_id  # x-request-id, as OpenAI sends it
+    assert client.batches.with_raw_response.retrieve(batch.id).headers["x-request-id"]
     assert set(conflict.value.body) == {"message", "type", "param", "code"}  # type: ignore[arg-type]
 
 

@@ -324,5 +324,12 @@ def create_app(deps: Deps) -> APIGatewayRestResolver:
 
 
 def handle(app: APIGatewayRestResolver, event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Resolve one API Gateway (REST, v1 proxy) event into its proxy response."""
-    return app.resolve(event, context)
+    """Resolve one API Gateway (REST, v1 proxy) event into its proxy response, with the request id in
+    `x-request-id` as OpenAI sends it (the SDK exposes it as `_request_id`; quote it when asking why)."""
+    response = app.resolve(event, context)
+    request_id = (event.get("requestContext") or {}).get("requestId")
+    if request_id:
+        headers = response.get("multiValueHeaders") or {}
+        headers["x-request-id"] = [str(request_id)]
+        response["multiValueHeaders"] = headers
+    return response

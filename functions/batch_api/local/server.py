@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import orjson
 
+from batch_api.handlers.api import handle
+
 logger = logging.getLogger(__name__)
 
 
@@ -160,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
         del body
         context = LambdaContext(aws_request_id=event["requestContext"]["requestId"])
-        response = self.server.app.resolve(event, context)
+        response = handle(self.server.app, event, context)
         del event
         status, headers, payload = from_apigw_response(response)
         self._send(status, headers, payload)
