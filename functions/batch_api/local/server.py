@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import orjson
@@ -162,7 +162,8 @@ class _Handler(BaseHTTPRequestHandler):
         )
         del body
         context = LambdaContext(aws_request_id=event["requestContext"]["requestId"])
-        response = handle(self.server.app, event, context)
+        # the dataclass has every attribute Powertools reads from a Lambda context
+        response = handle(self.server.app, event, cast(Any, context))
         del event
         status, headers, payload = from_apigw_response(response)
         self._send(status, headers, payload)
