@@ -10,6 +10,7 @@ boto3.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -29,17 +30,21 @@ PACKAGE_NAME = "batch_api"
 RUNTIME_PROVIDED = frozenset(
     {"boto3", "botocore", "s3transfer", "jmespath", "urllib3", "python-dateutil", "six"}
 )
+# the local HTTP server's; no Lambda function runs it
+LOCAL_ONLY = frozenset({"uvicorn", "h11"})
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 
 
 def runtime_requirements(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
-    """The package's runtime dependencies from pyproject.toml, with the Powertools tracer extra."""
+    """The package's runtime dependencies from pyproject.toml, with the Powertools tracer extra and
+    without those only the local server uses."""
     deps: list[str] = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     return [
         d.replace("aws-lambda-powertools", "aws-lambda-powertools[tracer]", 1)
         if d.startswith("aws-lambda-powertools") and "[" not in d
         else d
         for d in deps
+        if _normalise(re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0]) not in LOCAL_ONLY
     ]
 
 

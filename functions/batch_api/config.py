@@ -6,10 +6,21 @@ Nothing below the entry points (CLI, Lambda handlers) reads `os.environ`; they p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with any `user:password@` replaced by `***@`, for logs and messages."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 class Settings(BaseSettings):
@@ -55,6 +66,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=80 * 1024 * 1024, ge=1024)
     max_inline_download_bytes: int = Field(default=8 * 1024 * 1024, ge=0)  # bigger: 302 to a signed link
     file_sweep_interval_seconds: float = Field(default=60.0, gt=0)
+    # local server: requests whose bodies are read and resolved at once (each on its own thread); more wait
+    http_concurrency: int = Field(default=16, ge=1, le=256)
 
     log_level: str = "INFO"
 
@@ -76,6 +89,19 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _one_upstream_credential(self) -> Settings:
+        if self.upstream_url and self.upstream_api_key and "@" in urlsplit(self.upstream_url).netloc:
+            raise ValueError(
+                "the upstream URL carries credentials (user:password@) and an upstream API key is set too; "
+                "give one of them"
+            )
+        return self
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "upstream_url" else value
 
     @property
     def upstream_kind(self) -> Literal["http", "mock"]:

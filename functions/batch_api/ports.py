@@ -71,6 +71,9 @@ class MetadataStore(Protocol):
     def list_active_batches(self) -> list[BatchRecord]:
         """Every batch (any project) whose status is not terminal: what a restart must resume."""
 
+    def list_unannounced_batches(self) -> list[BatchRecord]:
+        """Every terminal batch (any project) still marked `event_pending`: its event was not published."""
+
     def put_chunk_progress(self, batch_id: str, progress: ChunkProgress) -> None:
         """Overwrite the progress of one chunk."""
 

@@ -520,14 +520,14 @@ def test_terminal_event_reaches_an_sqs_target_through_a_rule(account: MotoAccoun
 
     sink = EventBridgeSink(events, "batch-api-dev")
     batch = make_batch("batch_1", status="completed", completed_at=NOW)
-    sink.publish("batch.failed", {**make_batch("batch_2", status="failed").to_wire(), "project_id": "proj-a"})
-    sink.publish("batch.completed", {**batch.to_wire(), "project_id": "proj-a"})
+    sink.publish("batch.failed", make_batch("batch_2", status="failed").event_detail())
+    sink.publish("batch.completed", batch.event_detail())
 
     messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0)["Messages"]
     assert len(messages) == 1  # the rule matched the completed event only
     event = json.loads(messages[0]["Body"])
     assert (event["source"], event["detail-type"]) == ("batch-api", "batch.completed")
-    assert event["detail"] == {**batch.to_wire(), "project_id": "proj-a"}
+    assert event["detail"] == batch.event_detail()
 
 
 def test_a_rejected_entry_raises(account: MotoAccount) -> None:

@@ -285,7 +285,7 @@ def seed_api_objects(deps: Deps) -> None:
     seed_input_file(deps, b'{"custom_id": "r1"}\n{"custom_id": "r2"}\n')
     seed_batch(deps)
     now = deps.now()
-    parts = (b"hello ", b"world\n")
+    parts = (b'{"a": ', b'"bc"}\n')  # 12 bytes, as the sample events say
     deps.metadata.create_upload(
         UploadRecord(
             id=UPLOAD_ID,

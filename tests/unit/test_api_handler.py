@@ -16,7 +16,7 @@ from openai.types.uploads import UploadPart
 from batch_api import keys
 from batch_api.contract.models import BatchRecord, FileRecord, UploadPartRecord, UploadRecord
 from batch_api.deps import Deps
-from batch_api.handlers import api
+from batch_api.handlers import api, resolver
 from batch_api.handlers.auth import project_id_for_key
 from batch_api.service import files
 from tests.unit.api_events import (
@@ -32,7 +32,7 @@ from tests.unit.conftest import T0, FixedClock, LambdaContext, make_deps
 pytestmark = pytest.mark.unit
 
 INPUT_LINES = b'{"custom_id": "r1"}\n{"custom_id": "r2"}\n'
-PARTS = (b"hello ", b"world\n")
+PARTS = (b'{"a": ', b'"bc"}\n')  # 12 bytes of JSONL, as the sample events say
 
 
 def seed(deps: Deps, project_id: str = "local") -> None:
@@ -124,6 +124,13 @@ def _with_body(event: dict[str, Any], body: Any, *, base64_encoded: bool = True)
     return event
 
 
+def _without_header(event: dict[str, Any], name: str) -> dict[str, Any]:
+    event = copy.deepcopy(event)
+    del event["headers"][name]
+    del event["multiValueHeaders"][name]
+    return event
+
+
 def _with_query(event: dict[str, Any], **query: str) -> dict[str, Any]:
     event = copy.deepcopy(event)
     event["queryStringParameters"] = query
@@ -199,7 +206,7 @@ def test_create_file_too_large_points_at_uploads(clock: FixedClock, lambda_conte
     error = client.error(event, 413)
     assert "upload_file_chunked" in error["message"]
     assert "part_size=1048576" in error["message"]
-    assert api.suggested_part_size(client.deps.settings) == 1024 * 1024
+    assert resolver.suggested_part_size(client.deps.settings) == 1024 * 1024
 
 
 def test_too_large_upload_part_names_data(clock: FixedClock, lambda_context: LambdaContext) -> None:
@@ -368,8 +375,7 @@ def test_create_batch_and_replay_with_idempotency_key(client: Client, clock: Fix
     clock.advance(10)
     assert client.json(load_event("batches_create.json"))["id"] == created.id
 
-    without_key = load_event("batches_create.json")
-    del without_key["headers"]["idempotency-key"]
+    without_key = _without_header(load_event("batches_create.json"), "idempotency-key")
     assert client.json(without_key)["id"] != created.id
 
 
@@ -437,7 +443,7 @@ def test_create_batch_bad_bodies_are_400_never_422(
     client: Client, body: Any, param: str | None, code: str | None
 ) -> None:
     event = load_event("batches_create.json")
-    del event["headers"]["idempotency-key"]
+    event = _without_header(event, "idempotency-key")
     error = client.error(_with_body(event, body), 400)
     assert (error["param"], error["code"]) == (param, code)
 
@@ -450,8 +456,7 @@ def test_list_and_retrieve_batches(client: Client, clock: FixedClock) -> None:
             "endpoint": "/v1/chat/completions",
             "completion_window": "24h",
         }
-        event = load_event("batches_create.json")
-        del event["headers"]["idempotency-key"]  # two distinct batches
+        event = _without_header(load_event("batches_create.json"), "idempotency-key")  # two batches
         client.json(_with_body(event, body))
 
     page = client.json(load_event("batches_list.json"))  # limit=2
@@ -476,7 +481,7 @@ def test_cancel_batch_then_conflict_when_finished(client: Client) -> None:
     assert result["statusCode"] == 409
     assert result["multiValueHeaders"]["x-should-retry"] == ["false"]
     error = orjson.loads(result["body"])["error"]
-    assert error["message"] == "Cannot cancel a batch with status completed."
+    assert error["message"] == "Cannot cancel a batch with status 'completed'."
 
 
 # ---------------------------------------------------------------- the openai SDK end to end
@@ -497,7 +502,7 @@ def test_openai_sdk_round_trip(client: Client, tmp_path: Any) -> None:
     assert uploaded.id in [f.id for f in sdk.files.list(purpose="batch")]
 
     big = tmp_path / "big.jsonl"
-    big.write_bytes(b"0123456789\n" * 1000)
+    big.write_bytes(b'{"n": 12345}\n' * 1000)
     upload = sdk.uploads.upload_file_chunked(
         file=big, mime_type="application/jsonl", purpose="batch", part_size=4096
     )

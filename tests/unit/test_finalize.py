@@ -11,8 +11,9 @@ from batch_api.contract.errors import ConditionFailed
 from batch_api.contract.ids import output_file_id
 from batch_api.contract.models import ChunkProgress
 from batch_api.workflow.finalize import FinalizeError, fail_batch, finalize_batch
+from batch_api.workflow.manifest import load_manifest
 from batch_api.workflow.process import process_chunk
-from batch_api.workflow.validate import load_manifest, validate_batch
+from batch_api.workflow.validate import validate_batch
 from tests.unit.fakes_upstream import DEFAULT_USAGE, FakeClock, FakeUpstream, http_error, transport_failure
 from tests.unit.workflow_support import (
     PROJECT,
@@ -265,7 +266,7 @@ def test_journal_duplicates_count_once() -> None:
     assert len(file_lines(deps, batch.output_file_id)) == 2
 
 
-@pytest.mark.parametrize("status", ["validating", "in_progress", "finalizing", "cancelling"])
+@pytest.mark.parametrize("status", ["validating", "in_progress", "finalizing"])
 def test_fail_batch_fails_any_active_batch(status: str) -> None:
     deps = make_deps()
     add_batch(deps, jsonl([request("a")]))
@@ -281,6 +282,21 @@ def test_fail_batch_fails_any_active_batch(status: str) -> None:
     assert [(e.code, e.message) for e in batch.errors] == [("internal_error", "step kept failing")]
     [(kind, detail)] = deps.events.events
     assert kind == "batch.failed" and detail["project_id"] == PROJECT
+
+
+def test_fail_batch_of_a_cancelling_batch_ends_it_cancelled_with_the_error() -> None:
+    """The batch answered `cancelling`, so it ends `cancelled`; what went wrong is kept in `errors`."""
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a")]))
+    deps.metadata.batches["batch_test"] = get_batch(deps).model_copy(update={"status": "cancelling"})
+
+    result = fail_batch({**ids(), "error": {"code": "internal_error", "message": "step kept failing"}}, deps)
+
+    assert result == {**ids(), "status": "cancelled"}
+    batch = get_batch(deps)
+    assert (batch.status, batch.cancelled_at, batch.failed_at) == ("cancelled", deps.now(), None)
+    assert [(e.code, e.message) for e in batch.errors] == [("internal_error", "step kept failing")]
+    assert [kind for kind, _ in deps.events.events] == ["batch.cancelled"]
 
 
 def test_fail_batch_without_details_says_internal_error() -> None:
@@ -310,17 +326,17 @@ def test_finalize_losing_to_a_concurrent_finalize_returns_its_status() -> None:
     def someone_else_finished_first(
         project_id: str, batch_id: str, changes: Any, *, expected_status: Any
     ) -> Any:
-        if changes.get("status") == "completed":
-            real_update(project_id, batch_id, {"status": "completed"}, expected_status={"finalizing"})
+        if changes.get("status") == "completed":  # the winner commits (and crashes before it announces)
+            real_update(project_id, batch_id, changes, expected_status={"finalizing"})
             raise ConditionFailed(batch_id)
         return real_update(project_id, batch_id, changes, expected_status=expected_status)
 
     deps.metadata.update_batch = someone_else_finished_first
 
     assert finalize_batch(ids(), deps)["status"] == "completed"
-    # Events are published before the terminal update (at-least-once): the loser has published the
-    # same `batch.completed` the winner did; consumers dedupe on (batch id, status).
+    # The loser finds the winner's commit still marked `event_pending` and announces it, once.
     assert [kind for kind, _ in deps.events.events] == ["batch.completed"]
+    assert get_batch(deps).event_pending is False
 
 
 def test_an_input_body_gone_mid_batch_keeps_what_finished() -> None:

@@ -12,8 +12,9 @@ from batch_api import keys
 from batch_api.contract.models import Usage
 from batch_api.ports import UpstreamResponse
 from batch_api.workflow.lines import result_line
+from batch_api.workflow.manifest import load_manifest
 from batch_api.workflow.process import process_chunk, process_chunk_async
-from batch_api.workflow.validate import load_manifest, validate_batch
+from batch_api.workflow.validate import validate_batch
 from tests.unit.fakes_upstream import DEFAULT_USAGE, FakeClock, FakeUpstream, http_error, transport_failure
 from tests.unit.workflow_support import PROJECT, add_batch, get_batch, ids, jsonl, make_deps, request
 

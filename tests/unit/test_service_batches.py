@@ -265,7 +265,7 @@ def test_cancel_of_finished_batch_conflicts(deps: Deps, input_file_id: str, stat
     deps.metadata.update_batch("p1", batch.id, {"status": status}, expected_status=["validating"])
     with pytest.raises(Conflict) as raised:
         batches.cancel_batch(deps, "p1", batch.id)
-    assert raised.value.message == f"Cannot cancel a batch with status {status}."
+    assert raised.value.message == f"Cannot cancel a batch with status '{status}'."
     assert raised.value.retryable is False
 
 

@@ -24,7 +24,7 @@ def test_create_file_writes_blob_and_record(deps: Deps) -> None:
     assert record.expires_at == T0 + BATCH_INPUT_DEFAULT_TTL  # batch inputs expire after 30 days
     assert deps.blobs.get(keys.file_key(record.id)) == DATA
     assert deps.metadata.get_file("p1", record.id) == record
-    assert record.to_wire()["status"] == "processed"
+    assert record.to_wire().status == "processed"
 
 
 def test_non_batch_files_do_not_expire_by_default(deps: Deps) -> None:
@@ -51,7 +51,7 @@ def test_expires_after_sets_expiry_and_hints_the_store(deps: Deps) -> None:
 )
 def test_bad_expires_after_names_the_param(deps: Deps, policy: dict[str, object], param: str) -> None:
     with pytest.raises(InvalidRequest) as raised:
-        files.create_file(deps, "p1", "a.txt", "batch", DATA, policy)
+        files.create_file(deps, "p1", "a.jsonl", "batch", DATA, policy)
     assert raised.value.param == param
     assert deps.blobs.list_keys("files/") == []
 
@@ -92,9 +92,13 @@ def test_retrieve_hides_other_projects_deleted_and_expired_files(deps: Deps, clo
 
 
 def test_delete_removes_record_and_blob(deps: Deps) -> None:
-    record = files.create_file(deps, "p1", "a.txt", "batch", DATA)
+    record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
 
-    assert files.delete_file(deps, "p1", record.id) == {"id": record.id, "object": "file", "deleted": True}
+    assert files.delete_file(deps, "p1", record.id).model_dump() == {
+        "id": record.id,
+        "object": "file",
+        "deleted": True,
+    }
     assert not deps.blobs.exists(record.blob_key)
     with pytest.raises(NotFound):
         files.retrieve_file(deps, "p1", record.id)
@@ -103,14 +107,14 @@ def test_delete_removes_record_and_blob(deps: Deps) -> None:
 
 
 def test_other_project_cannot_delete(deps: Deps) -> None:
-    record = files.create_file(deps, "p1", "a.txt", "batch", DATA)
+    record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
     with pytest.raises(NotFound):
         files.delete_file(deps, "p2", record.id)
     assert deps.blobs.exists(record.blob_key)
 
 
 def test_content_returns_record_and_key(deps: Deps) -> None:
-    record = files.create_file(deps, "p1", "a.txt", "batch", DATA)
+    record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
     assert files.file_content(deps, "p1", record.id) == (record, keys.file_key(record.id))
 
 

@@ -17,7 +17,7 @@ from tests.unit.conftest import T0, FixedClock
 
 pytestmark = pytest.mark.unit
 
-CHUNKS = [b"line one\n", b"line two\n", b"three\n"]
+CHUNKS = [b'{"line": "one"}\n', b'{"line": "two"}\n', b'{"n": 3}\n']
 TOTAL = sum(len(c) for c in CHUNKS)
 
 
@@ -59,7 +59,7 @@ def test_create_upload_validates(deps: Deps, args: tuple[object, ...], param: st
 
 def test_negative_bytes_says_it_must_not_be_negative(deps: Deps) -> None:
     with pytest.raises(InvalidRequest, match="must be >= 0"):
-        uploads.create_upload(deps, "p1", "f", "batch", -1, "text/plain")
+        uploads.create_upload(deps, "p1", "f.jsonl", "batch", -1, "text/plain")
 
 
 def test_add_part_stores_the_bytes(deps: Deps) -> None:
@@ -70,14 +70,14 @@ def test_add_part_stores_the_bytes(deps: Deps) -> None:
 
 def test_add_part_refuses_oversized_parts(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(uploads, "MAX_PART_BYTES", 4)
-    upload = uploads.create_upload(deps, "p1", "f", "batch", 10, "text/plain")
+    upload = uploads.create_upload(deps, "p1", "f.jsonl", "batch", 10, "text/plain")
     with pytest.raises(PayloadTooLarge):
         uploads.add_part(deps, "p1", upload.id, b"12345")
     assert deps.blobs.list_keys("uploads/") == []
 
 
 def test_add_part_needs_a_pending_live_upload_of_the_project(deps: Deps, clock: FixedClock) -> None:
-    upload = uploads.create_upload(deps, "p1", "f", "batch", 10, "text/plain")
+    upload = uploads.create_upload(deps, "p1", "f.jsonl", "batch", 10, "text/plain")
     with pytest.raises(NotFound):
         uploads.add_part(deps, "p2", upload.id, b"x")
     clock.advance(UPLOAD_TTL)
@@ -102,8 +102,9 @@ def test_complete_concatenates_in_the_given_order(deps: Deps) -> None:
     assert files.retrieve_file(deps, "p1", file.id) == file
     assert deps.blobs.list_keys(keys.upload_prefix(upload_id)) == []  # parts are gone
     wire = uploads.upload_wire(deps, "p1", upload)
-    assert wire["status"] == "completed"
-    assert wire["file"]["id"] == file.id
+    assert wire.status == "completed"
+    assert wire.file is not None
+    assert wire.file.id == file.id
 
 
 def test_complete_streams_parts_through_write_stream(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,7 +231,7 @@ def test_expired_upload_cannot_complete_and_shows_expired(deps: Deps, clock: Fix
     with pytest.raises(InvalidRequest, match="expired"):
         uploads.complete_upload(deps, "p1", upload_id, part_ids)
     upload = deps.metadata.get_upload("p1", upload_id)
-    assert uploads.upload_wire(deps, "p1", upload)["status"] == "expired"  # type: ignore[arg-type]
+    assert uploads.upload_wire(deps, "p1", upload).status == "expired"  # type: ignore[arg-type]
 
 
 def test_cancel_drops_parts_and_is_repeatable(deps: Deps) -> None:
@@ -352,7 +353,7 @@ def test_an_expired_upload_answers_the_same_before_and_after_the_sweep(deps: Dep
 
     before = answers()
     assert [code for code, _ in before[0]] == ["upload_expired", "upload_expired"]
-    assert before[1]["status"] == "expired"
+    assert before[1].status == "expired"
     assert uploads.sweep_expired_uploads(deps) == 1
     assert answers() == before
     # and it can still be cancelled, as before the sweep (docs/bad-input.md, "Not errors")

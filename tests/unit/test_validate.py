@@ -14,7 +14,8 @@ from batch_api import keys
 from batch_api.contract import models
 from batch_api.contract.errors import NotFound
 from batch_api.workflow.lines import split_lines
-from batch_api.workflow.validate import embedding_input_count, load_manifest, validate_batch
+from batch_api.workflow.manifest import load_manifest
+from batch_api.workflow.validate import embedding_input_count, validate_batch
 from tests.unit.workflow_support import PROJECT, add_batch, get_batch, ids, jsonl, make_deps, request
 
 pytestmark = pytest.mark.unit
@@ -161,7 +162,41 @@ def test_each_bad_line_fails_the_batch_with_its_code_param_and_line(
     errors = _fail_with(line)
 
     assert [(e["code"], e["param"], e["line"]) for e in errors] == [(code, param, 3)]
-    assert "line 3" in errors[0]["message"].lower()
+    message = errors[0]["message"]
+    if code == "invalid_json_line" and line != b"[1, 2]":
+        assert message == "This line is not parseable as valid JSON."  # OpenAI's words
+    elif code == "missing_required_parameter":
+        assert message == f"Missing required parameter: '{param}'."
+    elif code == "invalid_url":
+        assert message == "The URL provided for this request does not match the batch endpoint."
+    elif code == "streaming_unsupported":
+        assert message == "Chat Completions: Streaming is not supported in the Batch API."
+    else:  # where OpenAI has no wording of its own, ours names the line
+        assert "line 3" in message.lower()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "name"),
+    [
+        ("/v1/chat/completions", "Chat Completions"),
+        ("/v1/completions", "Completions"),
+        ("/v1/embeddings", "Embeddings"),
+        ("/v1/responses", "Responses"),
+        ("/v1/moderations", "Moderations"),
+    ],
+)
+def test_streaming_is_refused_in_the_endpoints_own_name(endpoint: str, name: str) -> None:
+    field = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}.get(endpoint, "input")
+    line = {
+        "custom_id": "s",
+        "method": "POST",
+        "url": endpoint,
+        "body": {"model": "m", field: "x", "stream": True},
+    }
+    deps = make_deps()
+    add_batch(deps, jsonl([line]), endpoint=endpoint)
+    validate_batch(ids(), deps)
+    assert [e["message"] for e in _errors(deps)] == [f"{name}: Streaming is not supported in the Batch API."]
 
 
 def test_duplicate_custom_id_names_the_first_line() -> None:
@@ -308,17 +343,14 @@ def test_a_file_without_requests_is_empty_file(data: bytes) -> None:
     assert [e["code"] for e in _errors(deps)] == ["empty_file"]
 
 
-@pytest.mark.parametrize("how", ["no_record", "deleted", "expired", "no_body"])
+@pytest.mark.parametrize("how", ["no_record", "no_body"])
 def test_missing_input_file_fails_with_invalid_request_on_input_file_id(how: str) -> None:
+    """Only a delete that raced batches.create can have removed the body (docs/bad-input.md)."""
     deps = make_deps()
     add_batch(deps, jsonl([request("a")]))
     record = deps.metadata.files["file-input"]
     if how == "no_record":
         del deps.metadata.files["file-input"]
-    elif how == "deleted":
-        deps.metadata.mark_file_deleted(PROJECT, "file-input")
-    elif how == "expired":
-        deps.metadata.files["file-input"] = record.model_copy(update={"expires_at": deps.now()})
     else:
         deps.blobs.delete(record.blob_key)
 
@@ -326,6 +358,24 @@ def test_missing_input_file_fails_with_invalid_request_on_input_file_id(how: str
 
     assert result["status"] == "failed"
     assert [(e["code"], e["param"]) for e in _errors(deps)] == [("invalid_request", "input_file_id")]
+    assert "was deleted before the batch could read it" in _errors(deps)[0]["message"]
+
+
+@pytest.mark.parametrize("how", ["deleted", "expired"])
+def test_an_input_file_deleted_or_expired_after_create_is_still_read(how: str) -> None:
+    """A batch keeps its input: the file answers 404, but its body stays until the batch ends."""
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a")]))
+    record = deps.metadata.files["file-input"]
+    if how == "deleted":
+        deps.metadata.mark_file_deleted(PROJECT, "file-input")
+    else:
+        deps.metadata.files["file-input"] = record.model_copy(update={"expires_at": deps.now()})
+
+    result = validate_batch(ids(), deps)
+
+    assert result["next"] == "process"
+    assert get_batch(deps).request_counts.total == 1
 
 
 # ---------------------------------------------------------------- chunk planning

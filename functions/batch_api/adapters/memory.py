@@ -155,6 +155,12 @@ class MemoryMetadataStore:
         items.sort(key=lambda b: (b.created_at, b.id))
         return [b.model_copy(deep=True) for b in items]
 
+    def list_unannounced_batches(self) -> list[BatchRecord]:
+        with self._lock:
+            items = [b for b in self.batches.values() if b.status in TERMINAL_STATUSES and b.event_pending]
+        items.sort(key=lambda b: (b.created_at, b.id))
+        return [b.model_copy(deep=True) for b in items]
+
     def put_chunk_progress(self, batch_id: str, progress: ChunkProgress) -> None:
         with self._lock:
             self.progress.setdefault(batch_id, {})[progress.index] = progress.model_copy(deep=True)

@@ -47,6 +47,13 @@ class NotFound(ApiError):
     error_type = "invalid_request_error"
 
 
+class MethodNotAllowed(ApiError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+    retryable = False
+
+
 class Conflict(ApiError):
     """A state conflict that retrying will not fix (the SDK retries 409 unless told not to)."""
 

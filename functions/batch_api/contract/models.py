@@ -1,7 +1,7 @@
 """Pydantic models of the OpenAI Files, Uploads and Batches contract, and our stored records.
 
 A stored record is the wire object plus the fields we keep for ourselves (the owning project, the
-blob key, ...). `to_wire()` gives exactly what the OpenAI API would return.
+blob key, ...). `to_wire()` gives exactly what the OpenAI API would return (`contract/wire.py`).
 """
 
 from __future__ import annotations
@@ -10,20 +10,41 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from batch_api.contract import wire
+
 ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/moderations")
 Endpoint = Literal[
     "/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/moderations"
 ]
 
-BatchStatus = Literal[
-    "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
-]
+BatchStatus = wire.BatchStatus
 TERMINAL_STATUSES: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
 ACTIVE_STATUSES: frozenset[str] = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 CANCELLABLE_STATUSES: frozenset[str] = frozenset({"validating", "in_progress", "finalizing"})
 
 FilePurpose = Literal["assistants", "batch", "fine-tune", "vision", "user_data", "evals", "batch_output"]
 UPLOADABLE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+
+# The MIME types an upload may declare, per purpose. JSON Lines has no single registered type, so the
+# names tools use for it are all accepted; purposes missing here (assistants, user_data) take any type.
+JSONL_MIME_TYPES = (
+    "application/jsonl",
+    "application/x-jsonl",
+    "application/jsonlines",
+    "application/x-jsonlines",
+    "application/ndjson",
+    "application/x-ndjson",
+    "application/json",
+    "text/jsonl",
+    "text/plain",
+)
+IMAGE_MIME_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+MIME_TYPES_BY_PURPOSE: dict[str, tuple[str, ...]] = {
+    "batch": JSONL_MIME_TYPES,
+    "fine-tune": JSONL_MIME_TYPES,
+    "evals": JSONL_MIME_TYPES,
+    "vision": IMAGE_MIME_TYPES,
+}
 
 BATCH_INPUT_DEFAULT_TTL = 30 * 86400
 OUTPUT_DEFAULT_TTL = 30 * 86400
@@ -58,18 +79,15 @@ class FileRecord(_Record):
     blob_key: str
     deleted: bool = False
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "file",
-            "bytes": self.bytes,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "filename": self.filename,
-            "purpose": self.purpose,
-            "status": "processed",
-            "status_details": None,
-        }
+    def to_wire(self) -> wire.FileObject:
+        return wire.FileObject(
+            id=self.id,
+            bytes=self.bytes,
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+            filename=self.filename,
+            purpose=self.purpose,
+        )
 
     def is_live(self, now: int) -> bool:
         return not self.deleted and (self.expires_at is None or self.expires_at > now)
@@ -77,7 +95,7 @@ class FileRecord(_Record):
 
 # ---------------------------------------------------------------- uploads
 
-UploadStatus = Literal["pending", "completed", "cancelled", "expired"]
+UploadStatus = wire.UploadStatus
 
 
 class UploadPartRecord(_Record):
@@ -87,13 +105,8 @@ class UploadPartRecord(_Record):
     bytes: int
     blob_key: str
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "upload.part",
-            "created_at": self.created_at,
-            "upload_id": self.upload_id,
-        }
+    def to_wire(self) -> wire.UploadPartObject:
+        return wire.UploadPartObject(id=self.id, created_at=self.created_at, upload_id=self.upload_id)
 
 
 class UploadRecord(_Record):
@@ -109,18 +122,17 @@ class UploadRecord(_Record):
     file_id: str | None = None
     file_expires_after_seconds: int | None = None
 
-    def to_wire(self, file: FileRecord | None = None) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "upload",
-            "bytes": self.bytes,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "filename": self.filename,
-            "purpose": self.purpose,
-            "status": self.status,
-            "file": file.to_wire() if file is not None else None,
-        }
+    def to_wire(self, file: FileRecord | None = None) -> wire.UploadObject:
+        return wire.UploadObject(
+            id=self.id,
+            bytes=self.bytes,
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+            filename=self.filename,
+            purpose=self.purpose,
+            status=self.status,
+            file=file.to_wire() if file is not None else None,
+        )
 
 
 # ---------------------------------------------------------------- batches
@@ -155,14 +167,14 @@ class Usage(BaseModel):
             total_tokens=self.total_tokens + other.total_tokens,
         )
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "input_tokens": self.input_tokens,
-            "input_tokens_details": {"cached_tokens": self.cached_tokens},
-            "output_tokens": self.output_tokens,
-            "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
-            "total_tokens": self.total_tokens,
-        }
+    def to_wire(self) -> wire.BatchUsage:
+        return wire.BatchUsage(
+            input_tokens=self.input_tokens,
+            input_tokens_details=wire.InputTokensDetails(cached_tokens=self.cached_tokens),
+            output_tokens=self.output_tokens,
+            output_tokens_details=wire.OutputTokensDetails(reasoning_tokens=self.reasoning_tokens),
+            total_tokens=self.total_tokens,
+        )
 
 
 class BatchRecord(_Record):
@@ -190,38 +202,45 @@ class BatchRecord(_Record):
     metadata: dict[str, str] | None = None
     output_expires_after_seconds: int = OUTPUT_DEFAULT_TTL
     chunk_count: int = 0
+    # terminal, but its event not yet published (`workflow/terminal.py`)
+    event_pending: bool = False
 
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "batch",
-            "endpoint": self.endpoint,
-            "model": self.model,
-            "errors": (
-                {"object": "list", "data": [e.model_dump() for e in self.errors]} if self.errors else None
+    def to_wire(self) -> wire.BatchObject:
+        return wire.BatchObject(
+            id=self.id,
+            endpoint=self.endpoint,
+            model=self.model,
+            errors=(
+                wire.BatchErrors(data=[wire.BatchError(**e.model_dump()) for e in self.errors])
+                if self.errors
+                else None
             ),
-            "input_file_id": self.input_file_id,
-            "completion_window": self.completion_window,
-            "status": self.status,
-            "output_file_id": self.output_file_id,
-            "error_file_id": self.error_file_id,
-            "created_at": self.created_at,
-            "in_progress_at": self.in_progress_at,
-            "expires_at": self.expires_at,
-            "finalizing_at": self.finalizing_at,
-            "completed_at": self.completed_at,
-            "failed_at": self.failed_at,
-            "expired_at": self.expired_at,
-            "cancelling_at": self.cancelling_at,
-            "cancelled_at": self.cancelled_at,
-            "request_counts": self.request_counts.model_dump(),
-            "usage": self.usage.to_wire(),
-            "metadata": self.metadata,
-        }
+            input_file_id=self.input_file_id,
+            completion_window=self.completion_window,
+            status=self.status,
+            output_file_id=self.output_file_id,
+            error_file_id=self.error_file_id,
+            created_at=self.created_at,
+            in_progress_at=self.in_progress_at,
+            expires_at=self.expires_at,
+            finalizing_at=self.finalizing_at,
+            completed_at=self.completed_at,
+            failed_at=self.failed_at,
+            expired_at=self.expired_at,
+            cancelling_at=self.cancelling_at,
+            cancelled_at=self.cancelled_at,
+            request_counts=wire.BatchRequestCounts(**self.request_counts.model_dump()),
+            usage=self.usage.to_wire(),
+            metadata=self.metadata,
+        )
+
+    def event_detail(self) -> dict[str, Any]:
+        """The batch as terminal events carry it: the wire object and its project."""
+        return {**self.to_wire().model_dump(), "project_id": self.project_id}
 
 
 class ChunkProgress(BaseModel):
@@ -242,13 +261,3 @@ class ChunkPlan(BaseModel):
     end: int
     first_line: int
     lines: int
-
-
-def list_page(items: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": items,
-        "first_id": items[0]["id"] if items else None,
-        "last_id": items[-1]["id"] if items else None,
-        "has_more": has_more,
-    }

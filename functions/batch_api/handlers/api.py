@@ -1,249 +1,266 @@
 """The API handler: every route of the Files, Uploads and Batches APIs on one Powertools resolver.
 
-Each route parses its input, calls one use case and shapes the answer. Errors are raised, never
-answered here: `handlers/errors.py` turns them into the OpenAI envelope. The same resolver serves
-API Gateway (REST, v1 proxy events) and the local server, which builds the same events.
+Routes are typed (path, query, header, JSON and form parameters, the wire model they answer with), so
+Powertools validates them and generates the OpenAPI document served at `/openapi.json` (Swagger UI at
+`/docs`). Each route calls one use case and returns its wire object. Errors are raised, never answered
+here: `handlers/errors.py` turns them into the OpenAI envelope. The same resolver serves API Gateway
+(REST, v1 proxy events) and the local server, which builds the same events.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, Any
 
-import orjson
-from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
-from aws_lambda_powertools.event_handler.middlewares import NextMiddleware
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer, Server
+from aws_lambda_powertools.event_handler.openapi.params import File, Form, Header, Query, UploadFile
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from batch_api.config import Settings
-from batch_api.contract.errors import InvalidRequest, PayloadTooLarge
-from batch_api.contract.models import list_page
+from batch_api.contract.models import (
+    ENDPOINTS,
+    MAX_METADATA_KEY,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE,
+    OUTPUT_EXPIRES_MAX,
+    OUTPUT_EXPIRES_MIN,
+    UPLOADABLE_PURPOSES,
+)
+from batch_api.contract.wire import (
+    BatchList,
+    BatchObject,
+    FileDeleted,
+    FileList,
+    FileObject,
+    Health,
+    UploadObject,
+    UploadPartObject,
+)
 from batch_api.deps import Deps
 from batch_api.handlers.auth import authenticate
 from batch_api.handlers.errors import register_error_handlers
-from batch_api.handlers.multipart import MultipartForm, Part, parse_multipart
+from batch_api.handlers.resolver import BatchApiResolver, error_responses
 from batch_api.service import batches, files, uploads
 
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs"})
 MAX_DOWNLOAD_URL_SECONDS = 3600
-_MIB = 1024 * 1024
-_MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around a part
+TITLE = "batch-api: an OpenAI-compatible Batch API"
+DESCRIPTION = (
+    "The Files, Uploads and Batches APIs of OpenAI, as the official `openai` SDK uses them. Every request "
+    "of a batch runs against the model server this deployment is configured with. Every error is the "
+    'OpenAI envelope `{"error": {"message", "type", "param", "code"}}`.'
+)
+SECURITY_SCHEMES = {
+    "bearerAuth": HTTPBearer(description="An API key of this deployment; each key is a project.")
+}
 
 
-# ---------------------------------------------------------------- request bodies
+def _package_version() -> str:
+    try:
+        return version("batch-api")
+    except PackageNotFoundError:  # the Lambda asset carries the package without its metadata
+        return "0"
+
+
+# ---------------------------------------------------------------- JSON request bodies
 
 
 class _Body(BaseModel):
-    """JSON request bodies: unknown fields ignored (the SDK may send newer ones), types strict."""
+    """JSON request bodies: unknown fields ignored (the SDK may send newer ones), types strict. Allowed
+    values are documented in the schema and checked by the use cases, which word the errors as OpenAI."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+def _nullable(schema: dict[str, Any]) -> WithJsonSchema:
+    return WithJsonSchema({"anyOf": [schema, {"type": "null"}]})
+
+
+EXPIRES_AFTER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "anchor": {"type": "string", "enum": ["created_at"]},
+        "seconds": {"type": "integer", "minimum": OUTPUT_EXPIRES_MIN, "maximum": OUTPUT_EXPIRES_MAX},
+    },
+    "required": ["anchor", "seconds"],
+}
+METADATA_SCHEMA = {
+    "type": "object",
+    "maxProperties": MAX_METADATA_PAIRS,
+    "propertyNames": {"maxLength": MAX_METADATA_KEY},
+    "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE},
+}
+
+
 class CreateUploadBody(_Body):
-    bytes: int
-    filename: str
-    mime_type: str
-    purpose: str
-    expires_after: dict[str, Any] | None = None
+    bytes: int = Field(description="The size of the whole file.", json_schema_extra={"minimum": 0})
+    filename: str = Field(json_schema_extra={"minLength": 1})
+    mime_type: str = Field(description="Must suit the purpose: application/jsonl for `batch`.")
+    purpose: str = Field(json_schema_extra={"enum": list(UPLOADABLE_PURPOSES)})
+    expires_after: Annotated[dict[str, Any] | None, _nullable(EXPIRES_AFTER_SCHEMA)] = None
 
 
 class CompleteUploadBody(_Body):
-    part_ids: list[str]
-    md5: str | None = None
+    part_ids: list[str] = Field(description="The parts, in the order they make up the file.")
+    md5: str | None = Field(default=None, description="The md5 of the whole file, checked if given.")
 
 
 class CreateBatchBody(_Body):
     input_file_id: str
-    endpoint: str
-    completion_window: str
-    metadata: dict[str, Any] | None = None
-    output_expires_after: dict[str, Any] | None = None
-
-
-# ---------------------------------------------------------------- parsing helpers
-
-
-def suggested_part_size(settings: Settings) -> int:
-    """A part size that fits one request to this deployment (whole MiB when it can be)."""
-    size = min(uploads.MAX_PART_BYTES, settings.max_request_bytes - _MULTIPART_OVERHEAD)
-    if size >= _MIB:
-        return size // _MIB * _MIB
-    return max(size, 1)
-
-
-def _too_large(settings: Settings, size: int | None, param: str = "file") -> PayloadTooLarge:
-    """413 for a body over `max_request_bytes`; `param` is the form field that carried the bulk."""
-    got = f"of {size} bytes " if size is not None else ""
-    part_size = suggested_part_size(settings)
-    if param == "data":  # an upload part: the remedy is smaller parts
-        remedy = f"Send smaller Parts, e.g. upload_file_chunked(..., part_size={part_size})."
-    else:
-        remedy = (
-            "Upload larger files with the Uploads API in parts, e.g. "
-            f"client.uploads.upload_file_chunked(file=..., mime_type=..., purpose=..., part_size={part_size})."
-        )
-    return PayloadTooLarge(
-        f"The request body {got}exceeds this endpoint's limit of {settings.max_request_bytes} bytes. {remedy}",
-        param=param,
-    )
-
-
-def request_bytes(
-    app: APIGatewayRestResolver,
-    limit: int | None = None,
-    settings: Settings | None = None,
-    param: str = "file",
-) -> bytes:
-    """The raw request body; base64 or not. Bodies over `limit` are refused before decoding (413 naming
-    `param`)."""
-    event = app.current_event
-    body = event.body or ""
-    if event.is_base64_encoded:
-        if limit is not None and settings is not None and len(body) > (limit + 2) // 3 * 4:
-            raise _too_large(settings, len(body) * 3 // 4, param)
-        try:
-            data = base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise InvalidRequest("The request body is not valid base64.") from exc
-    else:
-        data = body.encode("utf-8", "surrogateescape")
-    if limit is not None and settings is not None and len(data) > limit:
-        raise _too_large(settings, len(data), param)
-    return data
-
-
-def json_body(app: APIGatewayRestResolver, model: type[_Body]) -> Any:
-    raw = request_bytes(app)
-    try:
-        value = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. The API expects a JSON payload, "
-            "but what was sent was not valid JSON."
-        ) from exc
-    if not isinstance(value, dict):
-        raise InvalidRequest("The JSON body of the request must be an object.", code="invalid_type")
-    return model.model_validate(value)
-
-
-def multipart_body(app: APIGatewayRestResolver, settings: Settings, param: str = "file") -> MultipartForm:
-    """The parsed form; `param` names the field a 413 points at (`file`, or `data` for upload parts)."""
-    data = request_bytes(app, settings.max_request_bytes, settings, param)
-    return parse_multipart(data, app.current_event.headers.get("content-type"))
-
-
-def query_int(app: APIGatewayRestResolver, name: str, default: int) -> int:
-    raw = app.current_event.query_string_parameters.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise InvalidRequest(
-            f"Invalid value for '{name}': {raw!r} is not an integer.", param=name, code="invalid_type"
-        ) from exc
-
-
-def query_str(app: APIGatewayRestResolver, name: str) -> str | None:
-    value = app.current_event.query_string_parameters.get(name)
-    return value or None
-
-
-def _form_expires_after(form: MultipartForm) -> dict[str, Any] | None:
-    """The SDK sends `expires_after` as the form fields `expires_after[anchor]` / `expires_after[seconds]`."""
-    anchor = form.field("expires_after[anchor]")
-    seconds = form.field("expires_after[seconds]")
-    if anchor is None and seconds is None:
-        return None
-    policy: dict[str, Any] = {"anchor": anchor}
-    if seconds is not None:
-        try:
-            policy["seconds"] = int(seconds)
-        except ValueError as exc:
-            raise InvalidRequest(
-                f"Invalid value for 'expires_after.seconds': {seconds!r} is not an integer.",
-                param="expires_after.seconds",
-                code="invalid_type",
-            ) from exc
-    return policy
-
-
-def _required_part(form: MultipartForm, name: str) -> Part:
-    part = form.get(name)
-    if part is None:
-        raise InvalidRequest(
-            f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
-        )
-    return part
+    endpoint: str = Field(json_schema_extra={"enum": list(ENDPOINTS)})
+    completion_window: str = Field(json_schema_extra={"enum": ["24h"]})
+    metadata: Annotated[dict[str, Any] | None, _nullable(METADATA_SCHEMA)] = None
+    output_expires_after: Annotated[dict[str, Any] | None, _nullable(EXPIRES_AFTER_SCHEMA)] = None
 
 
 # ---------------------------------------------------------------- the app
 
 
 def create_app(deps: Deps) -> APIGatewayRestResolver:
-    app = APIGatewayRestResolver()
-    register_error_handlers(app)
+    """A resolver with every route. It serves one request at a time (see `handlers/resolver.py`)."""
     settings = deps.settings
 
-    def authenticate_caller(app: APIGatewayRestResolver, next_middleware: NextMiddleware) -> Response[Any]:
+    def authenticate_caller(app: APIGatewayRestResolver) -> None:
         if app.current_event.path not in PUBLIC_PATHS:
             app.append_context(project_id=authenticate(app.current_event.headers, settings))
-        return next_middleware(app)
 
-    app.use(middlewares=[authenticate_caller])
+    app = BatchApiResolver(settings, guards=[authenticate_caller], openapi=_openapi_options())
+    register_error_handlers(app)
 
     def project() -> str:
         return str(app.context["project_id"])
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok"}
+    _public_routes(app)
+    _file_routes(app, deps, project)
+    _upload_routes(app, deps, project)
+    _batch_routes(app, deps, project)
+    return app
 
-    # ------------------------------------------------------------ files
 
-    @app.post("/v1/files")
-    def create_file() -> dict[str, Any]:
-        form = multipart_body(app, settings)
-        purpose = form.field("purpose")
-        if purpose is None:
-            raise InvalidRequest(
-                "Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter"
-            )
-        file_part = _required_part(form, "file")
+def _openapi_options() -> dict[str, Any]:
+    return {
+        "title": TITLE,
+        "version": _package_version(),
+        "description": DESCRIPTION,
+        "security_schemes": SECURITY_SCHEMES,
+        "security": [{"bearerAuth": []}],
+    }
+
+
+def _public_routes(app: BatchApiResolver) -> None:
+    @app.get("/health", include_in_schema=False)
+    def health() -> Health:
+        return Health()
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_document():  # no return type: Powertools would validate and re-encode the body
+        document = app.get_openapi_schema(servers=[Server(url=app.base_path() or "/")])
+        return Response(
+            status_code=200,
+            content_type=content_types.APPLICATION_JSON,
+            body=document.model_dump_json(by_alias=True, exclude_none=True),
+        )
+
+    app.enable_swagger(path="/docs", persist_authorization=True, title=TITLE)
+
+
+def _file_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
+    settings = deps.settings
+
+    @app.post(
+        "/v1/files",
+        summary="Upload a file",
+        tags=["Files"],
+        operation_id="createFile",
+        responses={200: {"description": "The File object."}, **error_responses(400, 401, 413, 500)},
+    )
+    def create_file(
+        file: Annotated[UploadFile, File(description="The file. For `batch`: a .jsonl file of requests.")],
+        purpose: Annotated[str, Form(json_schema_extra={"enum": list(UPLOADABLE_PURPOSES)})],
+        expires_after_anchor: Annotated[
+            str | None, Form(alias="expires_after[anchor]", json_schema_extra={"enum": ["created_at"]})
+        ] = None,
+        expires_after_seconds: Annotated[
+            int | None,
+            Form(
+                alias="expires_after[seconds]",
+                json_schema_extra={"minimum": OUTPUT_EXPIRES_MIN, "maximum": OUTPUT_EXPIRES_MAX},
+            ),
+        ] = None,
+    ) -> FileObject:
+        expires_after: dict[str, Any] | None = None
+        if expires_after_anchor is not None or expires_after_seconds is not None:
+            expires_after = {"anchor": expires_after_anchor, "seconds": expires_after_seconds}
         record = files.create_file(
-            deps,
-            project(),
-            file_part.filename or "file",
-            purpose,
-            bytes(file_part.data),
-            _form_expires_after(form),
+            deps, project(), file.filename or "file", purpose, file.content, expires_after
         )
         return record.to_wire()
 
-    @app.get("/v1/files")
-    def list_files() -> dict[str, Any]:
+    @app.get(
+        "/v1/files",
+        summary="List files",
+        tags=["Files"],
+        operation_id="listFiles",
+        responses={200: {"description": "A page of File objects."}, **error_responses(400, 401, 500)},
+    )
+    def list_files(
+        purpose: Annotated[str | None, Query()] = None,
+        order: Annotated[str, Query(json_schema_extra={"enum": list(files.FILE_ORDERS)})] = "desc",
+        limit: Annotated[
+            int,
+            Query(json_schema_extra={"minimum": 1, "maximum": files.FILE_LIST_MAX_LIMIT}),
+        ] = files.FILE_LIST_MAX_LIMIT,
+        after: Annotated[str | None, Query(description="A file id: the page starts after it.")] = None,
+    ) -> FileList:
         records, has_more = files.list_files(
-            deps,
-            project(),
-            purpose=query_str(app, "purpose"),
-            order=query_str(app, "order") or "desc",
-            limit=query_int(app, "limit", files.FILE_LIST_MAX_LIMIT),
-            after=query_str(app, "after"),
+            deps, project(), purpose=purpose or None, order=order, limit=limit, after=after or None
         )
-        return list_page([record.to_wire() for record in records], has_more)
+        return FileList(
+            data=[record.to_wire() for record in records],
+            first_id=records[0].id if records else None,
+            last_id=records[-1].id if records else None,
+            has_more=has_more,
+        )
 
-    @app.get("/v1/files/<file_id>")
-    def retrieve_file(file_id: str) -> dict[str, Any]:
+    @app.get(
+        "/v1/files/<file_id>",
+        summary="Retrieve a file",
+        tags=["Files"],
+        operation_id="retrieveFile",
+        responses={200: {"description": "The File object."}, **error_responses(401, 404, 500)},
+    )
+    def retrieve_file(file_id: str) -> FileObject:
         return files.retrieve_file(deps, project(), file_id).to_wire()
 
-    @app.delete("/v1/files/<file_id>")
-    def delete_file(file_id: str) -> dict[str, Any]:
+    @app.delete(
+        "/v1/files/<file_id>",
+        summary="Delete a file",
+        tags=["Files"],
+        operation_id="deleteFile",
+        responses={200: {"description": "The file is deleted."}, **error_responses(401, 404, 500)},
+    )
+    def delete_file(file_id: str) -> FileDeleted:
         return files.delete_file(deps, project(), file_id)
 
-    @app.get("/v1/files/<file_id>/content")
-    def file_content(file_id: str) -> Response[Any]:
+    @app.get(
+        "/v1/files/<file_id>/content",
+        summary="Download a file's content",
+        tags=["Files"],
+        operation_id="downloadFile",
+        responses={
+            200: {
+                "description": "The file's bytes.",
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            },
+            302: {
+                "description": "A large file: a signed link to its bytes, valid for at most an hour.",
+                "headers": {"Location": {"schema": {"type": "string"}}},
+            },
+            **error_responses(401, 404, 500),
+        },
+    )
+    def file_content(file_id: str):  # no return type: Powertools would re-encode the bytes as text
         record, blob_key = files.file_content(deps, project(), file_id)
         if record.bytes > settings.max_inline_download_bytes:
             lifetime = MAX_DOWNLOAD_URL_SECONDS
@@ -255,41 +272,79 @@ def create_app(deps: Deps) -> APIGatewayRestResolver:
         return Response(
             status_code=200,
             content_type="application/octet-stream",
-            body=deps.blobs.get(blob_key),
+            body=files.read_content(deps, project(), record),
         )
 
-    # ------------------------------------------------------------ uploads
 
-    @app.post("/v1/uploads")
-    def create_upload() -> dict[str, Any]:
-        body = json_body(app, CreateUploadBody)
+def _upload_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
+    @app.post(
+        "/v1/uploads",
+        summary="Create an upload",
+        tags=["Uploads"],
+        operation_id="createUpload",
+        responses={200: {"description": "The pending Upload."}, **error_responses(400, 401, 413, 500)},
+    )
+    def create_upload(body: CreateUploadBody) -> UploadObject:
         upload = uploads.create_upload(
             deps, project(), body.filename, body.purpose, body.bytes, body.mime_type, body.expires_after
         )
         return uploads.upload_wire(deps, project(), upload)
 
-    @app.post("/v1/uploads/<upload_id>/parts")
-    def add_upload_part(upload_id: str) -> dict[str, Any]:
-        form = multipart_body(app, settings, "data")
-        return uploads.add_part(
-            deps, project(), upload_id, bytes(_required_part(form, "data").data)
-        ).to_wire()
+    @app.post(
+        "/v1/uploads/<upload_id>/parts",
+        summary="Add a part to an upload",
+        tags=["Uploads"],
+        operation_id="addUploadPart",
+        responses={200: {"description": "The Part."}, **error_responses(400, 401, 404, 413, 500)},
+    )
+    def add_upload_part(
+        upload_id: str, data: Annotated[UploadFile, File(description="The part's bytes (at most 64 MB).")]
+    ) -> UploadPartObject:
+        return uploads.add_part(deps, project(), upload_id, data.content).to_wire()
 
-    @app.post("/v1/uploads/<upload_id>/complete")
-    def complete_upload(upload_id: str) -> dict[str, Any]:
-        body = json_body(app, CompleteUploadBody)
+    @app.post(
+        "/v1/uploads/<upload_id>/complete",
+        summary="Complete an upload",
+        tags=["Uploads"],
+        operation_id="completeUpload",
+        responses={
+            200: {"description": "The completed Upload with its File."},
+            **error_responses(400, 401, 404, 413, 500),
+        },
+    )
+    def complete_upload(upload_id: str, body: CompleteUploadBody) -> UploadObject:
         upload, file = uploads.complete_upload(deps, project(), upload_id, body.part_ids, body.md5)
         return uploads.upload_wire(deps, project(), upload, file)
 
-    @app.post("/v1/uploads/<upload_id>/cancel")
-    def cancel_upload(upload_id: str) -> dict[str, Any]:
+    @app.post(
+        "/v1/uploads/<upload_id>/cancel",
+        summary="Cancel an upload",
+        tags=["Uploads"],
+        operation_id="cancelUpload",
+        responses={200: {"description": "The cancelled Upload."}, **error_responses(400, 401, 404, 500)},
+    )
+    def cancel_upload(upload_id: str) -> UploadObject:
         return uploads.upload_wire(deps, project(), uploads.cancel_upload(deps, project(), upload_id))
 
-    # ------------------------------------------------------------ batches
 
-    @app.post("/v1/batches")
-    def create_batch() -> dict[str, Any]:
-        body = json_body(app, CreateBatchBody)
+def _batch_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
+    @app.post(
+        "/v1/batches",
+        summary="Create a batch",
+        tags=["Batches"],
+        operation_id="createBatch",
+        responses={200: {"description": "The Batch, validating."}, **error_responses(400, 401, 413, 500)},
+    )
+    def create_batch(
+        body: CreateBatchBody,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                description="Replays of a request with this key within 24 hours return the same batch.",
+            ),
+        ] = None,
+    ) -> BatchObject:
         batch = batches.create_batch(
             deps,
             project(),
@@ -298,29 +353,56 @@ def create_app(deps: Deps) -> APIGatewayRestResolver:
             completion_window=body.completion_window,
             metadata=body.metadata,
             output_expires_after=body.output_expires_after,
-            idempotency_key=app.current_event.headers.get("idempotency-key"),
+            idempotency_key=idempotency_key,
         )
         return batch.to_wire()
 
-    @app.get("/v1/batches")
-    def list_batches() -> dict[str, Any]:
-        records, has_more = batches.list_batches(
-            deps,
-            project(),
-            after=query_str(app, "after"),
-            limit=query_int(app, "limit", batches.BATCH_LIST_DEFAULT_LIMIT),
+    @app.get(
+        "/v1/batches",
+        summary="List batches",
+        tags=["Batches"],
+        operation_id="listBatches",
+        responses={
+            200: {"description": "A page of Batches, newest first."},
+            **error_responses(400, 401, 500),
+        },
+    )
+    def list_batches(
+        after: Annotated[str | None, Query(description="A batch id: the page starts after it.")] = None,
+        limit: Annotated[
+            int, Query(json_schema_extra={"minimum": 1, "maximum": batches.BATCH_LIST_MAX_LIMIT})
+        ] = batches.BATCH_LIST_DEFAULT_LIMIT,
+    ) -> BatchList:
+        records, has_more = batches.list_batches(deps, project(), after=after or None, limit=limit)
+        return BatchList(
+            data=[record.to_wire() for record in records],
+            first_id=records[0].id if records else None,
+            last_id=records[-1].id if records else None,
+            has_more=has_more,
         )
-        return list_page([record.to_wire() for record in records], has_more)
 
-    @app.get("/v1/batches/<batch_id>")
-    def retrieve_batch(batch_id: str) -> dict[str, Any]:
+    @app.get(
+        "/v1/batches/<batch_id>",
+        summary="Retrieve a batch",
+        tags=["Batches"],
+        operation_id="retrieveBatch",
+        responses={200: {"description": "The Batch."}, **error_responses(401, 404, 500)},
+    )
+    def retrieve_batch(batch_id: str) -> BatchObject:
         return batches.retrieve_batch(deps, project(), batch_id).to_wire()
 
-    @app.post("/v1/batches/<batch_id>/cancel")
-    def cancel_batch(batch_id: str) -> dict[str, Any]:
+    @app.post(
+        "/v1/batches/<batch_id>/cancel",
+        summary="Cancel a batch",
+        tags=["Batches"],
+        operation_id="cancelBatch",
+        responses={
+            200: {"description": "The Batch, cancelling (or already cancelled)."},
+            **error_responses(401, 404, 409, 500),
+        },
+    )
+    def cancel_batch(batch_id: str) -> BatchObject:
         return batches.cancel_batch(deps, project(), batch_id).to_wire()
-
-    return app
 
 
 def handle(app: APIGatewayRestResolver, event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:

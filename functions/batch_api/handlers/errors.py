@@ -14,7 +14,8 @@ from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from batch_api.contract.errors import ApiError, InvalidRequest, NotFound, ServerError
+from batch_api.contract.errors import ApiError, InvalidRequest, MethodNotAllowed, NotFound, ServerError
+from batch_api.handlers.resolver import BatchApiResolver
 
 logger = Logger(service="batch-api")
 
@@ -31,13 +32,21 @@ def error_response(error: ApiError) -> Response[Any]:
     )
 
 
+_SOURCES = ("body", "query", "path", "header")  # Powertools' request validation prefixes the source
+
+
 def _param_from_loc(loc: tuple[int | str, ...] | list[int | str]) -> str | None:
+    """("body", "metadata", "k") -> "metadata.k"; form names like "expires_after[seconds]" read as
+    "expires_after.seconds", as the JSON APIs name the same parameter."""
     param = ""
-    for item in loc:
+    for index, item in enumerate(loc):
         if isinstance(item, int):
             param += f"[{item}]"
-        elif item != "body":  # Powertools' request validation prefixes the source
-            param += f".{item}" if param else str(item)
+        elif index == 0 and item in _SOURCES:
+            continue
+        else:
+            name = str(item).replace("[", ".").replace("]", "")
+            param += f".{name}" if param else name
     return param or None
 
 
@@ -68,6 +77,15 @@ def register_error_handlers(app: APIGatewayRestResolver) -> None:
     @app.not_found
     def _unknown_route(_: NotFoundError) -> Response[Any]:
         event = app.current_event
+        allowed = app.allowed_methods(event.path) if isinstance(app, BatchApiResolver) else []
+        if allowed:
+            response = error_response(
+                MethodNotAllowed(
+                    f"{event.http_method} is not supported on {event.path}; use {', '.join(allowed)}."
+                )
+            )
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
         return error_response(NotFound(f"Invalid URL ({event.http_method} {event.path})"))
 
     @app.exception_handler(ValidationError)

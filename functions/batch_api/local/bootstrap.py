@@ -6,7 +6,9 @@ import fcntl
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,7 +34,7 @@ class LocalApp:
     workflow: LocalWorkflow
     blobs: FilesystemBlobStore
     signing_key: bytes
-    api: Any
+    api_factory: Callable[[], Any]  # builds one API resolver; the server builds one per worker thread
     lock_handle: IO[str]
 
     def close(self) -> None:
@@ -99,6 +101,6 @@ def build_local_app(settings: Settings) -> LocalApp:
         workflow=workflow,
         blobs=blobs,
         signing_key=signing_key,
-        api=create_app(deps),
+        api_factory=partial(create_app, deps),
         lock_handle=lock_handle,
     )

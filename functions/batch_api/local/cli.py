@@ -12,13 +12,12 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from batch_api.config import Settings
+from batch_api.config import Settings, redact_url
 
 logger = logging.getLogger("batch_api")
 
@@ -44,6 +43,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--requests-per-chunk", "requests_per_chunk", int, "requests in flight per chunk (32)"),
     ("--completion-window-seconds", "completion_window_seconds", int, "length of the '24h' window (86400)"),
     ("--max-request-bytes", "max_request_bytes", int, "largest HTTP request body (80 MiB)"),
+    ("--http-concurrency", "http_concurrency", int, "HTTP requests read and resolved at once (16)"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING (INFO)"),
     (
         "--aws-endpoint-url",
@@ -120,9 +120,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> int:
-    from batch_api.handlers.api import suggested_part_size
     from batch_api.local.bootstrap import DataDirLocked, build_local_app
-    from batch_api.local.server import LocalHTTPServer
+    from batch_api.local.server import ApiAsgiApp, ResolverPool, build_server, listen
     from batch_api.service.housekeeping import sweep
 
     if settings.upstream_kind == "http" and not settings.upstream_url:
@@ -134,14 +133,7 @@ def serve(settings: Settings) -> int:
         logger.error("%s; stop it first or use another --data-dir", exc)
         return 2
     try:
-        server = LocalHTTPServer(
-            (settings.host, settings.port),
-            app=app.api,
-            blobs=app.blobs,
-            signing_key=app.signing_key,
-            max_request_bytes=settings.max_request_bytes,
-            part_size=suggested_part_size(settings),
-        )
+        sock = listen(settings.host, settings.port)
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
         app.close()
@@ -155,7 +147,7 @@ def serve(settings: Settings) -> int:
     else:
         logger.info(
             "upstream: %s (API key %s)",
-            settings.upstream_url,
+            redact_url(settings.upstream_url),
             "set" if settings.upstream_api_key else "not set",
         )
     if settings.backend == "aws":
@@ -173,20 +165,41 @@ def serve(settings: Settings) -> int:
         logger.info("resumed %d unfinished batch(es)", resumed)
     app.workflow.start_sweeper(lambda: sweep(app.deps, limit=1000))
 
+    resolvers = ResolverPool(app.api_factory, settings.http_concurrency)
+    server = build_server(
+        ApiAsgiApp(
+            resolvers,
+            blobs=app.blobs,
+            signing_key=app.signing_key,
+            settings=settings,
+        ),
+        on_started=lambda host, port: logger.info("Batch API listening on http://%s:%s/v1", host, port),
+    )
+
     def stop(signum: int, _frame: Any) -> None:
         logger.info("received %s, shutting down", signal.Signals(signum).name)
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        # a second signal does not wait for requests in flight
+        server.request_exit(force=server.should_exit)
+        app.workflow.begin_stop()  # running chunks wind down while the HTTP requests finish
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    host, port = server.server_address[:2]
-    logger.info("Batch API listening on http://%s:%s/v1", host, port)
     try:
-        server.serve_forever(poll_interval=0.2)
+        server.run(sockets=[sock])
     finally:
-        server.server_close()
+        sock.close()
+        resolvers.close()
         app.close()
     return 0
+
+
+def describe(error: ValidationError) -> str:
+    """What is wrong with the settings, without echoing the values (a URL may carry a password)."""
+    lines = []
+    for item in error.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in item["loc"]) or "settings"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"batch-api: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"batch-api: invalid settings:\n{describe(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

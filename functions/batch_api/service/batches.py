@@ -39,6 +39,23 @@ _CANCEL_ATTEMPTS = 10  # each lost race means the status moved on; there are onl
 _LIVE_COUNT_STATUSES = frozenset({"in_progress", "finalizing", "cancelling"})
 
 
+def json_kind(value: object) -> str:
+    """How OpenAI's messages name a JSON value's type: "an array", "an integer", "a boolean", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+
+
 def validate_metadata(metadata: object) -> dict[str, str] | None:
     if metadata is None:
         return None
@@ -61,7 +78,7 @@ def validate_metadata(metadata: object) -> dict[str, str] | None:
             )
         if not isinstance(value, str):
             raise InvalidRequest(
-                f"Invalid type for 'metadata.{key}': expected a string, but got {type(value).__name__} instead.",
+                f"Invalid type for 'metadata.{key}': expected a string, but got {json_kind(value)} instead.",
                 param=f"metadata.{key}",
                 code="invalid_type",
             )
@@ -190,7 +207,7 @@ def with_live_counts(deps: Deps, batch: BatchRecord) -> BatchRecord:
 def retrieve_batch(deps: Deps, project_id: str, batch_id: str) -> BatchRecord:
     batch = deps.metadata.get_batch(project_id, batch_id)
     if batch is None:
-        raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
+        raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
     return with_live_counts(deps, batch)
 
 
@@ -215,7 +232,9 @@ def cancel_batch(deps: Deps, project_id: str, batch_id: str) -> BatchRecord:
         if batch.status in ("cancelling", "cancelled"):
             return batch
         if batch.status not in CANCELLABLE_STATUSES:
-            raise Conflict(f"Cannot cancel a batch with status {batch.status}.", code="batch_not_cancellable")
+            raise Conflict(
+                f"Cannot cancel a batch with status '{batch.status}'.", code="batch_not_cancellable"
+            )
         try:
             cancelled = deps.metadata.update_batch(
                 project_id,

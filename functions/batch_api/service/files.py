@@ -6,8 +6,10 @@ record always points at a complete body; a failed record write removes the blob 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+import orjson
 
 from batch_api import keys
 from batch_api.contract import ids
@@ -19,10 +21,79 @@ from batch_api.contract.models import (
     UPLOADABLE_PURPOSES,
     FileRecord,
 )
+from batch_api.contract.wire import FileDeleted
 from batch_api.deps import Deps
 
 FILE_LIST_MAX_LIMIT = 10_000
 FILE_ORDERS = ("asc", "desc")
+BATCH_FILE_SUFFIX = ".jsonl"
+# How far into a file the first line is looked for; a longer first line is left to batch validation.
+FIRST_LINE_LIMIT = 16 * 1024 * 1024
+
+
+def invalid_batch_file(param: str) -> InvalidRequest:
+    """OpenAI's answer to a `batch` file that is not JSONL, by its name or by its first line."""
+    return InvalidRequest(
+        "Invalid file format for Batch API. Must be .jsonl", param=param, code="invalid_file_format"
+    )
+
+
+def check_batch_filename(purpose: str, filename: str, param: str) -> None:
+    if purpose == "batch" and not filename.lower().endswith(BATCH_FILE_SUFFIX):
+        raise invalid_batch_file(param)
+
+
+class FirstLine:
+    """Watches a file's bytes go by and keeps its first non-blank line (up to `FIRST_LINE_LIMIT`)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.line: bytes | None = None
+        self.done = False
+
+    def feed(self, piece: bytes | memoryview) -> None:
+        if self.done:
+            return
+        self._buffer += piece
+        while not self.done:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > FIRST_LINE_LIMIT:
+                    self.done = True  # too long to judge here
+                return
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if line.strip():
+                self.line, self.done = line, True
+
+    def finish(self) -> None:
+        if not self.done and self._buffer.strip():
+            self.line = bytes(self._buffer)
+        self.done = True
+
+    def is_json_object(self) -> bool:
+        """False only when there is a first line and it is not a JSON object."""
+        if self.line is None:
+            return True
+        try:
+            return isinstance(orjson.loads(self.line), dict)
+        except orjson.JSONDecodeError:
+            return False
+
+
+def check_batch_content(purpose: str, pieces: Iterable[bytes | memoryview], param: str) -> None:
+    """For `batch` files: the first line must be a JSON object (the whole file is checked when a batch
+    validates it)."""
+    if purpose != "batch":
+        return
+    first = FirstLine()
+    for piece in pieces:
+        first.feed(piece)
+        if first.done:
+            break
+    first.finish()
+    if not first.is_json_object():
+        raise invalid_batch_file(param)
 
 
 def validate_purpose(purpose: object) -> str:
@@ -94,6 +165,8 @@ def create_file(
 ) -> FileRecord:
     validate_purpose(purpose)
     seconds = expires_after_seconds(expires_after, param="expires_after")
+    check_batch_filename(purpose, filename, "file")
+    check_batch_content(purpose, (memoryview(data),), "file")
     now = deps.now()
     file_id = ids.new_file_id()
     record = FileRecord(
@@ -158,7 +231,7 @@ def retrieve_file(deps: Deps, project_id: str, file_id: str) -> FileRecord:
     return record
 
 
-def delete_file(deps: Deps, project_id: str, file_id: str) -> dict[str, Any]:
+def delete_file(deps: Deps, project_id: str, file_id: str) -> FileDeleted:
     """Mark the file deleted (404 from now on) and remove its body, unless a batch that has not ended
     still reads it as input: then the body stays until that batch ends (`release_input_file`)."""
     record = retrieve_file(deps, project_id, file_id)
@@ -168,7 +241,7 @@ def delete_file(deps: Deps, project_id: str, file_id: str) -> dict[str, Any]:
         raise _not_found(file_id)
     if not input_of_active_batch(deps, record):
         deps.blobs.delete(record.blob_key)
-    return {"id": file_id, "object": "file", "deleted": True}
+    return FileDeleted(id=file_id, deleted=True)
 
 
 def input_of_active_batch(deps: Deps, record: FileRecord) -> bool:
@@ -193,6 +266,15 @@ def file_content(deps: Deps, project_id: str, file_id: str) -> tuple[FileRecord,
     """The live file and the blob key of its body; the handler decides between inline and redirect."""
     record = retrieve_file(deps, project_id, file_id)
     return record, record.blob_key
+
+
+def read_content(deps: Deps, project_id: str, record: FileRecord) -> bytes:
+    """The whole body of a file `file_content` returned. A delete (or the expiry sweep) that removed the
+    body since is a 404, as the file is now."""
+    try:
+        return deps.blobs.get(record.blob_key)
+    except KeyError:
+        raise _not_found(record.id) from None
 
 
 def sweep_expired_files(deps: Deps, limit: int = 1000) -> int:

@@ -9,6 +9,7 @@ the copy.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -21,9 +22,23 @@ from batch_api.contract.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from batch_api.contract.models import UPLOAD_TTL, FileRecord, UploadPartRecord, UploadRecord
+from batch_api.contract.models import (
+    MIME_TYPES_BY_PURPOSE,
+    UPLOAD_TTL,
+    FileRecord,
+    UploadPartRecord,
+    UploadRecord,
+)
+from batch_api.contract.wire import UploadObject
 from batch_api.deps import Deps
-from batch_api.service.files import expires_after_seconds, file_expires_at, validate_purpose
+from batch_api.service.files import (
+    FirstLine,
+    check_batch_filename,
+    expires_after_seconds,
+    file_expires_at,
+    invalid_batch_file,
+    validate_purpose,
+)
 
 MAX_UPLOAD_BYTES = 8 * 1024**3
 MAX_PART_BYTES = 64 * 1024**2
@@ -31,6 +46,26 @@ MAX_PART_BYTES = 64 * 1024**2
 # the expiry (stitching 8 GB takes minutes) finishes before its parts are deleted.
 SWEEP_GRACE_SECONDS = 15 * 60
 CANCELLABLE_UPLOAD_STATUSES = ("pending", "expired")
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,127}/[A-Za-z0-9!#$&^_.+-]{1,127}$")
+
+
+def check_mime_type(purpose: str, mime_type: str) -> None:
+    """The declared MIME type must be a type (`type/subtype`, parameters allowed) that suits the purpose."""
+    base = mime_type.split(";", 1)[0].strip().lower()
+    if not _TOKEN.match(base):
+        raise InvalidRequest(
+            f"Invalid value for 'mime_type': {mime_type!r} is not a MIME type (type/subtype).",
+            param="mime_type",
+            code="invalid_value",
+        )
+    allowed = MIME_TYPES_BY_PURPOSE.get(purpose)
+    if allowed is not None and base not in allowed:
+        raise InvalidRequest(
+            f"Invalid value for 'mime_type': {base!r} is not supported for purpose '{purpose}'. "
+            f"Supported values are: {', '.join(allowed)}.",
+            param="mime_type",
+            code="invalid_value",
+        )
 
 
 def _get_upload(deps: Deps, project_id: str, upload_id: str) -> UploadRecord:
@@ -84,6 +119,8 @@ def create_upload(
             param="bytes",
             code="invalid_value",
         )
+    check_mime_type(purpose, mime_type)
+    check_batch_filename(purpose, filename, "filename")
     now = deps.now()
     record = UploadRecord(
         id=ids.new_upload_id(),
@@ -210,22 +247,30 @@ def _stitch(
         blob_key=keys.file_key(file_id),
     )
     digest = hashlib.md5(usedforsecurity=False)
+    first_line = FirstLine()
 
     def concatenated() -> Iterator[bytes]:
         for part in parts:
             for chunk in deps.blobs.iter_range(part.blob_key):
                 digest.update(chunk)
+                first_line.feed(chunk)
                 yield chunk
 
     deps.blobs.write_stream(record.blob_key, concatenated())
+    first_line.finish()
+    problem: InvalidRequest | None = None
     if md5 is not None and digest.hexdigest() != md5.lower():
-        if deps.metadata.get_file(project_id, file_id) is None:  # never remove a body a record points at
-            deps.blobs.delete(record.blob_key)
-        raise InvalidRequest(
+        problem = InvalidRequest(
             f"The md5 of the Parts is {digest.hexdigest()}, not the {md5} that was given.",
             param="md5",
             code="invalid_value",
         )
+    elif upload.purpose == "batch" and not first_line.is_json_object():
+        problem = invalid_batch_file("part_ids")
+    if problem is not None:
+        if deps.metadata.get_file(project_id, file_id) is None:  # never remove a body a record points at
+            deps.blobs.delete(record.blob_key)
+        raise problem
     try:
         if record.expires_at is not None:
             deps.blobs.set_expiry(record.blob_key, record.expires_at)
@@ -264,7 +309,7 @@ def cancel_upload(deps: Deps, project_id: str, upload_id: str) -> UploadRecord:
 
 def upload_wire(
     deps: Deps, project_id: str, upload: UploadRecord, file: FileRecord | None = None
-) -> dict[str, Any]:
+) -> UploadObject:
     """The Upload object; a pending upload past its expiry shows as `expired`, and a completed one
     carries its file."""
     status = status_at(upload, deps.now())

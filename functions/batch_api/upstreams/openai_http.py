@@ -19,11 +19,12 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
 
+from batch_api.config import redact_url
 from batch_api.contract.ids import new_request_id
 from batch_api.ports import UpstreamResponse
 
@@ -55,8 +56,19 @@ def check_base_url(base_url: str) -> str:
     """The host[:port] of an http(s) base URL; `ValueError` for anything else."""
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"upstream base URL must be an http(s) URL, got {base_url!r}")
+        raise ValueError(f"upstream base URL must be an http(s) URL, got {redact_url(base_url)!r}")
     return parts.netloc.rpartition("@")[2]  # never echo credentials embedded in a URL
+
+
+def split_credentials(base_url: str) -> tuple[str, str | None]:
+    """The URL without its `user:password@`, and the Basic `Authorization` value they make (None when
+    the URL has none). The client keeps only the bare URL, so no message or log can show them."""
+    parts = urlsplit(base_url)
+    if "@" not in parts.netloc:
+        return base_url, None
+    auth = aiohttp.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return bare, auth.encode()
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -127,6 +139,9 @@ class OpenAIHttpUpstream:
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._host = check_base_url(base_url)
+        base_url, basic_auth = split_credentials(base_url)
+        if basic_auth is not None and api_key:
+            raise ValueError("the upstream URL carries credentials and an API key is given too; give one")
         self.base_url = base_url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -143,6 +158,8 @@ class OpenAIHttpUpstream:
         }
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        elif basic_auth is not None:
+            self._headers["Authorization"] = basic_auth
         self._urls: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
 

@@ -1,13 +1,8 @@
 """Step 3: finalize a batch (output and error files, counts, terminal status), and the catch-all fail.
 
 Idempotent at every point: file ids are deterministic and a file whose record exists is not written
-again; the terminal update is conditional; journals are deleted only after the terminal status is
-stored, and a batch in a terminal status only finishes that clean-up and returns.
-
-Terminal events are delivered at least once: the event is published *before* the conditional
-terminal update, so a failed publish leaves the batch unfinished and the step's retry publishes again;
-a crash between the publish and the update publishes the event a second time on the retry. Consumers
-dedupe on (batch id, status), the usual EventBridge contract.
+again; the terminal status is committed by `workflow/terminal.end_batch` (conditional on the status it
+was decided from, then announced and cleaned up), and a batch already terminal is only cleaned up.
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from batch_api import keys
-from batch_api.contract.errors import AlreadyExists, ConditionFailed, NotFound
+from batch_api.contract.errors import AlreadyExists, ConditionFailed
 from batch_api.contract.ids import output_file_id
 from batch_api.contract.models import (
     BatchErrorEntry,
@@ -30,15 +25,14 @@ from batch_api.contract.models import (
     Usage,
 )
 from batch_api.deps import Deps
-from batch_api.service.files import release_input_file
 from batch_api.workflow.lines import is_success, never_ran_line, parse_line, split_lines
-from batch_api.workflow.process import ChunkTally, read_tally
-from batch_api.workflow.validate import load_manifest, with_changes
+from batch_api.workflow.manifest import load_manifest
+from batch_api.workflow.tally import ChunkTally, read_tally
+from batch_api.workflow.terminal import after_terminal, end_batch, get_batch
 
 logger = logging.getLogger(__name__)
 
 WRITE_PIECE_BYTES = 1 << 20  # lines are handed to write_stream in pieces of about this size
-FAIL_ATTEMPTS = 10  # fail_batch re-reads when the status moves under it; it moves a few times at most
 
 NEVER_RAN_MESSAGES = {
     "batch_cancelled": "The batch was cancelled before this request ran.",
@@ -53,15 +47,12 @@ class FinalizeError(RuntimeError):
 def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
     """Write the output/error files and set the terminal status; input {"project_id", "batch_id"}.
 
-    Returns {"project_id", "batch_id", "status"} with the terminal status. The terminal event is
-    published before the terminal update (at-least-once delivery, see the module docstring).
+    Returns {"project_id", "batch_id", "status"} with the terminal status: `cancelled` whenever the
+    batch is `cancelling` when the status is committed, even if every request had finished.
     """
     project_id, batch_id = event["project_id"], event["batch_id"]
     ids = {"project_id": project_id, "batch_id": batch_id}
-    batch = _get_batch(deps, project_id, batch_id)
-    if batch.is_terminal:
-        _after_terminal(deps, batch)  # a crash may have come between the terminal update and the clean-up
-        return {**ids, "status": batch.status}
+    batch = get_batch(deps, project_id, batch_id)
     if batch.status == "in_progress":
         try:
             batch = deps.metadata.update_batch(
@@ -71,13 +62,27 @@ def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
                 expected_status={"in_progress"},
             )
         except ConditionFailed:  # the user cancelled (or another run moved on) meanwhile
-            batch = _get_batch(deps, project_id, batch_id)
-            if batch.is_terminal:
-                _after_terminal(deps, batch)
-                return {**ids, "status": batch.status}
-    if batch.status not in ("finalizing", "cancelling"):
-        raise FinalizeError(f"batch {batch_id} cannot be finalized from status {batch.status!r}")
+            batch = get_batch(deps, project_id, batch_id)
+    if batch.is_terminal:
+        after_terminal(deps, batch)  # a crash may have come between the terminal update and the clean-up
+        return {**ids, "status": batch.status}
+    final = end_batch(deps, project_id, batch_id, lambda current: _results(deps, current))
+    logger.info(
+        "batch %s %s: %d completed, %d failed",
+        batch_id,
+        final.status,
+        final.request_counts.completed,
+        final.request_counts.failed,
+    )
+    return {**ids, "status": final.status}
 
+
+def _results(deps: Deps, batch: BatchRecord) -> dict[str, Any]:
+    """Write the output and error files of a `finalizing` or `cancelling` batch; return the terminal
+    changes (status, files, counts, usage)."""
+    if batch.status not in ("finalizing", "cancelling"):
+        raise FinalizeError(f"batch {batch.id} cannot be finalized from status {batch.status!r}")
+    batch_id = batch.id
     cancelling = batch.status == "cancelling"
     now = deps.now()
     chunks = _chunks(deps, batch, cancelling)
@@ -150,80 +155,38 @@ def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
     }
     if errors:
         changes["errors"] = [e.model_dump() for e in [*batch.errors, *errors]]
-    # publish first, then store: a failed publish leaves the batch unfinished, so the retry sends it
-    final = with_changes(batch, changes)
-    deps.events.publish(f"batch.{status}", {**final.to_wire(), "project_id": project_id})
-    try:
-        final = deps.metadata.update_batch(
-            project_id, batch_id, changes, expected_status={"finalizing", "cancelling"}
-        )
-    except ConditionFailed:
-        current = _get_batch(deps, project_id, batch_id)
-        if current.is_terminal:  # a concurrent run finished first
-            _after_terminal(deps, current)
-            return {**ids, "status": current.status}
-        raise
-    # the files now hold every result and the terminal status is stored: the journals have done their job
-    _after_terminal(deps, final)
-    logger.info("batch %s %s: %d completed, %d failed", batch_id, status, completed, failed)
-    return {**ids, "status": status}
+    return changes
 
 
 def fail_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
-    """Mark a batch failed after a step failed unexpectedly; input {"project_id", "batch_id", "error":
-    {"code", "message"}}. A batch already terminal is left as it is.
-
-    The `batch.failed` event is published before the terminal update (at-least-once delivery): a
-    failed publish raises, and the batch stays unfinished for the caller's retry.
+    """End a batch after a step failed unexpectedly; input {"project_id", "batch_id", "error": {"code",
+    "message"}}. It ends `failed` with that error, or `cancelled` (the error kept in `errors`) if it was
+    being cancelled. A batch already terminal is left as it is; no output is written from the journals.
     """
     project_id, batch_id = event["project_id"], event["batch_id"]
     ids = {"project_id": project_id, "batch_id": batch_id}
+    if deps.metadata.get_batch(project_id, batch_id) is None:
+        return {**ids, "status": None}
     error = event.get("error") or {}
     entry = BatchErrorEntry(
         code=error.get("code") or "internal_error",
         message=error.get("message") or "The batch failed because of an internal error.",
-    )
-    changes: dict[str, Any] = {"status": "failed", "errors": [entry.model_dump()]}
-    for _ in range(FAIL_ATTEMPTS):
-        current = deps.metadata.get_batch(project_id, batch_id)
-        if current is None:
-            return {**ids, "status": None}
-        if current.is_terminal:
-            _after_terminal(deps, current)
-            return {**ids, "status": current.status}
-        changes["failed_at"] = deps.now()
-        deps.events.publish(
-            "batch.failed", {**with_changes(current, changes).to_wire(), "project_id": project_id}
-        )
-        try:
-            failed = deps.metadata.update_batch(
-                project_id, batch_id, changes, expected_status={current.status}
-            )
-        except ConditionFailed:  # the status moved (a cancel, say) since we read it: look again
-            continue
-        _after_terminal(deps, failed)  # no output will be written from the journals
-        return {**ids, "status": "failed"}
-    raise ConditionFailed(batch_id)
+    ).model_dump()
 
+    def decide(current: BatchRecord) -> dict[str, Any]:
+        if current.status == "cancelling":  # it answered `cancelling`: it ends `cancelled`
+            return {
+                "status": "cancelled",
+                "cancelled_at": deps.now(),
+                "errors": [*(e.model_dump() for e in current.errors), entry],
+            }
+        return {"status": "failed", "failed_at": deps.now(), "errors": [entry]}
 
-def _after_terminal(deps: Deps, batch: BatchRecord) -> None:
-    """Clean up after a batch reached its terminal status (every step is safe to repeat): drop an input
-    body that was kept only for this batch, the chunk progress records (the stored counts are final;
-    retrieve reads progress only while chunks run), then the journals. The journals go last: a local
-    restart that finds journals of an ended batch finishes the clean-up (`LocalWorkflow.resume`)."""
-    release_input_file(deps, batch.project_id, batch.input_file_id)
-    deps.metadata.delete_chunk_progress(batch.id)
-    deps.journal.delete_batch(batch.id)
+    final = end_batch(deps, project_id, batch_id, decide)
+    return {**ids, "status": final.status}
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _get_batch(deps: Deps, project_id: str, batch_id: str) -> BatchRecord:
-    batch = deps.metadata.get_batch(project_id, batch_id)
-    if batch is None:
-        raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
-    return batch
 
 
 def _chunks(deps: Deps, batch: BatchRecord, cancelling: bool) -> list[ChunkPlan]:

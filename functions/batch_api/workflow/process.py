@@ -12,16 +12,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from batch_api.contract.errors import NotFound
-from batch_api.contract.models import BatchRecord, ChunkPlan, ChunkProgress, Usage
+from batch_api.contract.models import BatchRecord, ChunkPlan, Usage
 from batch_api.deps import Deps
 from batch_api.ports import Upstream, UpstreamResponse
-from batch_api.workflow.lines import is_success, parse_line, result_line, split_lines, usage_of
+from batch_api.workflow.lines import result_line, split_lines, usage_of
+from batch_api.workflow.tally import ChunkTally, read_tally
 
 logger = logging.getLogger(__name__)
 
@@ -42,47 +42,6 @@ RUNNABLE_STATUSES = frozenset({"in_progress", "validating"})
 TimeLeft = Callable[[], float]
 
 INPUT_MISSING = "input_missing"  # `stopped` when the input file's body vanished under a running batch
-
-
-@dataclass
-class ChunkTally:
-    """Counts over the whole journal of a chunk; the first line per custom_id wins (a duplicate can only
-    come from a retried append)."""
-
-    done_ids: set[str] = field(default_factory=set)
-    completed: int = 0
-    failed: int = 0
-    usage: Usage = field(default_factory=Usage)
-
-    def add(self, custom_id: str, success: bool, usage: Usage) -> None:
-        if custom_id in self.done_ids:
-            return
-        self.done_ids.add(custom_id)
-        if success:
-            self.completed += 1
-            self.usage = self.usage.add(usage)
-        else:
-            self.failed += 1
-
-    def progress(self, plan: ChunkPlan) -> ChunkProgress:
-        return ChunkProgress(
-            index=plan.index,
-            completed=self.completed,
-            failed=self.failed,
-            usage=self.usage,
-            done=len(self.done_ids) >= plan.lines,
-        )
-
-
-def read_tally(deps: Deps, batch_id: str, index: int, endpoint: str) -> ChunkTally:
-    """Tally what the chunk's journal already holds."""
-    tally = ChunkTally()
-    for line in deps.journal.read(batch_id, index):
-        obj = parse_line(line)
-        success = is_success(obj)
-        body = obj["response"]["body"] if success else None
-        tally.add(obj["custom_id"], success, usage_of(endpoint, body) if success else Usage())
-    return tally
 
 
 def stop_reason(batch: BatchRecord, now: int) -> str | None:

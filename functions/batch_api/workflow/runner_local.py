@@ -82,10 +82,14 @@ class LocalWorkflow:
     def resume(self) -> int:
         """Start every batch a previous process left in a non-terminal status; return how many.
 
+        Ended batches whose terminal event was never published are announced first.
         First drop the chunk progress and journals of batches that are not active (terminal, or
         unknown): a crash between a batch's terminal update and their deletion leaves them behind
         otherwise (finalize deletes the journals last, so journals are what such a crash leaves).
         """
+        from batch_api.workflow.terminal import announce_pending
+
+        announce_pending(self.deps)  # ended batches whose event a crash left unpublished
         active = self.deps.metadata.list_active_batches()
         self._drop_stale_journals({batch.id for batch in active})
         for batch in active:
@@ -121,12 +125,17 @@ class LocalWorkflow:
         self._sweeper = threading.Thread(target=loop, name="sweeper", daemon=True)
         self._sweeper.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop taking work. Running chunks see no time left (`_time_left`): they start no new request
-        and abandon those in flight at their next progress tick; the journal keeps what finished."""
+    def begin_stop(self) -> None:
+        """Stop taking work, without waiting. Running chunks see no time left (`_time_left`): they start
+        no new request and abandon those in flight at their next progress tick; the journal keeps what
+        finished."""
         self._stopping.set()
         if self._chunk_pool is not None:
             self._chunk_pool.shutdown(wait=False, cancel_futures=True)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """`begin_stop`, then wait up to `timeout` seconds for the batches being driven to let go."""
+        self.begin_stop()
         deadline = time.monotonic() + timeout
         for thread in list(self._running.values()):
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -146,7 +155,8 @@ class LocalWorkflow:
 
     def _drive(self, project_id: str, batch_id: str) -> None:
         from batch_api.workflow.finalize import fail_batch, finalize_batch
-        from batch_api.workflow.validate import load_manifest, validate_batch
+        from batch_api.workflow.manifest import load_manifest
+        from batch_api.workflow.validate import validate_batch
 
         deps = self.deps
         ids = {"project_id": project_id, "batch_id": batch_id}

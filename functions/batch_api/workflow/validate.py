@@ -7,22 +7,30 @@ custom_ids seen and at most `max_batch_errors` error entries, whatever the file'
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from pydantic import BaseModel
 
 from batch_api import keys
 from batch_api.contract import models
-from batch_api.contract.errors import ConditionFailed, NotFound
+from batch_api.contract.errors import ConditionFailed
 from batch_api.contract.models import TERMINAL_STATUSES, BatchErrorEntry, BatchRecord, ChunkPlan
 from batch_api.deps import Deps
-from batch_api.service.files import release_input_file
 from batch_api.workflow.lines import split_lines
+from batch_api.workflow.manifest import write_manifest
+from batch_api.workflow.terminal import after_terminal, end_batch, get_batch
 
 logger = logging.getLogger(__name__)
+
+# How OpenAI names each endpoint in its messages ("Chat Completions: Streaming is not supported ...").
+ENDPOINT_NAMES = {
+    "/v1/chat/completions": "Chat Completions",
+    "/v1/completions": "Completions",
+    "/v1/embeddings": "Embeddings",
+    "/v1/responses": "Responses",
+    "/v1/moderations": "Moderations",
+}
 
 # The body field each endpoint cannot do without (besides `model`).
 REQUIRED_BODY_FIELD = {
@@ -102,9 +110,8 @@ class _Scan:
         """Check one non-blank line; every problem found becomes an error entry."""
         try:
             obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            reason = str(exc).split(": line ")[0]  # orjson's position is within the line, not the file
-            self.error("invalid_json_line", f"Line {line_no} is not valid JSON ({reason}).", line=line_no)
+        except orjson.JSONDecodeError:
+            self.error("invalid_json_line", "This line is not parseable as valid JSON.", line=line_no)
             return
         if not isinstance(obj, dict):
             self.error(
@@ -115,12 +122,7 @@ class _Scan:
             return
         missing = [name for name in REQUIRED_LINE_FIELDS if name not in obj]
         for name in missing:
-            self.error(
-                "missing_required_parameter",
-                f"Line {line_no} is missing the required field '{name}'.",
-                param=name,
-                line=line_no,
-            )
+            self._missing(name, line_no)
         if "custom_id" in obj:
             self._check_custom_id(obj["custom_id"], line_no)
         if "method" in obj and obj["method"] != "POST":
@@ -133,8 +135,7 @@ class _Scan:
         if "url" in obj and obj["url"] != self.endpoint:
             self.error(
                 "invalid_url",
-                f"Line {line_no} has url {_show(obj['url'])}, but this batch's endpoint is '{self.endpoint}'; "
-                "every line must use the batch's endpoint.",
+                "The URL provided for this request does not match the batch endpoint.",
                 param="url",
                 line=line_no,
             )
@@ -149,6 +150,11 @@ class _Scan:
                     param="body",
                     line=line_no,
                 )
+
+    def _missing(self, param: str, line_no: int) -> None:
+        self.error(
+            "missing_required_parameter", f"Missing required parameter: '{param}'.", param=param, line=line_no
+        )
 
     def _check_custom_id(self, custom_id: Any, line_no: int) -> None:
         if not isinstance(custom_id, str) or not custom_id:
@@ -173,18 +179,13 @@ class _Scan:
         if body.get("stream") is True:
             self.error(
                 "streaming_unsupported",
-                f"Line {line_no} sets body.stream to true; batches do not support streaming.",
+                f"{ENDPOINT_NAMES.get(self.endpoint, self.endpoint)}: Streaming is not supported in the Batch API.",
                 param="body.stream",
                 line=line_no,
             )
         model = body.get("model")
         if model is None:
-            self.error(
-                "missing_required_parameter",
-                f"Line {line_no} has no body.model; every request must name its model.",
-                param="body.model",
-                line=line_no,
-            )
+            self._missing("body.model", line_no)
         elif not isinstance(model, str) or not model:
             self.error(
                 "invalid_request",
@@ -204,12 +205,7 @@ class _Scan:
             )
         required = REQUIRED_BODY_FIELD.get(self.endpoint)
         if required is not None and body.get(required) is None:
-            self.error(
-                "missing_required_parameter",
-                f"Line {line_no} has no body.{required}, which {self.endpoint} requires.",
-                param=f"body.{required}",
-                line=line_no,
-            )
+            self._missing(f"body.{required}", line_no)
         if self.endpoint == "/v1/embeddings" and body.get("input") is not None:
             before = self.embedding_inputs
             self.embedding_inputs += embedding_input_count(body["input"])
@@ -278,33 +274,28 @@ def validate_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
     "manifest_key" and "chunk_count", "done" with the terminal "status".
     """
     project_id, batch_id = event["project_id"], event["batch_id"]
-    batch = _get_batch(deps, project_id, batch_id)
+    batch = get_batch(deps, project_id, batch_id)
+    if batch.is_terminal:
+        after_terminal(deps, batch)  # a crash may have come between the terminal update and the clean-up
+        return _outcome(batch)
     if not _needs_validation(batch):
         return _outcome(batch)
 
+    # A batch keeps its input: the body stays, even if the file is deleted or expires, until the batch
+    # ends. Only a delete that raced batches.create itself can have removed it.
     input_file = deps.metadata.get_file(project_id, batch.input_file_id)
-    if input_file is None or not input_file.is_live(deps.now()) or not deps.blobs.exists(input_file.blob_key):
-        return _fail(
-            deps,
-            batch,
-            [
-                BatchErrorEntry(
-                    code="invalid_request",
-                    message=f"The input file {batch.input_file_id} does not exist, was deleted or has expired.",
-                    param="input_file_id",
-                )
-            ],
-        )
     try:
+        if input_file is None:
+            raise KeyError(batch.input_file_id)
         scan = scan_file(deps, input_file.blob_key, batch.endpoint)
-    except KeyError:  # the body vanished while we read it (deleted meanwhile)
+    except KeyError:  # the blob store's "absent"
         return _fail(
             deps,
             batch,
             [
                 BatchErrorEntry(
                     code="invalid_request",
-                    message=f"The input file {batch.input_file_id} was deleted while the batch was validating.",
+                    message=f"The input file {batch.input_file_id} was deleted before the batch could read it.",
                     param="input_file_id",
                 )
             ],
@@ -318,8 +309,7 @@ def validate_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
         )
         return _fail(deps, batch, scan.errors)
 
-    manifest_key = keys.manifest_key(batch_id)
-    deps.blobs.put(manifest_key, orjson.dumps([chunk.model_dump() for chunk in scan.chunks]))
+    write_manifest(deps, batch_id, scan.chunks)
     planned = {
         "model": scan.model,
         "request_counts": {"total": scan.requests, "completed": 0, "failed": 0},
@@ -333,25 +323,11 @@ def validate_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
             expected_status={"validating"},
         )
     except ConditionFailed:
-        batch = _get_batch(deps, project_id, batch_id)
+        batch = get_batch(deps, project_id, batch_id)
         if batch.status == "cancelling":
             # cancelled while we validated: finalize still needs the plan to write batch_cancelled lines
             batch = deps.metadata.update_batch(project_id, batch_id, planned, expected_status={"cancelling"})
     return _outcome(batch)
-
-
-def load_manifest(deps: Deps, batch_id: str) -> list[ChunkPlan]:
-    """The chunk plan validate wrote. `KeyError` if there is none."""
-    return [
-        ChunkPlan.model_validate(item) for item in orjson.loads(deps.blobs.get(keys.manifest_key(batch_id)))
-    ]
-
-
-def _get_batch(deps: Deps, project_id: str, batch_id: str) -> BatchRecord:
-    batch = deps.metadata.get_batch(project_id, batch_id)
-    if batch is None:
-        raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
-    return batch
 
 
 def _needs_validation(batch: BatchRecord) -> bool:
@@ -364,34 +340,25 @@ def _needs_validation(batch: BatchRecord) -> bool:
 
 
 def _fail(deps: Deps, batch: BatchRecord, errors: list[BatchErrorEntry]) -> dict[str, Any]:
-    """End the batch `failed` with `errors`. The event is published before the terminal update, so a
-    failed publish raises and the step's retry validates and publishes again (at-least-once delivery;
-    a crash between the two publishes twice)."""
-    changes = {"status": "failed", "failed_at": deps.now(), "errors": [e.model_dump() for e in errors]}
-    deps.events.publish(
-        "batch.failed", {**with_changes(batch, changes).to_wire(), "project_id": batch.project_id}
-    )
+    """End the batch `failed` with `errors`, or `cancelled` with them if the user cancelled it while it
+    validated (it answered `cancelling`, so it ends `cancelled`)."""
+    entries = [e.model_dump() for e in errors]
+
+    def decide(current: BatchRecord) -> dict[str, Any]:
+        if current.status == "cancelling":
+            return {"status": "cancelled", "cancelled_at": deps.now(), "errors": entries}
+        if current.status != "validating":  # planned meanwhile by another run: not ours to end
+            raise _Planned()
+        return {"status": "failed", "failed_at": deps.now(), "errors": entries}
+
     try:
-        failed = deps.metadata.update_batch(
-            batch.project_id,
-            batch.id,
-            changes,
-            # an invalid file fails even if the user cancelled meanwhile: the errors say more
-            expected_status={"validating", "cancelling"},
-        )
-    except ConditionFailed:
-        return _outcome(_get_batch(deps, batch.project_id, batch.id))
-    release_input_file(deps, failed.project_id, failed.input_file_id)
-    return _outcome(failed)
+        return _outcome(end_batch(deps, batch.project_id, batch.id, decide))
+    except _Planned:
+        return _outcome(get_batch(deps, batch.project_id, batch.id))
 
 
-def with_changes(batch: BatchRecord, changes: Mapping[str, Any]) -> BatchRecord:
-    """The record as `update_batch(changes)` will store it: what a terminal event announces before the
-    update is made."""
-    data = batch.model_dump()
-    for key, value in changes.items():
-        data[key] = value.model_dump() if isinstance(value, BaseModel) else value
-    return BatchRecord.model_validate(data)
+class _Planned(Exception):
+    """Another run of validate planned the batch while this one found it invalid."""
 
 
 def _outcome(batch: BatchRecord) -> dict[str, Any]:

@@ -8,7 +8,8 @@ Items (record fields are stored as native attributes beside the keys):
     upload part     pk UPLOAD#{id}           sk PART#{seq:010d}#{part_id}   (seq: arrival order)
     part counter    pk UPLOAD#{id}           sk PARTSEQ                     (atomic ADD hands out seq)
     batch           pk BATCH#{id}            sk BATCH     gsi1 {project}#BATCH / {created_at:012d}#{id}
-                                                          gsi2 ACTIVE / {created_at:012d}#{id}    (non-terminal)
+                                                          gsi2 ACTIVE / {created_at:012d}#{id}    (non-terminal,
+                                                               or terminal with its event pending)
     chunk progress  pk BATCH#{id}            sk CHUNK#{index:05d}           (PutItem overwrite)
     idempotency     pk IDEMP#{project}       sk KEY#{key}                   ttl created_at + 24 h (DynamoDB TTL)
 
@@ -459,9 +460,12 @@ class DynamoMetadataStore:
         set_extra: dict[str, Any] = {}
         remove: list[str] = []
         copy: dict[str, str] = {}
+        # On the ACTIVE index: every batch that is not terminal, and a terminal one until its event is
+        # published (`event_pending`, only ever set with the terminal status and cleared after it).
         new_status = changes.get("status")
-        if new_status in TERMINAL_STATUSES:
-            remove = [GSI2_PARTITION_KEY, GSI2_SORT_KEY]  # off the ACTIVE index
+        pending = changes.get("event_pending")
+        if (new_status in TERMINAL_STATUSES and not pending) or (new_status is None and pending is False):
+            remove = [GSI2_PARTITION_KEY, GSI2_SORT_KEY]
         elif new_status is not None:
             set_extra[GSI2_PARTITION_KEY] = ACTIVE_PARTITION
             copy[GSI2_SORT_KEY] = GSI1_SORT_KEY  # the same "{created_at:012d}#{id}"
@@ -479,13 +483,19 @@ class DynamoMetadataStore:
         )
 
     def list_active_batches(self) -> list[BatchRecord]:
-        records = [
+        return [r for r in self._on_active_index() if r.status not in TERMINAL_STATUSES]
+
+    def list_unannounced_batches(self) -> list[BatchRecord]:
+        # a GSI can lag a moment: the record on it says whether the event is still pending
+        return [r for r in self._on_active_index() if r.status in TERMINAL_STATUSES and r.event_pending]
+
+    def _on_active_index(self) -> list[BatchRecord]:
+        return [
             _record(BatchRecord, item)
             for item in self._query(
                 IndexName=GSI2_NAME, KeyConditionExpression=Key(GSI2_PARTITION_KEY).eq(ACTIVE_PARTITION)
             )
         ]
-        return [r for r in records if r.status not in TERMINAL_STATUSES]  # a GSI can lag a moment
 
     def put_chunk_progress(self, batch_id: str, progress: ChunkProgress) -> None:
         self.table.put_item(

@@ -3,10 +3,10 @@
 Each record kind has its own table: the columns the queries filter and sort on, plus `doc`, the
 whole pydantic record as JSON, so a record can grow fields without a migration.
 
-Concurrency: one connection shared by every thread, guarded by a lock. The local server handles
-each HTTP request on a fresh thread, so a connection per thread would mean a connection opened
-(and leaked until garbage collection) per request; and SQLite runs one writer at a time anyway,
-while a WAL commit with synchronous=NORMAL costs microseconds, so the lock is never the bottleneck.
+Concurrency: one connection shared by every thread, guarded by a lock. The local server's worker
+threads, the workflow's batch and chunk threads and the sweeper all use it; SQLite runs one writer at
+a time anyway, while a WAL commit with synchronous=NORMAL costs microseconds, so the lock is never the
+bottleneck.
 WAL and busy_timeout are still set for other processes reading the file (a CLI, an inspector).
 
 Durability: WAL with synchronous=NORMAL keeps every committed transaction through a kill -9 (the
@@ -95,8 +95,10 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 """
 
 # Run after _SCHEMA; each index needs the columns the migrations before it add.
-_INDEXES = """
+_UNANNOUNCED = "json_extract(doc, '$.event_pending') = 1"  # terminal batches whose event is not out yet
+_INDEXES = f"""
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expires_at);
+CREATE INDEX IF NOT EXISTS batches_unannounced ON batches (created_at, id) WHERE {_UNANNOUNCED};
 """
 
 _TERMINAL = tuple(sorted(TERMINAL_STATUSES))
@@ -386,6 +388,11 @@ class SqliteMetadataStore:
             f"SELECT doc FROM batches WHERE status NOT IN ({_TERMINAL_PLACEHOLDERS}) ORDER BY created_at, id",
             _TERMINAL,
         )
+        return [BatchRecord.model_validate_json(doc) for (doc,) in rows]
+
+    def list_unannounced_batches(self) -> list[BatchRecord]:
+        # the partial index `batches_unannounced` holds exactly these rows
+        rows = self._query(f"SELECT doc FROM batches WHERE {_UNANNOUNCED} ORDER BY created_at, id", ())
         return [BatchRecord.model_validate_json(doc) for (doc,) in rows]
 
     def put_chunk_progress(self, batch_id: str, progress: ChunkProgress) -> None:
