@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+
 
 def file_key(file_id: str) -> str:
     return f"files/{file_id}"
+
+
+def stitched_file_key(file_id: str, part_ids: list[str]) -> str:
+    """The body of a completed upload: one object per list of parts, so two completes of one upload
+    that name different parts (or orders) never write the same object."""
+    digest = hashlib.sha256("\n".join(part_ids).encode()).hexdigest()[:16]
+    return f"files/{file_id}.{digest}"
 
 
 def upload_part_key(upload_id: str, part_id: str) -> str:

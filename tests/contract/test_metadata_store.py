@@ -422,6 +422,31 @@ def test_list_active_batches_spans_projects_and_skips_terminal(metadata_store: M
     ]
 
 
+def test_unannounced_batches_are_the_ended_ones_whose_event_is_pending(metadata_store: MetadataStore) -> None:
+    """The terminal commit marks `event_pending` (the outbox); clearing it takes the batch off the list.
+    Active batches are never on it, and a pending event keeps no batch on the active list."""
+    for i, batch_id in enumerate(("batch_a", "batch_b", "batch_c")):
+        metadata_store.create_batch(
+            make_batch(batch_id, project=f"proj-{i % 2}", created_at=NOW + i, status="finalizing")
+        )
+    for batch_id in ("batch_a", "batch_b"):
+        project = "proj-0" if batch_id == "batch_a" else "proj-1"
+        metadata_store.update_batch(
+            project,
+            batch_id,
+            {"status": "completed", "completed_at": NOW, "event_pending": True},
+            expected_status={"finalizing"},
+        )
+
+    assert ids(metadata_store.list_unannounced_batches()) == ["batch_a", "batch_b"]
+    assert ids(metadata_store.list_active_batches()) == ["batch_c"]
+
+    metadata_store.update_batch("proj-0", "batch_a", {"event_pending": False}, expected_status={"completed"})
+    assert ids(metadata_store.list_unannounced_batches()) == ["batch_b"]
+    stored = metadata_store.get_batch("proj-0", "batch_a")
+    assert stored is not None and (stored.status, stored.event_pending) == ("completed", False)
+
+
 def test_chunk_progress_overwrites_instead_of_adding(metadata_store: MetadataStore) -> None:
     metadata_store.put_chunk_progress("batch_1", ChunkProgress(index=2, completed=5))
     metadata_store.put_chunk_progress("batch_1", ChunkProgress(index=0, completed=1, failed=1))

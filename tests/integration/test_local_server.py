@@ -18,29 +18,14 @@ import pytest
 
 from batch_api.config import Settings
 from batch_api.local.bootstrap import LocalApp, build_local_app
-from batch_api.local.server import (
-    HEAD_LIMIT_BYTES,
-    MAX_HEADERS,
-    TARGET_LIMIT_BYTES,
-    ApiAsgiApp,
-    ResolverPool,
-)
-from tests.support.asgi_server import closed_by_peer, exchange, read_answer, serving
+from batch_api.local.server import HEAD_LIMIT_BYTES, MAX_HEADERS, TARGET_LIMIT_BYTES
+from tests.support.asgi_server import asgi_app, closed_by_peer, exchange, read_answer, serving
 from tests.support.server import free_port
 
 pytestmark = pytest.mark.integration
 
 KEYS = ("sk-project-a-0123456789", "sk-project-b-0123456789")
 MAX_BODY = 64 * 1024
-
-
-def _asgi(local: LocalApp, settings: Settings, factory: Any = None) -> ApiAsgiApp:
-    return ApiAsgiApp(
-        ResolverPool(factory or local.api_factory, settings.http_concurrency),
-        blobs=local.blobs,
-        signing_key=local.signing_key,
-        settings=settings,
-    )
 
 
 @pytest.fixture
@@ -63,7 +48,7 @@ def local(tmp_path: Path) -> Iterator[tuple[LocalApp, Settings]]:
 @pytest.fixture
 def address(local: tuple[LocalApp, Settings]) -> Iterator[tuple[str, int]]:
     app, settings = local
-    with serving(_asgi(app, settings), settings.port) as address:
+    with serving(asgi_app(app, settings), settings.port) as address:
         yield address
 
 
@@ -186,7 +171,7 @@ def test_a_crash_below_the_api_is_a_500_in_the_envelope(local: tuple[LocalApp, S
         def resolve(self, event: Any, context: Any) -> Any:
             raise RuntimeError("disk on fire")
 
-    with serving(_asgi(app, settings, factory=Broken)) as address:
+    with serving(asgi_app(app, settings, factory=Broken)) as address:
         answer = exchange(address, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.status == 500
         error = answer.envelope()

@@ -10,10 +10,23 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
-from batch_api.local.server import ApiAsgiApp, build_server, listen
+from batch_api.config import Settings
+from batch_api.local.bootstrap import LocalApp
+from batch_api.local.server import ApiAsgiApp, ResolverPool, build_server, listen
+
+
+def asgi_app(local: LocalApp, settings: Settings, factory: Any = None) -> ApiAsgiApp:
+    """The ASGI app `batch-api serve` runs, over a local app built in this process."""
+    return ApiAsgiApp(
+        ResolverPool(factory or local.api_factory, settings.http_concurrency),
+        blobs=local.blobs,
+        signing_key=local.signing_key,
+        settings=settings,
+    )
 
 
 @contextmanager

@@ -317,7 +317,8 @@ def test_upload_flow(client: Client) -> None:
     done = Upload.model_validate(client.json(load_event("uploads_complete.json")))
     assert done.status == "completed"
     assert done.file is not None
-    assert client.deps.blobs.get(keys.file_key(done.file.id)) == b"".join(PARTS)
+    stored = client.deps.metadata.get_file("local", done.file.id)
+    assert stored is not None and client.deps.blobs.get(stored.blob_key) == b"".join(PARTS)
 
     assert client.error(load_event("uploads_complete.json"), 400)["message"].endswith("already completed.")
     assert client.error(load_event("uploads_cancel.json"), 400)

@@ -10,6 +10,7 @@ from batch_api import keys
 from batch_api.contract.errors import ConditionFailed
 from batch_api.contract.ids import output_file_id
 from batch_api.contract.models import ChunkProgress
+from batch_api.service.batches import cancel_batch
 from batch_api.workflow.finalize import FinalizeError, fail_batch, finalize_batch
 from batch_api.workflow.manifest import load_manifest
 from batch_api.workflow.process import process_chunk
@@ -357,3 +358,49 @@ def test_an_input_body_gone_mid_batch_keeps_what_finished() -> None:
     assert [line["custom_id"] for line in file_lines(deps, batch.output_file_id)] == ["r0", "r1"]
     assert [e.code for e in batch.errors] == ["input_file_missing"]
     assert batch.error_file_id is None  # no line can be written for requests whose input is unreadable
+
+
+def test_a_cancel_that_lands_while_finalize_writes_the_files_ends_the_batch_cancelled() -> None:
+    """Finalize decides `completed` from a `finalizing` batch, writes the files, and the user's cancel
+    lands before the commit: the cancel answered `cancelling`, so the batch ends `cancelled` (with every
+    result), and no `batch.completed` is ever announced."""
+    deps = _run_batch(3)
+    real_update = deps.metadata.update_batch
+    answers: list[Any] = []
+
+    def cancel_lands_first(project_id: str, batch_id: str, changes: Any, *, expected_status: Any) -> Any:
+        if changes.get("status") == "completed" and not answers:
+            answers.append(cancel_batch(deps, PROJECT, batch_id))
+        return real_update(project_id, batch_id, changes, expected_status=expected_status)
+
+    deps.metadata.update_batch = cancel_lands_first
+
+    assert finalize_batch(ids(), deps)["status"] == "cancelled"
+
+    assert answers[0].status == "cancelling"
+    batch = get_batch(deps)
+    assert (batch.status, batch.cancelled_at, batch.completed_at) == ("cancelled", deps.now(), None)
+    assert batch.request_counts.model_dump() == {"total": 3, "completed": 3, "failed": 0}
+    assert len(file_lines(deps, batch.output_file_id)) == 3
+    assert [kind for kind, _ in deps.events.events] == ["batch.cancelled"]
+    assert batch.event_pending is False
+
+
+def test_a_crash_between_the_terminal_commit_and_the_event_announces_it_on_the_retry() -> None:
+    deps = _run_batch(1)
+    real_publish = deps.events.publish
+
+    def crash(kind: str, detail: Any) -> None:
+        raise RuntimeError("killed before the event went out")
+
+    deps.events.publish = crash  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        finalize_batch(ids(), deps)
+    assert (get_batch(deps).status, get_batch(deps).event_pending) == ("completed", True)
+    assert deps.events.events == []
+
+    deps.events.publish = real_publish  # type: ignore[method-assign]
+    assert finalize_batch(ids(), deps)["status"] == "completed"  # the step's retry
+
+    assert [kind for kind, _ in deps.events.events] == ["batch.completed"]
+    assert get_batch(deps).event_pending is False

@@ -192,24 +192,36 @@ def complete_upload(
 ) -> tuple[UploadRecord, FileRecord]:
     """Stitch the named parts into a new file; the upload becomes `completed` with that file.
 
-    The file's id is derived from the upload's (`ids.upload_file_id`), so a complete retried after a
-    crash or a failed update finds the file the first attempt registered instead of making a second
-    one. A complete that loses a race (another complete or a cancel got there first) answers from the
-    upload's current state: 400 `invalid_upload_status`.
+    The file's id is derived from the upload's (`ids.upload_file_id`) and its body's key from the part
+    list (`keys.stitched_file_key`), so a complete retried after a crash or a failed update finds the
+    file the first attempt registered instead of making a second one, and two completes that name
+    different parts never overwrite each other's body. Of concurrent completes exactly one succeeds;
+    the others answer from the upload's state: 400 `invalid_upload_status`.
     """
     upload = _get_upload(deps, project_id, upload_id)
     _require_pending(deps, upload)
     parts = _ordered_parts(upload, deps.metadata.get_upload_parts(upload_id), part_ids)
 
     file_id = ids.upload_file_id(upload_id)
+    blob_key = keys.stitched_file_key(file_id, part_ids)
     record = deps.metadata.get_file(project_id, file_id)
     if record is None:
         try:
-            record = _stitch(deps, project_id, upload, file_id, parts, md5)
+            record = _stitch(deps, project_id, upload, file_id, blob_key, parts, md5)
         except KeyError:
             # A part vanished under us: a concurrent complete (or cancel) won and dropped the parts.
             _require_pending(deps, _get_upload(deps, project_id, upload_id))
             raise
+    elif md5 is not None:  # registered by an earlier attempt: check its body against this md5
+        _check_md5(_md5_of(deps, record.blob_key), md5)
+    if record.blob_key != blob_key:
+        # A concurrent complete naming other parts registered the file; it finishes the upload.
+        _require_pending(deps, _get_upload(deps, project_id, upload_id))
+        raise InvalidRequest(
+            f"Upload {upload_id} is already being completed with other parts.",
+            param="upload_id",
+            code="invalid_upload_status",
+        )
     try:
         completed = deps.metadata.update_upload(
             project_id, upload_id, {"status": "completed", "file_id": file_id}, expected_status=["pending"]
@@ -226,15 +238,33 @@ def complete_upload(
     return completed, record
 
 
+def _check_md5(actual: str, given: str) -> None:
+    if actual != given.lower():
+        raise InvalidRequest(
+            f"The md5 of the Parts is {actual}, not the {given} that was given.",
+            param="md5",
+            code="invalid_value",
+        )
+
+
+def _md5_of(deps: Deps, blob_key: str) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    for chunk in deps.blobs.iter_range(blob_key):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _stitch(
     deps: Deps,
     project_id: str,
     upload: UploadRecord,
     file_id: str,
+    blob_key: str,
     parts: list[UploadPartRecord],
     md5: str | None,
 ) -> FileRecord:
-    """Concatenate the parts into `files/{file_id}` and register the file (once, whoever registers it)."""
+    """Concatenate the parts into `blob_key` and register the file (once, whoever registers it: the
+    record returned may be another complete's)."""
     now = deps.now()
     record = FileRecord(
         id=file_id,
@@ -244,7 +274,7 @@ def _stitch(
         expires_at=file_expires_at(upload.purpose, now, upload.file_expires_after_seconds),
         filename=upload.filename,
         purpose=upload.purpose,
-        blob_key=keys.file_key(file_id),
+        blob_key=blob_key,
     )
     digest = hashlib.md5(usedforsecurity=False)
     first_line = FirstLine()
@@ -256,33 +286,36 @@ def _stitch(
                 first_line.feed(chunk)
                 yield chunk
 
-    deps.blobs.write_stream(record.blob_key, concatenated())
+    deps.blobs.write_stream(blob_key, concatenated())
     first_line.finish()
-    problem: InvalidRequest | None = None
-    if md5 is not None and digest.hexdigest() != md5.lower():
-        problem = InvalidRequest(
-            f"The md5 of the Parts is {digest.hexdigest()}, not the {md5} that was given.",
-            param="md5",
-            code="invalid_value",
-        )
-    elif upload.purpose == "batch" and not first_line.is_json_object():
-        problem = invalid_batch_file("part_ids")
-    if problem is not None:
-        if deps.metadata.get_file(project_id, file_id) is None:  # never remove a body a record points at
-            deps.blobs.delete(record.blob_key)
-        raise problem
+    try:
+        if md5 is not None:
+            _check_md5(digest.hexdigest(), md5)
+        if upload.purpose == "batch" and not first_line.is_json_object():
+            raise invalid_batch_file("part_ids")
+    except InvalidRequest:
+        _drop_unless_registered(deps, project_id, file_id, blob_key)
+        raise
     try:
         if record.expires_at is not None:
-            deps.blobs.set_expiry(record.blob_key, record.expires_at)
+            deps.blobs.set_expiry(blob_key, record.expires_at)
         deps.metadata.create_file(record)
     except AlreadyExists:
-        # a concurrent complete of this upload registered it first; its body is the same parts
+        # a concurrent complete of this upload registered it first
+        _drop_unless_registered(deps, project_id, file_id, blob_key)
         existing = deps.metadata.get_file(project_id, file_id)
         return existing if existing is not None else record
     except BaseException:
-        deps.blobs.delete(record.blob_key)
+        deps.blobs.delete(blob_key)
         raise
     return record
+
+
+def _drop_unless_registered(deps: Deps, project_id: str, file_id: str, blob_key: str) -> None:
+    """Remove a stitched body, unless the registered file points at it (a complete with the same parts)."""
+    registered = deps.metadata.get_file(project_id, file_id)
+    if registered is None or registered.blob_key != blob_key:
+        deps.blobs.delete(blob_key)
 
 
 def cancel_upload(deps: Deps, project_id: str, upload_id: str) -> UploadRecord:
