@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
 from batch_api.config import Settings
@@ -120,13 +123,13 @@ def test_completes_naming_different_orders_never_mix_bodies(served: tuple[LocalA
 
 
 def test_cancel_and_complete_of_one_upload_exactly_one_wins(served: tuple[LocalApp, openai.OpenAI]) -> None:
-    local, client = served
+    _, client = served
     for _ in range(5):
         upload_id, part_ids = _upload_in_parts(client, jsonl(2000), 10_000)
         completed, cancelled = at_once(
             [
-                lambda: client.uploads.complete(upload_id, part_ids=part_ids),
-                lambda: client.uploads.cancel(upload_id),
+                partial(client.uploads.complete, upload_id, part_ids=part_ids),
+                partial(client.uploads.cancel, upload_id),
             ]
         )
         outcomes = [not isinstance(completed, Exception), not isinstance(cancelled, Exception)]
@@ -147,8 +150,8 @@ def test_downloads_racing_a_delete_get_the_whole_body_or_404(served: tuple[Local
     data = jsonl(40_000)  # ~400 KB
     for _ in range(3):
         file_id = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch").id
-        calls: list[Callable[[], Any]] = [lambda: client.files.content(file_id).read()] * 8
-        calls.append(lambda: client.files.delete(file_id))
+        calls: list[Callable[[], Any]] = [lambda file_id=file_id: client.files.content(file_id).read()] * 8
+        calls.append(partial(client.files.delete, file_id))
         results = at_once(calls)
         assert results[-1].deleted is True
         for result in results[:-1]:
@@ -245,10 +248,13 @@ def test_deleting_the_input_while_a_batch_is_created_never_500s(
         ).id
         created, deleted = at_once(
             [
-                lambda: client.batches.create(
-                    input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h"
+                partial(
+                    client.batches.create,
+                    input_file_id=file_id,
+                    endpoint="/v1/embeddings",
+                    completion_window="24h",
                 ),
-                lambda: client.files.delete(file_id),
+                partial(client.files.delete, file_id),
             ]
         )
         assert deleted.deleted is True
@@ -268,14 +274,10 @@ def test_deleting_the_input_while_a_batch_is_created_never_500s(
 
 
 def orjson_dumps(value: Any) -> bytes:
-    import orjson
-
     return orjson.dumps(value)
 
 
 def wait_terminal(client: openai.OpenAI, batch_id: str, timeout: float = 60) -> Any:
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         batch = client.batches.retrieve(batch_id)
