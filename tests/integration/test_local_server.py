@@ -25,7 +25,7 @@ from tests.support.server import free_port
 pytestmark = pytest.mark.integration
 
 KEYS = ("sk-project-a-0123456789", "sk-project-b-0123456789")
-MAX_BODY = 64 * 1024
+MAX_BODY = 512 * 1024
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def local(tmp_path: Path) -> Iterator[tuple[LocalApp, Settings]]:
         port=free_port(),  # download links name it
         data_dir=tmp_path / "data",
         api_keys=list(KEYS),  # type: ignore[arg-type]
-        max_request_bytes=MAX_BODY,
+        max_request_bytes=MAX_BODY,  # the hammering test's uploads fit
         max_inline_download_bytes=16,
         http_concurrency=8,
     )
@@ -222,14 +222,14 @@ def test_two_projects_hammering_at_once_never_see_each_other(address: tuple[str,
     listings of project B on shared resolver state. Each request must be answered as its own."""
     failures: list[str] = []
     created: dict[str, set[str]] = {KEYS[0]: set(), KEYS[1]: set()}
-    stop = time.monotonic() + 4
+    stop = time.monotonic() + 5
 
     def uploader(key: str, worker: int) -> None:
         client = _client(address, key)
         n = 0
         while time.monotonic() < stop:
             n += 1
-            payload = f"{key}:{worker}:{n}".encode() * 100
+            payload = (f"{key}:{worker}:{n}:".encode() * 20000)[: 256 * 1024]  # big enough to overlap others
             try:
                 record = client.files.create(file=(f"f{n}.bin", io.BytesIO(payload)), purpose="user_data")
                 created[key].add(record.id)
@@ -247,7 +247,7 @@ def test_two_projects_hammering_at_once_never_see_each_other(address: tuple[str,
             except openai.APIError as exc:
                 failures.append(f"{key} list: {exc!r}")
 
-    threads = [threading.Thread(target=uploader, args=(KEYS[0], i)) for i in range(3)]
+    threads = [threading.Thread(target=uploader, args=(KEYS[0], i)) for i in range(4)]
     threads += [threading.Thread(target=uploader, args=(KEYS[1], i)) for i in range(2)]
     threads += [threading.Thread(target=lister, args=(key,)) for key in KEYS for _ in range(2)]
     for thread in threads:

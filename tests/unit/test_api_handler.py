@@ -536,3 +536,26 @@ def test_openai_sdk_round_trip(client: Client, tmp_path: Any) -> None:
             completion_window="48h",  # type: ignore[arg-type]
         )
     assert sdk.files.delete(uploaded.id).deleted is True
+
+
+def test_a_resolver_keeps_its_own_request_while_another_resolves(
+    seeded_deps: Deps, lambda_context: LambdaContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Powertools keeps the current event on a class attribute shared by every resolver; ours keeps it
+    on the instance, so a request resolved on another thread's resolver in the middle of this one
+    (here: nested, to make the interleaving exact) cannot change what this one reads."""
+    mine, other = api.create_app(seeded_deps), api.create_app(seeded_deps)
+    real_list_files = seeded_deps.metadata.list_files
+    seen: dict[str, Any] = {}
+
+    def list_files_while_another_request_runs(*args: Any, **kwargs: Any) -> Any:
+        seen["other"] = api.handle(other, load_event("batches_list.json"), lambda_context)["statusCode"]
+        seen["mine"] = (mine.current_event.path, mine.current_event.http_method)
+        return real_list_files(*args, **kwargs)
+
+    monkeypatch.setattr(seeded_deps.metadata, "list_files", list_files_while_another_request_runs)
+    result = api.handle(mine, load_event("files_list.json"), lambda_context)  # type: ignore[arg-type]
+
+    assert seen == {"other": 200, "mine": ("/v1/files", "GET")}
+    assert result["statusCode"] == 200
+    assert [f["id"] for f in orjson.loads(result["body"])["data"]] == [INPUT_FILE_ID]

@@ -5,6 +5,25 @@ Every layer raises these; only `handlers/errors.py` turns them into HTTP answers
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+
+def json_kind(value: object) -> str:
+    """How OpenAI's messages name a JSON value's type: "an array", "an integer", "a boolean", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+
 
 class ApiError(Exception):
     """An error the caller should see, in the OpenAI envelope."""

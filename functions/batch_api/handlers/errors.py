@@ -14,7 +14,14 @@ from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from batch_api.contract.errors import ApiError, InvalidRequest, MethodNotAllowed, NotFound, ServerError
+from batch_api.contract.errors import (
+    ApiError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    ServerError,
+    json_kind,
+)
 from batch_api.handlers.resolver import BatchApiResolver
 
 logger = Logger(service="batch-api")
@@ -50,20 +57,48 @@ def _param_from_loc(loc: tuple[int | str, ...] | list[int | str]) -> str | None:
     return param or None
 
 
+# pydantic's error types -> the JSON type OpenAI's messages name ("expected an integer")
+_EXPECTED = {
+    "int": "an integer",
+    "string": "a string",
+    "bool": "a boolean",
+    "dict": "an object",
+    "model": "an object",
+    "list": "an array",
+    "float": "a number",
+}
+
+
 def invalid_request_from(errors: list[Any]) -> InvalidRequest:
-    """The first pydantic error as an OpenAI 400 naming the parameter."""
+    """The first pydantic error as an OpenAI 400 naming the parameter, in OpenAI's words:
+    "Missing required parameter: 'x'.", "Invalid type for 'x': expected an integer, but got a string
+    instead." (a value of the wrong JSON type), "Invalid value for 'limit': 'x' is not an integer." (a
+    query or form string that does not parse)."""
     if not errors:
         return InvalidRequest("Invalid request.")
     first = errors[0]
     param = _param_from_loc(tuple(first.get("loc", ())))
-    kind = first.get("type", "")
+    kind: str = first.get("type", "")
     if kind == "missing":
         return InvalidRequest(
             f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
         )
-    code = "invalid_type" if kind.endswith("_type") or kind.endswith("_parsing") else "invalid_value"
+    base, _, suffix = kind.rpartition("_")
+    expected = _EXPECTED.get(base)
+    if expected is not None and suffix == "parsing":
+        return InvalidRequest(
+            f"Invalid value for '{param}': {first.get('input')!r} is not {expected}.",
+            param=param,
+            code="invalid_type",
+        )
+    if expected is not None and suffix == "type":
+        return InvalidRequest(
+            f"Invalid type for '{param}': expected {expected}, but got {json_kind(first.get('input'))} instead.",
+            param=param,
+            code="invalid_type",
+        )
     return InvalidRequest(
-        f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code=code
+        f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code="invalid_value"
     )
 
 

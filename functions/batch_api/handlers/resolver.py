@@ -9,9 +9,13 @@
   405, 409 and 413 (never Powertools' 422, which this API does not send), and bearer authentication.
 - A known path called with a method it does not serve is a 405 with `Allow`, not a 404.
 
-A resolver keeps the request it is resolving on itself (`current_event`, `context`): one resolver
-serves one request at a time. The local server builds one per worker thread; Lambda runs one event at
-a time per container.
+- The request being resolved lives on the resolver instance. Powertools keeps `current_event` and
+  `lambda_context` on its `BaseRouter` *class*, shared by every resolver in the process: harmless in
+  Lambda (one event at a time), but in the threaded local server one request would read another's
+  event (another project's key, body, headers).
+
+A resolver still keeps one request at a time on itself (`current_event`, `context`): the local server
+builds one per worker thread, and Lambda runs one event at a time per container.
 """
 
 from __future__ import annotations
@@ -160,12 +164,38 @@ class BatchApiResolver(APIGatewayRestResolver):
         self._request_validation_middleware = _GuardedValidation(settings, guards)
         self._openapi: dict[str, Any] | None = None
 
+    @property  # type: ignore[override]
+    def current_event(self) -> Any:
+        return self.__dict__["_current_event"]
+
+    @current_event.setter
+    def current_event(self, value: Any) -> None:
+        self.__dict__["_current_event"] = value
+
+    @property  # type: ignore[override]
+    def lambda_context(self) -> Any:
+        return self.__dict__.get("_lambda_context")
+
+    @lambda_context.setter
+    def lambda_context(self, value: Any) -> None:
+        self.__dict__["_lambda_context"] = value
+
     def resolve(self, event: Any, context: Any) -> dict[str, Any]:
-        """HEAD is answered as GET without the body, as HTTP asks of every GET route."""
-        if event.get("httpMethod") != "HEAD":
-            return super().resolve(event, context)
-        response = super().resolve({**event, "httpMethod": "GET"}, context)
-        return {**response, "body": "", "isBase64Encoded": False}
+        """Resolve one event, kept on this instance (see the module docstring). HEAD is answered as GET
+        without the body, as HTTP asks of every GET route."""
+        head = event.get("httpMethod") == "HEAD"
+        if head:
+            event = {**event, "httpMethod": "GET"}
+        self.current_event = self._to_proxy_event(event)
+        self.lambda_context = context
+        try:
+            response = super().resolve(event, context)
+        finally:
+            self.__dict__.pop("_current_event", None)
+            self.__dict__.pop("_lambda_context", None)
+        if head:
+            return {**response, "body": "", "isBase64Encoded": False}
+        return response
 
     def allowed_methods(self, path: str) -> list[str]:
         """The methods the routes matching `path` serve (empty: no route has this path)."""

@@ -17,6 +17,7 @@ from batch_api.contract.errors import (
     InvalidRequest,
     NotFound,
     ServerError,
+    json_kind,
 )
 from batch_api.contract.models import (
     CANCELLABLE_STATUSES,
@@ -37,23 +38,6 @@ BATCH_LIST_DEFAULT_LIMIT = 20
 MAX_IDEMPOTENCY_KEY = 255
 _CANCEL_ATTEMPTS = 10  # each lost race means the status moved on; there are only a few statuses
 _LIVE_COUNT_STATUSES = frozenset({"in_progress", "finalizing", "cancelling"})
-
-
-def json_kind(value: object) -> str:
-    """How OpenAI's messages name a JSON value's type: "an array", "an integer", "a boolean", ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a decimal"
-    if isinstance(value, list | tuple):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return "a string" if isinstance(value, str) else f"a {type(value).__name__}"
 
 
 def validate_metadata(metadata: object) -> dict[str, str] | None:

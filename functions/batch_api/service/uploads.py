@@ -142,7 +142,7 @@ def add_part(deps: Deps, project_id: str, upload_id: str, data: bytes) -> Upload
     _require_pending(deps, upload)
     if len(data) > MAX_PART_BYTES:
         raise PayloadTooLarge(
-            f"A Part can hold at most {MAX_PART_BYTES} bytes (64 MB); this one has {len(data)}.", param="data"
+            f"A Part can hold at most {MAX_PART_BYTES} bytes; this one has {len(data)}.", param="data"
         )
     part_id = ids.new_part_id()
     part = UploadPartRecord(
