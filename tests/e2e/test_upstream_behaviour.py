@@ -119,3 +119,40 @@ def test_a_timeout_is_an_error_line_not_a_hang(start_server: Any, upstream: Fake
     assert [e["custom_id"] for e in errors] == ["stuck"]
     assert errors[0]["response"] is None and errors[0]["error"]["code"] == "upstream_timeout"
     assert [o["custom_id"] for o in read_lines(client, batch.output_file_id)] == ["fast"]
+
+
+def test_credentials_in_the_upstream_url_are_basic_auth_and_never_logged(
+    start_server: Any, upstream: FakeUpstreamServer
+) -> None:
+    """`--upstream-url http://user:secret@host/v1`: the requests carry Basic auth, and neither the
+    startup log nor any line of the batch shows the password."""
+    host_part = upstream.base_url.split("://", 1)[1]
+    server = start_server("--upstream-url", f"http://batch-user:s3cr3t-pw@{host_part}")
+    client = server.client()
+    batch = client.batches.create(
+        input_file_id=upload(client, [request_line(CHAT, 0)]).id, endpoint=CHAT, completion_window="24h"
+    )
+    assert wait_for(client, batch.id).status == "completed"
+
+    [received] = upstream.requests
+    headers = {name.lower(): value for name, value in received.headers.items()}
+    assert headers["authorization"] == "Basic YmF0Y2gtdXNlcjpzM2NyM3QtcHc="  # batch-user:s3cr3t-pw
+    log = server.log()
+    assert "upstream: http://***@" in log
+    assert "s3cr3t-pw" not in log
+
+
+def test_url_credentials_with_an_api_key_are_refused_at_start(tmp_path: Any) -> None:
+    from tests.support.server import ServerProcess
+
+    server = ServerProcess(
+        tmp_path / "data",
+        "--upstream-url",
+        "http://batch-user:s3cr3t-pw@127.0.0.1:9/v1",
+        "--upstream-api-key",
+        "sk-also",
+    )
+    with pytest.raises(RuntimeError, match="server exited with 2") as raised:
+        server.start(timeout=20)
+    assert "give one of them" in str(raised.value)
+    assert "s3cr3t-pw" not in str(raised.value)

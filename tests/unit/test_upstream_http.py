@@ -9,9 +9,10 @@ from typing import Any
 
 import orjson
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from batch_api.config import Settings
+from batch_api.local.cli import describe
 from batch_api.upstreams import MockUpstream, OpenAIHttpUpstream, make_upstream_factory
 from batch_api.upstreams.openai_http import join_url, retry_after_seconds
 from tests.support.fake_upstream import FakeUpstreamServer, free_port
@@ -329,3 +330,31 @@ def test_factory_builds_http_clients_from_settings() -> None:
 def test_factory_requires_a_url_for_http() -> None:
     with pytest.raises(ValueError, match="UPSTREAM_URL"):
         make_upstream_factory(Settings(upstream="http", upstream_url=None))
+
+
+def test_credentials_in_the_base_url_become_basic_auth_and_appear_in_no_message() -> None:
+    port = free_port()
+    url = f"http://batch-user:s3cr3t%2Fpw@127.0.0.1:{port}/v1"
+
+    async def attempt() -> Any:
+        client = OpenAIHttpUpstream(url, max_retries=0)
+        try:
+            assert client.base_url == f"http://127.0.0.1:{port}/v1"
+            assert (
+                client._headers["Authorization"] == "Basic YmF0Y2gtdXNlcjpzM2NyM3QvcHc="
+            )  # the password unquoted
+            return client, await client.send("/v1/chat/completions", b"{}")
+        finally:
+            await client.aclose()
+
+    client, response = asyncio.run(attempt())
+    assert response.error_code == "upstream_connection_error"
+    for text in (response.error_message, repr(client), repr(Settings(upstream_url=url))):
+        assert "s3cr3t" not in str(text)
+
+    with pytest.raises(ValueError, match="give one"):
+        OpenAIHttpUpstream(url, "sk-key")
+    with pytest.raises(ValidationError) as raised:
+        Settings(upstream_url=url, upstream_api_key="sk-key")  # type: ignore[arg-type]
+    assert "give one of them" in describe(raised.value)
+    assert "s3cr3t" not in describe(raised.value)
