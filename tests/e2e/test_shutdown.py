@@ -39,7 +39,10 @@ def test_sigterm_stops_promptly_while_a_chunk_is_running(start_server: Any) -> N
         input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h"
     )
     wait_for(client, batch.id, {"in_progress"}, timeout=20)
-    time.sleep(1.5)  # the chunk is running
+    deadline = time.monotonic() + 20
+    while client.batches.retrieve(batch.id).request_counts.completed < 1:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the chunk never got going"
+        time.sleep(0.05)  # the chunk is running: a request finished, the next is in flight
 
     assert server.proc is not None
     server.proc.send_signal(signal.SIGTERM)

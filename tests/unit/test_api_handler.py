@@ -25,6 +25,7 @@ from tests.unit.api_events import (
     PART_IDS,
     UPLOAD_ID,
     load_event,
+    proxy_event,
     sdk_transport,
 )
 from tests.unit.conftest import T0, FixedClock, LambdaContext, make_deps
@@ -559,3 +560,33 @@ def test_a_resolver_keeps_its_own_request_while_another_resolves(
     assert seen == {"other": 200, "mine": ("/v1/files", "GET")}
     assert result["statusCode"] == 200
     assert [f["id"] for f in orjson.loads(result["body"])["data"]] == [INPUT_FILE_ID]
+
+
+def test_the_openapi_document_and_swagger_ui_are_public_and_valid(lambda_context: LambdaContext) -> None:
+    from openapi_spec_validator import validate
+
+    deps = make_deps(FixedClock(), api_keys=["sk-only-this-key"])
+    app = api.create_app(deps)
+
+    document = api.handle(app, proxy_event("GET", "/openapi.json"), lambda_context)  # no key
+    assert document["statusCode"] == 200
+    spec = orjson.loads(document["body"])
+    validate(spec)  # a valid OpenAPI 3.1 document
+    assert spec["openapi"].startswith("3.1")
+    assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    assert "422" not in orjson.dumps(spec).decode()  # this API answers 400, in the OpenAI envelope
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            for status, answer in operation["responses"].items():
+                if status.startswith(("4", "5")):
+                    assert answer["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/ErrorEnvelope"
+                    }
+
+    ui = api.handle(app, proxy_event("GET", "/docs"), lambda_context)
+    assert ui["statusCode"] == 200
+    assert ui["multiValueHeaders"]["Content-Type"] == ["text/html"]
+    assert "SwaggerUIBundle" in ui["body"]
+
+    refused = api.handle(app, proxy_event("GET", "/v1/files"), lambda_context)
+    assert refused["statusCode"] == 401

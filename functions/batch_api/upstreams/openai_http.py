@@ -13,6 +13,7 @@ errors, with exponential backoff and full jitter, honouring `Retry-After` / `ret
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import logging
 import random
@@ -66,9 +67,9 @@ def split_credentials(base_url: str) -> tuple[str, str | None]:
     parts = urlsplit(base_url)
     if "@" not in parts.netloc:
         return base_url, None
-    auth = aiohttp.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+    userinfo = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
     bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    return bare, auth.encode()
+    return bare, "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
