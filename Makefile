@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+BENCH_BEFORE ?= b50d0e6  # the local server before uvicorn (bench/http_server.py compares against it)
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: run test unit contract integration e2e infra lint format coverage bench clean
@@ -49,6 +50,7 @@ bench: $(STAMP)
 	$(PY) bench/upstream_client.py --output bench/results/upstream_client.md
 	$(PY) bench/memory_200mb.py
 	$(PY) bench/pipeline_overhead.py
+	$(PY) bench/http_server.py --before $(BENCH_BEFORE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

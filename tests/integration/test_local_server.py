@@ -261,3 +261,16 @@ def test_two_projects_hammering_at_once_never_see_each_other(address: tuple[str,
         listed = {f.id for f in _client(address, key).files.list()}
         assert listed == created[key]
         assert not listed & created[other]
+
+
+def test_the_listening_socket_says_it_is_tcp_so_answers_are_not_held_for_delayed_acks() -> None:
+    """asyncio sets TCP_NODELAY only on sockets whose protocol is IPPROTO_TCP; without it each answer
+    (head and body written apart) waited ~40 ms for the client's delayed ACK."""
+    from batch_api.local.server import listen
+
+    sock = listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        sock.close()
