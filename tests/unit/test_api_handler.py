@@ -590,3 +590,20 @@ def test_the_openapi_document_and_swagger_ui_are_public_and_valid(lambda_context
 
     refused = api.handle(app, proxy_event("GET", "/v1/files"), lambda_context)
     assert refused["statusCode"] == 401
+
+
+@pytest.mark.parametrize(
+    ("sdk_model", "wire_name"),
+    [
+        (Batch, "BatchObject"),
+        (FileObject, "FileObject"),
+        (Upload, "UploadObject"),
+        (UploadPart, "UploadPartObject"),
+        (FileDeleted, "FileDeleted"),
+    ],
+)
+def test_the_documented_objects_have_exactly_the_sdks_fields(sdk_model: Any, wire_name: str) -> None:
+    """The OpenAPI schemas are generated from these models: they must name what the SDK reads."""
+    from batch_api.contract import wire
+
+    assert set(getattr(wire, wire_name).model_fields) == set(sdk_model.model_fields)
