@@ -1,5 +1,5 @@
 """The pipeline's own cost: a batch vs a tuned direct client sending the same requests at the same
-concurrency to the same upstream (DESIGN 7a: within 10%).
+concurrency to the same upstream (the target: within 10%).
 
     .venv/bin/python bench/pipeline_overhead.py      # writes bench/results/pipeline_overhead.md
 

@@ -4,7 +4,7 @@ Both send the same chat completion request to the mock upstream server (run in i
 answering after --latency seconds) with --concurrency requests in flight, --requests in all. Each
 client runs --runs times, alternating which goes first; the median requests/s is reported. The
 gap between the two is the overhead our client adds (retry bookkeeping, header copy, parsing into
-UpstreamResponse); DESIGN 7a wants the pipeline within 10% of the direct client.
+UpstreamResponse); the pipeline is to stay within 10% of the direct client (bench/pipeline_overhead.py).
 
     .venv/bin/python bench/upstream_client.py --output bench/results/upstream_client.md
 """

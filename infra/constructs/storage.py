@@ -113,7 +113,7 @@ class Storage(Construct):
                 projection_type=dynamodb.ProjectionType.ALL,
             )
 
-    # Least privilege by key prefix (keys as in DESIGN section 4): "files/" bodies, "uploads/" parts,
+    # Least privilege by key prefix (keys as in docs/architecture.md#data-layout): "files/" bodies, "uploads/" parts,
     # "batches/" workflow state. ListBucket lets a missing key answer 404 instead of 403.
 
     def grant_table(self, function: lambda_.Function) -> None:

@@ -1,4 +1,4 @@
-"""The batch state machine and its four step functions (DESIGN sections 5 and 7).
+"""The batch state machine and its four step functions (docs/architecture.md#flows).
 
 Validate -> Route -> ProcessChunks (Distributed Map over the S3 JSON manifest, STANDARD children
 that loop ProcessChunk until the chunk is done: the journal is the cursor) -> Finalize -> Done.

@@ -18,7 +18,7 @@ import pytest
 from aws_lambda_powertools.utilities.typing import LambdaContext as PowertoolsLambdaContext
 from moto import mock_aws
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.adapters.aws import secrets
 from batch_api.adapters.aws.schema import create_table_kwargs, time_to_live_kwargs
 from batch_api.contract.models import BatchRecord, FileRecord
@@ -210,7 +210,7 @@ def seed_input_file(deps: Deps, data: bytes = INPUT_LINES, file_id: str = INPUT_
         expires_at=now + 30 * 86400,
         filename="requests.jsonl",
         purpose="batch",
-        blob_key=keys.file_key(file_id),
+        blob_key=object_keys.file_key(file_id),
     )
     deps.blobs.put(record.blob_key, data)
     deps.metadata.create_file(record)

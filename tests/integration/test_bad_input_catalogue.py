@@ -17,7 +17,7 @@ import openai
 import orjson
 import pytest
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.config import Settings
 from batch_api.contract import models
 from batch_api.contract.models import BatchRecord, FileRecord, UploadRecord
@@ -257,7 +257,7 @@ def _u21(a: Api) -> Observed:
     first, second = a.part(upload.id, b'{"a": 1}\n'), a.part(upload.id, b'{"b": 2}\n')
     # another complete, naming the parts in the other order, registered the file a moment ago
     file_id = id_rules.upload_file_id(upload.id)
-    other_key = keys.stitched_file_key(file_id, [second, first])
+    other_key = object_keys.stitched_file_key(file_id, [second, first])
     a.deps.blobs.put(other_key, b'{"b": 2}\n{"a": 1}\n')
     a.deps.metadata.create_file(
         FileRecord(
@@ -496,7 +496,7 @@ def _validation(lines: list[Any] | bytes, endpoint: str = CHAT, **limits: int) -
 def _v17() -> Observed:
     deps = make_step_deps()
     add_batch(deps, jsonl([request("a")]))
-    deps.blobs.delete(keys.file_key("file-input"))  # the delete raced batches.create
+    deps.blobs.delete(object_keys.file_key("file-input"))  # the delete raced batches.create
     validate_batch(ids(), deps)
     entry = get_batch(deps).errors[0]
     return Observed(code=entry.code, param=entry.param, message=entry.message)

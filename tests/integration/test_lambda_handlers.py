@@ -20,7 +20,7 @@ from openai.types import Batch, FileDeleted, FileObject, Upload
 from openai.types.uploads import UploadPart
 
 import batch_api.handlers.workflow as steps
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.contract.ids import output_file_id
 from batch_api.contract.models import BatchRecord, UploadPartRecord, UploadRecord
 from batch_api.deps import Deps
@@ -103,7 +103,7 @@ def test_a_batch_driven_handler_by_handler_completes(
         "project_id": PROJECT,
         "batch_id": BATCH_ID,
         "next": "process",
-        "manifest_key": keys.manifest_key(BATCH_ID),
+        "manifest_key": object_keys.manifest_key(BATCH_ID),
         "chunk_count": 2,
     }
     manifest = orjson.loads(step_deps.blobs.get(validated["manifest_key"]))
@@ -145,7 +145,7 @@ def test_a_batch_driven_handler_by_handler_completes(
     assert failed["response"]["status_code"] == 500 and failed["error"] is None
     # output objects carry the lifecycle tag S3 expires them by
     tags = aws.s3.get_object_tagging(
-        Bucket=os.environ["BATCH_API_BUCKET_NAME"], Key=keys.file_key(batch.output_file_id)
+        Bucket=os.environ["BATCH_API_BUCKET_NAME"], Key=object_keys.file_key(batch.output_file_id)
     )
     assert tags["TagSet"] == [{"Key": "expire-days", "Value": "30"}]
     assert aws.keys(f"batches/{BATCH_ID}/journal/") == []  # journals go once the files hold the results
@@ -232,16 +232,16 @@ def test_the_scheduled_housekeeping_removes_expired_files(
     now = step_deps.now()
     step_deps.metadata.create_file(  # ... and one that expired an hour ago
         expired.model_copy(
-            update={"id": "file-old", "blob_key": keys.file_key("file-old"), "expires_at": now - 3600}
+            update={"id": "file-old", "blob_key": object_keys.file_key("file-old"), "expires_at": now - 3600}
         )
     )
-    step_deps.blobs.put(keys.file_key("file-old"), b"{}\n")
+    step_deps.blobs.put(object_keys.file_key("file-old"), b"{}\n")
 
     result = steps.housekeeping_handler(load_event("workflow/housekeeping.json"), lambda_context)
 
     assert result["removed"]["files"] == 1
     assert step_deps.metadata.get_file(PROJECT, "file-old").deleted  # type: ignore[union-attr]
-    assert aws.keys("files/") == sorted([keys.file_key(expired.id), keys.file_key(kept.id)])
+    assert aws.keys("files/") == sorted([object_keys.file_key(expired.id), object_keys.file_key(kept.id)])
 
 
 def test_steps_do_not_start_batches(step_deps: Deps) -> None:
@@ -299,7 +299,7 @@ def seed_api_objects(deps: Deps) -> None:
         )
     )
     for part_id, data in zip(PART_IDS, parts, strict=True):
-        key = keys.upload_part_key(UPLOAD_ID, part_id)
+        key = object_keys.upload_part_key(UPLOAD_ID, part_id)
         deps.blobs.put(key, data)
         deps.metadata.add_upload_part(
             UploadPartRecord(id=part_id, upload_id=UPLOAD_ID, created_at=now, bytes=len(data), blob_key=key)

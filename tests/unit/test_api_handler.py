@@ -13,7 +13,7 @@ import pytest
 from openai.types import Batch, FileDeleted, FileObject, Upload
 from openai.types.uploads import UploadPart
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.contract.models import BatchRecord, FileRecord, UploadPartRecord, UploadRecord
 from batch_api.deps import Deps
 from batch_api.handlers import api, resolver
@@ -38,7 +38,7 @@ PARTS = (b'{"a": ', b'"bc"}\n')  # 12 bytes of JSONL, as the sample events say
 
 def seed(deps: Deps, project_id: str = "local") -> None:
     """The objects the sample events name."""
-    deps.blobs.put(keys.file_key(INPUT_FILE_ID), INPUT_LINES)
+    deps.blobs.put(object_keys.file_key(INPUT_FILE_ID), INPUT_LINES)
     deps.metadata.create_file(
         FileRecord(
             id=INPUT_FILE_ID,
@@ -48,7 +48,7 @@ def seed(deps: Deps, project_id: str = "local") -> None:
             expires_at=T0 + 86400,
             filename="in.jsonl",
             purpose="batch",
-            blob_key=keys.file_key(INPUT_FILE_ID),
+            blob_key=object_keys.file_key(INPUT_FILE_ID),
         )
     )
     deps.metadata.create_batch(
@@ -74,7 +74,7 @@ def seed(deps: Deps, project_id: str = "local") -> None:
         )
     )
     for part_id, data in zip(PART_IDS, PARTS, strict=True):
-        key = keys.upload_part_key(UPLOAD_ID, part_id)
+        key = object_keys.upload_part_key(UPLOAD_ID, part_id)
         deps.blobs.put(key, data)
         deps.metadata.add_upload_part(
             UploadPartRecord(id=part_id, upload_id=UPLOAD_ID, created_at=T0, bytes=len(data), blob_key=key)
@@ -197,8 +197,8 @@ def test_create_file_from_the_sdks_multipart(client: Client, clock: FixedClock) 
     file = FileObject.model_validate(body)
     assert (file.purpose, file.filename, file.status) == ("batch", "requests.jsonl", "processed")
     assert file.expires_at == T0 + 86400  # expires_after[seconds] from the form
-    assert client.deps.blobs.get(keys.file_key(file.id)).startswith(b'{"custom_id": "r1"')
-    assert file.bytes == client.deps.blobs.size(keys.file_key(file.id))
+    assert client.deps.blobs.get(object_keys.file_key(file.id)).startswith(b'{"custom_id": "r1"')
+    assert file.bytes == client.deps.blobs.size(object_keys.file_key(file.id))
 
 
 def test_create_file_too_large_points_at_uploads(clock: FixedClock, lambda_context: LambdaContext) -> None:
@@ -292,7 +292,7 @@ def test_large_file_content_redirects_to_a_short_lived_url(
     result = client(load_event("files_content.json"))
     assert result["statusCode"] == 302
     assert result["multiValueHeaders"]["Location"] == ["https://bucket.example/signed"]
-    assert calls == [(keys.file_key(INPUT_FILE_ID), "in.jsonl", 3600)]
+    assert calls == [(object_keys.file_key(INPUT_FILE_ID), "in.jsonl", 3600)]
 
     clock.advance(86400 - 60)  # the file expires in a minute: the link may not outlive it
     client(load_event("files_content.json"))
@@ -313,7 +313,7 @@ def test_upload_flow(client: Client) -> None:
 
     part = UploadPart.model_validate(client.json(load_event("uploads_add_part.json")))
     assert part.upload_id == UPLOAD_ID
-    assert client.deps.blobs.get(keys.upload_part_key(UPLOAD_ID, part.id)) == b"hello world\n"
+    assert client.deps.blobs.get(object_keys.upload_part_key(UPLOAD_ID, part.id)) == b"hello world\n"
 
     done = Upload.model_validate(client.json(load_event("uploads_complete.json")))
     assert done.status == "completed"
@@ -327,7 +327,7 @@ def test_upload_flow(client: Client) -> None:
 
 def test_cancel_upload(client: Client) -> None:
     assert Upload.model_validate(client.json(load_event("uploads_cancel.json"))).status == "cancelled"
-    assert client.deps.blobs.list_keys(keys.upload_prefix(UPLOAD_ID)) == []
+    assert client.deps.blobs.list_keys(object_keys.upload_prefix(UPLOAD_ID)) == []
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.adapters.local.sqlite import SqliteMetadataStore
 from batch_api.contract.errors import ConditionFailed, InvalidRequest
 from batch_api.contract.models import BatchRecord, FileRecord
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.unit
 def _add_batch_with_short_lived_input(deps: Any, data: bytes, input_ttl: int) -> None:
     """Like add_batch, but the input file expires after `input_ttl` seconds (expires_after >= 3600)."""
     now = deps.now()
-    deps.blobs.put(keys.file_key("file-input"), data)
+    deps.blobs.put(object_keys.file_key("file-input"), data)
     deps.metadata.create_file(
         FileRecord(
             id="file-input",
@@ -50,7 +50,7 @@ def _add_batch_with_short_lived_input(deps: Any, data: bytes, input_ttl: int) ->
             expires_at=now + input_ttl,
             filename="input.jsonl",
             purpose="batch",
-            blob_key=keys.file_key("file-input"),
+            blob_key=object_keys.file_key("file-input"),
         )
     )
     deps.metadata.create_batch(
@@ -348,7 +348,7 @@ def test_output_file_expiry_is_set_even_if_finalize_died_after_registering_the_f
     batch = get_batch(deps)
     assert batch.status == "completed"
     assert batch.output_file_id is not None
-    assert keys.file_key(batch.output_file_id) in deps.blobs.expiry
+    assert object_keys.file_key(batch.output_file_id) in deps.blobs.expiry
 
 
 # ---------------------------------------------------------------- uploads: crash inside complete

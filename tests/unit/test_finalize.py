@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.contract.errors import ConditionFailed
 from batch_api.contract.ids import output_file_id
 from batch_api.contract.models import ChunkProgress
@@ -69,7 +69,7 @@ def test_finalize_writes_output_and_error_files_and_completes() -> None:
         assert record.purpose == "batch_output"
         assert record.filename == f"batch_test_{kind}.jsonl"
         assert (record.created_at, record.expires_at) == (deps.now(), deps.now() + 7200)
-        assert deps.blobs.expiry[keys.file_key(file_id)] == deps.now() + 7200
+        assert deps.blobs.expiry[object_keys.file_key(file_id)] == deps.now() + 7200
     [(kind, detail)] = deps.events.events
     assert kind == "batch.completed"
     assert detail["project_id"] == PROJECT and detail["status"] == "completed"
@@ -110,7 +110,7 @@ def test_rerun_after_a_crash_before_the_terminal_update_reuses_the_files() -> No
     assert finalize_batch(ids(), deps)["status"] == "completed"
 
     assert sorted(deps.blobs.writes) == sorted(
-        keys.file_key(output_file_id("batch_test", kind)) for kind in ("output", "error")
+        object_keys.file_key(output_file_id("batch_test", kind)) for kind in ("output", "error")
     )  # each file written once
     batch = get_batch(deps)
     assert batch.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 1}
@@ -149,7 +149,7 @@ def test_a_batch_whose_every_line_failed_is_completed_without_an_output_file() -
     assert batch.output_file_id is None
     assert batch.request_counts.model_dump() == {"total": 3, "completed": 0, "failed": 3}
     assert len(file_lines(deps, batch.error_file_id)) == 3
-    assert not deps.blobs.exists(keys.file_key(output_file_id("batch_test", "output")))
+    assert not deps.blobs.exists(object_keys.file_key(output_file_id("batch_test", "output")))
 
 
 def test_a_batch_without_failures_has_no_error_file() -> None:
@@ -348,7 +348,7 @@ def test_an_input_body_gone_mid_batch_keeps_what_finished() -> None:
     validate_batch(ids(), deps)
     chunks = load_manifest(deps, "batch_test")
     process_chunk({**ids(), "chunk": chunks[0].model_dump()}, deps)
-    deps.blobs.delete(keys.file_key("file-input"))
+    deps.blobs.delete(object_keys.file_key("file-input"))
     assert process_chunk({**ids(), "chunk": chunks[1].model_dump()}, deps)["stopped"] == "input_missing"
 
     assert finalize_batch(ids(), deps)["status"] == "completed"

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.contract.models import Usage
 from batch_api.ports import UpstreamResponse
 from batch_api.workflow.lines import result_line
@@ -350,7 +350,7 @@ def test_a_vanished_input_body_stops_the_chunk_instead_of_failing_it() -> None:
     chunk stops and the journal of the chunks that ran is kept for finalize."""
     deps, upstream, chunks = _setup(4, chunk_max_lines=2)
     assert _run(deps, chunks[0])["done"] is True
-    deps.blobs.delete(keys.file_key("file-input"))
+    deps.blobs.delete(object_keys.file_key("file-input"))
 
     result = _run(deps, chunks[1])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.contract.errors import InvalidRequest, NotFound
 from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL, BatchRecord
 from batch_api.deps import Deps
@@ -22,7 +22,7 @@ def test_create_file_writes_blob_and_record(deps: Deps) -> None:
     assert record.bytes == len(DATA)
     assert record.created_at == T0
     assert record.expires_at == T0 + BATCH_INPUT_DEFAULT_TTL  # batch inputs expire after 30 days
-    assert deps.blobs.get(keys.file_key(record.id)) == DATA
+    assert deps.blobs.get(object_keys.file_key(record.id)) == DATA
     assert deps.metadata.get_file("p1", record.id) == record
     assert record.to_wire().status == "processed"
 
@@ -115,7 +115,7 @@ def test_other_project_cannot_delete(deps: Deps) -> None:
 
 def test_content_returns_record_and_key(deps: Deps) -> None:
     record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
-    assert files.file_content(deps, "p1", record.id) == (record, keys.file_key(record.id))
+    assert files.file_content(deps, "p1", record.id) == (record, object_keys.file_key(record.id))
 
 
 def test_list_pages_with_has_more(deps: Deps, clock: FixedClock) -> None:

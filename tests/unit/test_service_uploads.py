@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.contract import ids
 from batch_api.contract.errors import ConditionFailed, InvalidRequest, NotFound, PayloadTooLarge
 from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL, UPLOAD_TTL
@@ -64,7 +64,7 @@ def test_negative_bytes_says_it_must_not_be_negative(deps: Deps) -> None:
 
 def test_add_part_stores_the_bytes(deps: Deps) -> None:
     upload_id, part_ids = _upload_with_parts(deps)
-    assert deps.blobs.get(keys.upload_part_key(upload_id, part_ids[1])) == CHUNKS[1]
+    assert deps.blobs.get(object_keys.upload_part_key(upload_id, part_ids[1])) == CHUNKS[1]
     assert [p.id for p in deps.metadata.get_upload_parts(upload_id)] == part_ids
 
 
@@ -100,7 +100,7 @@ def test_complete_concatenates_in_the_given_order(deps: Deps) -> None:
     assert file.filename == "big.jsonl"
     assert file.expires_at == T0 + BATCH_INPUT_DEFAULT_TTL
     assert files.retrieve_file(deps, "p1", file.id) == file
-    assert deps.blobs.list_keys(keys.upload_prefix(upload_id)) == []  # parts are gone
+    assert deps.blobs.list_keys(object_keys.upload_prefix(upload_id)) == []  # parts are gone
     wire = uploads.upload_wire(deps, "p1", upload)
     assert wire.status == "completed"
     assert wire.file is not None
@@ -273,13 +273,15 @@ def test_sweep_marks_expired_pending_uploads_and_drops_their_parts(deps: Deps, c
 
     clock.advance(UPLOAD_TTL - 60 + uploads.SWEEP_GRACE_SECONDS - 1)  # expired, but within the grace
     assert uploads.sweep_expired_uploads(deps) == 0
-    assert deps.blobs.list_keys(keys.upload_prefix(expired_id))
+    assert deps.blobs.list_keys(object_keys.upload_prefix(expired_id))
 
     clock.advance(1)
     assert uploads.sweep_expired_uploads(deps) == 1
     assert _stored_status(deps, expired_id) == "expired"
-    assert deps.blobs.list_keys(keys.upload_prefix(expired_id)) == []
-    assert len(deps.blobs.list_keys(keys.upload_prefix(later_id))) == len(CHUNKS)  # not yet past its grace
+    assert deps.blobs.list_keys(object_keys.upload_prefix(expired_id)) == []
+    assert len(deps.blobs.list_keys(object_keys.upload_prefix(later_id))) == len(
+        CHUNKS
+    )  # not yet past its grace
     assert (_stored_status(deps, completed_id), _stored_status(deps, cancelled_id)) == (
         "completed",
         "cancelled",

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.contract import models
 from batch_api.contract.errors import NotFound
 from batch_api.workflow.lines import split_lines
@@ -49,7 +49,7 @@ def test_valid_file_moves_the_batch_in_progress_with_a_manifest(endpoint: str) -
     assert result == {
         **ids(),
         "next": "process",
-        "manifest_key": keys.manifest_key("batch_test"),
+        "manifest_key": object_keys.manifest_key("batch_test"),
         "chunk_count": 1,
     }
     batch = get_batch(deps)
@@ -264,7 +264,7 @@ def test_failed_batch_has_failed_at_and_publishes_batch_failed() -> None:
     assert kind == "batch.failed"
     assert detail["project_id"] == PROJECT and detail["id"] == "batch_test" and detail["status"] == "failed"
     assert detail["errors"]["data"][0]["code"] == "invalid_json_line"
-    assert not deps.blobs.exists(keys.manifest_key("batch_test"))
+    assert not deps.blobs.exists(object_keys.manifest_key("batch_test"))
 
 
 def test_errors_are_capped_but_the_whole_file_is_counted(caplog: pytest.LogCaptureFixture) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.adapters.memory import (
     MemoryBlobStore,
     MemoryJournal,
@@ -136,7 +136,7 @@ def add_batch(
 ) -> BatchRecord:
     """Store `data` as a live batch input file and create a `validating` batch over it."""
     now = deps.now()
-    deps.blobs.put(keys.file_key(file_id), data)
+    deps.blobs.put(object_keys.file_key(file_id), data)
     deps.metadata.create_file(
         FileRecord(
             id=file_id,
@@ -146,7 +146,7 @@ def add_batch(
             expires_at=now + 30 * 86400,
             filename="input.jsonl",
             purpose="batch",
-            blob_key=keys.file_key(file_id),
+            blob_key=object_keys.file_key(file_id),
         )
     )
     batch = BatchRecord(

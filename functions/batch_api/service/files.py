@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.contract import ids
 from batch_api.contract.errors import InvalidRequest, NotFound
 from batch_api.contract.models import (
@@ -177,7 +177,7 @@ def create_file(
         expires_at=file_expires_at(purpose, now, seconds),
         filename=filename,
         purpose=purpose,
-        blob_key=keys.file_key(file_id),
+        blob_key=object_keys.file_key(file_id),
     )
     store_file(deps, record, lambda: deps.blobs.put(record.blob_key, data))
     return record

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.contract import ids
 from batch_api.contract.errors import (
     AlreadyExists,
@@ -150,7 +150,7 @@ def add_part(deps: Deps, project_id: str, upload_id: str, data: bytes) -> Upload
         upload_id=upload_id,
         created_at=deps.now(),
         bytes=len(data),
-        blob_key=keys.upload_part_key(upload_id, part_id),
+        blob_key=object_keys.upload_part_key(upload_id, part_id),
     )
     deps.blobs.put(part.blob_key, data)
     try:
@@ -203,7 +203,7 @@ def complete_upload(
     parts = _ordered_parts(upload, deps.metadata.get_upload_parts(upload_id), part_ids)
 
     file_id = ids.upload_file_id(upload_id)
-    blob_key = keys.stitched_file_key(file_id, part_ids)
+    blob_key = object_keys.stitched_file_key(file_id, part_ids)
     record = deps.metadata.get_file(project_id, file_id)
     if record is None:
         try:
@@ -234,7 +234,7 @@ def complete_upload(
             deps.blobs.delete(record.blob_key)
         _require_pending(deps, current)  # raises: the upload is completed or cancelled now
         raise
-    deps.blobs.delete_prefix(keys.upload_prefix(upload_id))
+    deps.blobs.delete_prefix(object_keys.upload_prefix(upload_id))
     return completed, record
 
 
@@ -336,7 +336,7 @@ def cancel_upload(deps: Deps, project_id: str, upload_id: str) -> UploadRecord:
         )
     except ConditionFailed:
         return cancel_upload(deps, project_id, upload_id)  # the state moved; answer for the new one
-    deps.blobs.delete_prefix(keys.upload_prefix(upload_id))
+    deps.blobs.delete_prefix(object_keys.upload_prefix(upload_id))
     return cancelled
 
 
@@ -364,7 +364,7 @@ def sweep_expired_uploads(deps: Deps, limit: int = 1000) -> int:
     """
     swept = 0
     for upload in deps.metadata.list_expired_uploads(deps.now() - SWEEP_GRACE_SECONDS, limit):
-        deps.blobs.delete_prefix(keys.upload_prefix(upload.id))
+        deps.blobs.delete_prefix(object_keys.upload_prefix(upload.id))
         try:
             deps.metadata.update_upload(
                 upload.project_id, upload.id, {"status": "expired"}, expected_status=["pending"]

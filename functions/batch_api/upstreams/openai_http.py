@@ -2,7 +2,7 @@
 
 One pooled `aiohttp.ClientSession` per client, created lazily inside the running event loop (a
 chunk worker runs its own loop and builds its own client). aiohttp was measured at about 9x the
-throughput of httpx at 64 requests in flight (DESIGN 7a; `bench/upstream_client.py`).
+throughput of httpx at 64 requests in flight (`bench/results/upstream_client.md`).
 
 Retries follow what OpenAI asks of its clients: 408, 409, 429 and 5xx, timeouts and connection
 errors, with exponential backoff and full jitter, honouring `Retry-After` / `retry-after-ms` and

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.contract.errors import AlreadyExists, ConditionFailed
 from batch_api.contract.ids import output_file_id
 from batch_api.contract.models import (
@@ -268,7 +268,7 @@ def _write_file(deps: Deps, batch: BatchRecord, kind: str, pieces: Iterable[byte
     output file that is never deleted. Setting it twice is harmless.
     """
     file_id = output_file_id(batch.id, kind)
-    blob_key = keys.file_key(file_id)
+    blob_key = object_keys.file_key(file_id)
     existing = deps.metadata.get_file(batch.project_id, file_id)
     if existing is not None:  # the record is created after the body is whole, so the body is there
         if existing.expires_at is not None and not existing.deleted:

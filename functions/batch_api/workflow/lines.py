@@ -1,7 +1,7 @@
 """Output/error lines and input-line splitting shared by the workflow steps.
 
 An output or error line is `{id, custom_id, response: {status_code, request_id, body} | null,
-error: {code, message} | null}` (DESIGN section 6); 2xx responses go to the output file, the rest to
+error: {code, message} | null}` (docs/architecture.md#the-openai-contract); 2xx responses go to the output file, the rest to
 the error file.
 """
 

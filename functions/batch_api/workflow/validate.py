@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from batch_api import keys
+from batch_api import object_keys
 from batch_api.contract import models
 from batch_api.contract.errors import ConditionFailed
 from batch_api.contract.models import TERMINAL_STATUSES, BatchErrorEntry, BatchRecord, ChunkPlan
@@ -366,7 +366,7 @@ def _outcome(batch: BatchRecord) -> dict[str, Any]:
     ids = {"project_id": batch.project_id, "batch_id": batch.id}
     if batch.status in TERMINAL_STATUSES:
         return {**ids, "next": "done", "status": batch.status}
-    plan = {"manifest_key": keys.manifest_key(batch.id), "chunk_count": batch.chunk_count}
+    plan = {"manifest_key": object_keys.manifest_key(batch.id), "chunk_count": batch.chunk_count}
     if batch.status == "in_progress":
         return {**ids, "next": "process", **plan}
     return {**ids, "next": "finalize", **plan}

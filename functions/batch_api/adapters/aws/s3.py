@@ -2,7 +2,7 @@
 
 S3 gives us atomic whole-object writes (a reader sees the old object or the new one), strongly
 consistent reads and listings, ranged GETs, and multipart uploads for streams. Expiry is a tag the
-bucket's lifecycle rules act on (`expire-days=N`, one rule per N in 1..30; see DESIGN section 7).
+bucket's lifecycle rules act on (`expire-days=N`, one rule per N in 1..30; see docs/architecture.md#aws-facts-the-code-leans-on).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Object keys, the same in S3 and under the local data directory (DESIGN section 4)."""
+"""Where bodies live in the blob store: the same keys in S3 and under the local data directory
+(docs/architecture.md#data-layout). Not to be confused with API keys (`handlers/auth.py`)."""
 
 from __future__ import annotations
 
