@@ -36,6 +36,7 @@ def build_aws_deps(
     from batch_api.adapters.aws.s3 import S3BlobStore, S3Journal
     from batch_api.adapters.aws.stepfunctions import StepFunctionsWorkflow
 
+    table, bucket, bus = settings.aws_names()
     clients = aws_clients(settings, session=session)
     if workflow is None:
         if not settings.state_machine_arn:
@@ -46,10 +47,10 @@ def build_aws_deps(
         workflow = StepFunctionsWorkflow(clients.stepfunctions, settings.state_machine_arn)
     deps = Deps(
         settings=settings,
-        metadata=DynamoMetadataStore(clients.dynamodb.Table(settings.table_name)),
-        blobs=S3BlobStore(clients.s3, settings.bucket_name),
-        journal=S3Journal(clients.s3, settings.bucket_name),
-        events=EventBridgeSink(clients.events, settings.event_bus_name, source=settings.event_source),
+        metadata=DynamoMetadataStore(clients.dynamodb.Table(table)),
+        blobs=S3BlobStore(clients.s3, bucket),
+        journal=S3Journal(clients.s3, bucket),
+        events=EventBridgeSink(clients.events, bus, source=settings.event_source),
         workflow=workflow,
         upstream_factory=upstream_factory or aws_upstream_factory(settings),
     )

@@ -75,10 +75,11 @@ class Settings(BaseSettings):
     backend: Literal["local", "aws"] = "local"
     aws_endpoint_url: str | None = None  # e.g. a moto server for tests; None: the real AWS endpoints
     aws_region: str | None = None
-    table_name: str = "batch-api"
-    bucket_name: str = "batch-api"
+    # with backend "aws" the names are required (no defaults: a missing variable fails at start)
+    table_name: str | None = None
+    bucket_name: str | None = None
     state_machine_arn: str | None = None  # None with backend "aws": the workflow runs in-process
-    event_bus_name: str = "default"
+    event_bus_name: str | None = None
     event_source: str = "batch-api"
     upstream_secret_name: str | None = None  # Secrets Manager secret holding the upstream API key
     api_keys_secret_name: str | None = None  # Secrets Manager secret holding the client API keys (AWS)
@@ -89,6 +90,24 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _aws_resources_named(self) -> Settings:
+        if self.backend == "aws":
+            missing = [
+                f"BATCH_API_{name.upper()} (--{name.replace('_', '-')})"
+                for name in ("table_name", "bucket_name", "event_bus_name")
+                if not getattr(self, name)
+            ]
+            if missing:
+                raise ValueError(f"the aws backend needs {', '.join(missing)}")
+        return self
+
+    def aws_names(self) -> tuple[str, str, str]:
+        """(table, bucket, event bus) of the aws backend; the validator guarantees them."""
+        if self.table_name is None or self.bucket_name is None or self.event_bus_name is None:
+            raise ValueError("the aws backend needs a table, a bucket and an event bus name")
+        return self.table_name, self.bucket_name, self.event_bus_name
 
     @model_validator(mode="after")
     def _one_upstream_credential(self) -> Settings:

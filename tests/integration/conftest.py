@@ -33,7 +33,8 @@ BUS = "batch-api-test"
 QUEUE = "batch-events"
 SECRET = "batch-api/test/upstream"
 UPSTREAM_KEY = "sk-upstream-from-secrets-manager"
-PROJECT = "local"  # no API keys configured: every caller is the local project
+PROJECT = "local"  # the project the workflow samples in events/ name
+CLIENT_KEY = "sk-test"  # the key the API samples in events/ present
 EVENTS_DIR = Path(__file__).resolve().parents[2] / "events"
 
 # Three chat requests; the second asks the fake upstream for a 500. With chunk_max_lines=2 the
@@ -159,12 +160,17 @@ def lambda_env(
         "BATCH_API_CHUNK_MAX_LINES": str(CHUNK_MAX_LINES),
         "BATCH_API_REQUESTS_PER_CHUNK": "4",
         "BATCH_API_MAX_REQUEST_BYTES": str(4_500_000),
+        "BATCH_API_API_KEYS": CLIENT_KEY,  # the API function's keys (test_lambda_handlers swaps in the secret)
         "POWERTOOLS_SERVICE_NAME": "batch-api",
         "POWERTOOLS_METRICS_NAMESPACE": "BatchApi",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    for name in ("BATCH_API_STATE_MACHINE_ARN", "BATCH_API_API_KEYS", "BATCH_API_UPSTREAM_API_KEY"):
+    for name in (
+        "BATCH_API_STATE_MACHINE_ARN",
+        "BATCH_API_API_KEYS_SECRET_NAME",
+        "BATCH_API_UPSTREAM_API_KEY",
+    ):
         monkeypatch.delenv(name, raising=False)
     return env
 
@@ -200,11 +206,13 @@ def lambda_context() -> LambdaContext:
     return LambdaContext()
 
 
-def seed_input_file(deps: Deps, data: bytes = INPUT_LINES, file_id: str = INPUT_FILE_ID) -> FileRecord:
+def seed_input_file(
+    deps: Deps, data: bytes = INPUT_LINES, file_id: str = INPUT_FILE_ID, project_id: str = PROJECT
+) -> FileRecord:
     now = deps.now()
     record = FileRecord(
         id=file_id,
-        project_id=PROJECT,
+        project_id=project_id,
         bytes=len(data),
         created_at=now - 10,
         expires_at=now + 30 * 86400,
@@ -217,11 +225,13 @@ def seed_input_file(deps: Deps, data: bytes = INPUT_LINES, file_id: str = INPUT_
     return record
 
 
-def seed_batch(deps: Deps, batch_id: str = BATCH_ID, input_file_id: str = INPUT_FILE_ID) -> BatchRecord:
+def seed_batch(
+    deps: Deps, batch_id: str = BATCH_ID, input_file_id: str = INPUT_FILE_ID, project_id: str = PROJECT
+) -> BatchRecord:
     now = deps.now()
     record = BatchRecord(
         id=batch_id,
-        project_id=PROJECT,
+        project_id=project_id,
         endpoint="/v1/chat/completions",
         input_file_id=input_file_id,
         created_at=now - 5,

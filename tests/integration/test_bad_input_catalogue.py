@@ -102,7 +102,7 @@ class Api:
         self.clock = FixedClock()
         self.deps = make_api_deps(self.clock, api_keys=[KEY])
         self.app = api.create_app(self.deps)
-        self.project = api.authenticate({"authorization": f"Bearer {KEY}"}, self.deps.settings)
+        self.project = api.authenticate({"authorization": f"Bearer {KEY}"}, self.deps.settings.api_keys)
 
     def call(
         self,

@@ -9,7 +9,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -24,9 +24,11 @@ from batch_api import object_keys
 from batch_api.contract.ids import output_file_id
 from batch_api.contract.models import BatchRecord, UploadPartRecord, UploadRecord
 from batch_api.deps import Deps
+from batch_api.handlers.auth import project_id_for_key
 from batch_api.upstreams.metered import REQUESTS_FAILED, REQUESTS_SUCCEEDED, UPSTREAM_LATENCY
 from tests.integration.conftest import (
     BUS,
+    CLIENT_KEY,
     EVENTS_DIR,
     PROJECT,
     REGION,
@@ -42,15 +44,17 @@ from tests.unit.api_events import BATCH_ID, INPUT_FILE_ID, PART_IDS, UPLOAD_ID
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:No application metrics to publish")]
 
+API_PROJECT = project_id_for_key(CLIENT_KEY)  # the project of the API samples' key
 API_SAMPLES = sorted(path.name for path in (EVENTS_DIR / "api").glob("*.json"))
 WORKFLOW_SAMPLES = sorted(path.name for path in (EVENTS_DIR / "workflow").glob("*.json"))
 
 
 @pytest.fixture
-def step_deps(lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Deps:
+def step_deps(lambda_env: dict[str, str]) -> Iterator[Deps]:
     """The workflow handlers' container Deps, built from this test's environment."""
-    monkeypatch.setattr(steps, "_deps", None)
-    return steps.get_deps()
+    steps.get_deps.cache_clear()
+    yield steps.get_deps()
+    steps.get_deps.cache_clear()
 
 
 def emf_metrics(output: str) -> dict[str, list[float]]:
@@ -282,14 +286,14 @@ def api(lambda_env: dict[str, str], state_machine_arn: str) -> ModuleType:
 
 def seed_api_objects(deps: Deps) -> None:
     """The objects the events/api samples name, timed from now (the samples' ids)."""
-    seed_input_file(deps, b'{"custom_id": "r1"}\n{"custom_id": "r2"}\n')
-    seed_batch(deps)
+    seed_input_file(deps, b'{"custom_id": "r1"}\n{"custom_id": "r2"}\n', project_id=API_PROJECT)
+    seed_batch(deps, project_id=API_PROJECT)
     now = deps.now()
     parts = (b'{"a": ', b'"bc"}\n')  # 12 bytes, as the sample events say
     deps.metadata.create_upload(
         UploadRecord(
             id=UPLOAD_ID,
-            project_id=PROJECT,
+            project_id=API_PROJECT,
             bytes=sum(map(len, parts)),
             created_at=now,
             expires_at=now + 3600,
@@ -324,7 +328,7 @@ def _created_batch(api: ModuleType, result: dict[str, Any]) -> None:
         for e in sfn.list_executions(stateMachineArn=os.environ["BATCH_API_STATE_MACHINE_ARN"])["executions"]
     ]
     assert names == [batch.id]
-    stored = api.deps.metadata.get_batch(PROJECT, batch.id)
+    stored = api.deps.metadata.get_batch(API_PROJECT, batch.id)
     assert isinstance(stored, BatchRecord)
 
 
@@ -389,7 +393,10 @@ def test_api_cold_start_makes_no_aws_call(monkeypatch: pytest.MonkeyPatch) -> No
         "BATCH_API_BACKEND": "aws",
         "BATCH_API_AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
         "BATCH_API_STATE_MACHINE_ARN": "arn:aws:states:us-east-1:123456789012:stateMachine:nowhere",
+        "BATCH_API_TABLE_NAME": "batch-api-test",
+        "BATCH_API_BUCKET_NAME": "batch-api-test-bucket",
         "BATCH_API_EVENT_BUS_NAME": BUS,
+        "BATCH_API_API_KEYS_SECRET_NAME": "batch-api/test/api-keys",
     }.items():
         monkeypatch.setenv(name, value)
     module = load_api_module()
@@ -400,6 +407,30 @@ def test_api_cold_start_makes_no_aws_call(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_the_api_needs_a_state_machine(lambda_env: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="BATCH_API_STATE_MACHINE_ARN"):
+        load_api_module()
+
+
+@pytest.mark.parametrize(
+    "variable", ["BATCH_API_TABLE_NAME", "BATCH_API_BUCKET_NAME", "BATCH_API_EVENT_BUS_NAME"]
+)
+def test_a_missing_resource_name_fails_the_cold_start_naming_it(
+    lambda_env: dict[str, str], state_machine_arn: str, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """No defaults on AWS: a function whose table, bucket or bus variable is missing must not quietly
+    use some other one."""
+    monkeypatch.delenv(variable)
+    with pytest.raises(ValueError, match=variable):
+        load_api_module()
+    steps.get_deps.cache_clear()
+    with pytest.raises(ValueError, match=variable):
+        steps.get_deps()
+
+
+def test_the_api_will_not_start_without_client_keys(
+    lambda_env: dict[str, str], state_machine_arn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BATCH_API_API_KEYS")
+    with pytest.raises(ValueError, match="BATCH_API_API_KEYS_SECRET_NAME"):
         load_api_module()
 
 
@@ -438,13 +469,12 @@ def test_the_api_requires_a_key_from_the_api_keys_secret(
     assert status("Bearer sk-wrong") == 401
     assert status("Bearer sk-test") == 200
     assert status("Bearer sk-other") == 200
-    # each key is its own project: a batch of the local project is not listed for a keyed caller
-    seed_batch(api.deps)
+    # each key is its own project: a batch of sk-other's project is not listed for sk-test
+    seed_batch(api.deps, project_id=project_id_for_key("sk-other"))
     listed = api.handler(
         with_authorization(load_event("api/batches_list.json"), "Bearer sk-test"), lambda_context
     )
     assert _json(listed)["data"] == []
-    assert project_id_for_key("sk-test") != PROJECT
     # a revoked key stops working once the cached secret is refreshed, without a deployment
     client.put_secret_value(SecretId=API_KEYS_SECRET, SecretString='{"api_keys": ["sk-other"]}')
     secrets.clear_cache()
@@ -458,7 +488,10 @@ def test_the_api_fails_closed_when_the_api_keys_secret_is_unreadable(
     monkeypatch: pytest.MonkeyPatch,
     lambda_context: LambdaContext,
 ) -> None:
+    """An unreadable secret is a 500 for every request (in the envelope), never an open API."""
     monkeypatch.setenv("BATCH_API_API_KEYS_SECRET_NAME", "batch-api/test/no-such-secret")
     api = load_api_module()
-    with pytest.raises(Exception, match=r"no-such-secret|ResourceNotFound|not find"):
-        api.handler(load_event("api/batches_list.json"), lambda_context)
+    result = api.handler(load_event("api/batches_list.json"), lambda_context)
+    assert result["statusCode"] == 500
+    assert orjson.loads(result["body"])["error"]["type"] == "server_error"
+    assert api.handler(load_event("api/health.json"), lambda_context)["statusCode"] == 200  # public

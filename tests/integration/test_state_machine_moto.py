@@ -47,13 +47,13 @@ from openai.types import Batch
 import batch_api.handlers.workflow as steps
 from batch_api.adapters.aws.dynamodb import DynamoMetadataStore
 from batch_api.deps import Deps
+from batch_api.handlers.auth import project_id_for_key
 from batch_api.workflow.finalize import FinalizeError
 from tests.infra.helpers import function_logical_ids, render_definition, resources, synth_stack
 from tests.integration.conftest import (
     BUCKET,
     BUS,
     INPUT_LINES,
-    PROJECT,
     REGION,
     SECRET,
     TABLE,
@@ -70,6 +70,8 @@ pytestmark = [
 ]
 
 API_HANDLER = "batch_api.handlers.lambda_api.handler"
+CLIENT_KEY = "sk-state-machine-test-key"
+PROJECT = project_id_for_key(CLIENT_KEY)
 ROLE_ARN = "arn:aws:iam::123456789012:role/batch-api-test-states"
 EXECUTION_TIMEOUT_SECONDS = 60
 
@@ -117,7 +119,8 @@ class Deployment:
     sfn: Any
 
     def call_api(self, method: str, path: str, *, body: bytes = b"", content_type: str | None = None) -> Any:
-        headers = [("content-type", content_type)] if content_type else []
+        headers = [("authorization", f"Bearer {CLIENT_KEY}")]
+        headers += [("content-type", content_type)] if content_type else []
         result = self.api.handler(proxy_event(method, path, headers=headers, body=body), LambdaContext())
         assert result["statusCode"] == 200, result
         return orjson.loads(result["body"])
@@ -156,7 +159,10 @@ class Deployment:
         raise AssertionError(f"execution {batch_id} still running after {EXECUTION_TIMEOUT_SECONDS}s")
 
     def content(self, file_id: str) -> list[dict[str, Any]]:
-        result = self.api.handler(proxy_event("GET", f"/v1/files/{file_id}/content"), LambdaContext())
+        auth = [("authorization", f"Bearer {CLIENT_KEY}")]
+        result = self.api.handler(
+            proxy_event("GET", f"/v1/files/{file_id}/content", headers=auth), LambdaContext()
+        )
         assert result["statusCode"] == 200, result
         raw = base64.b64decode(result["body"]) if result.get("isBase64Encoded") else result["body"].encode()
         return [orjson.loads(line) for line in raw.splitlines()]
@@ -196,7 +202,7 @@ def lambdas_run_in_process(
         )
         with lock:
             invocations.calls.append((handler_path, event))
-            monkeypatch.setattr(steps, "_deps", deps)
+            monkeypatch.setattr(steps, "get_deps", lambda: deps)
             try:
                 result = _resolve_handler(handler_path)(event, context)
             except Exception as exc:
@@ -285,18 +291,22 @@ def deployment(
     def deps_for(logical_id: str) -> Deps:
         with monkeypatch.context() as scoped:
             use_environment(environment(logical_id), scoped)
-            scoped.setattr(steps, "_deps", None)
-            return steps.get_deps()
+            steps.get_deps.cache_clear()
+            try:
+                return steps.get_deps()
+            finally:
+                steps.get_deps.cache_clear()
 
     functions = {
         logical_id: (handler_path, deps_for(logical_id))
         for handler_path, logical_id in handlers.items()
         if handler_path != API_HANDLER
     }
-    # the API module reads its environment at import, as a Lambda cold start does. Client keys are
-    # left out: this module drives one unauthenticated project; test_lambda_handlers covers the keys.
+    # the API module reads its environment at import, as a Lambda cold start does. The keys' secret
+    # is swapped for one key given directly (test_lambda_handlers covers the secret).
     api_environment = environment(handlers[API_HANDLER])
     assert api_environment.pop("BATCH_API_API_KEYS_SECRET_NAME")
+    api_environment["BATCH_API_API_KEYS"] = CLIENT_KEY
     use_environment(api_environment, monkeypatch)
     api = _load_api_module()
 

@@ -38,7 +38,7 @@ from batch_api.contract.wire import (
     UploadPartObject,
 )
 from batch_api.deps import Deps
-from batch_api.handlers.auth import authenticate
+from batch_api.handlers.auth import KeysProvider, authenticate
 from batch_api.handlers.errors import register_error_handlers
 from batch_api.handlers.resolver import BatchApiResolver, error_responses
 from batch_api.service import batches, files, uploads
@@ -117,13 +117,17 @@ class CreateBatchBody(_Body):
 # ---------------------------------------------------------------- the app
 
 
-def create_app(deps: Deps) -> APIGatewayRestResolver:
-    """A resolver with every route. It serves one request at a time (see `handlers/resolver.py`)."""
+def create_app(deps: Deps, api_keys: KeysProvider | None = None) -> APIGatewayRestResolver:
+    """A resolver with every route. It serves one request at a time (see `handlers/resolver.py`).
+
+    `api_keys` gives the client keys at each request (on AWS: a cached read of the secret, so keys
+    rotate without a new resolver); by default the settings' keys."""
     settings = deps.settings
+    keys: KeysProvider = api_keys if api_keys is not None else lambda: settings.api_keys
 
     def authenticate_caller(app: APIGatewayRestResolver) -> None:
         if app.current_event.path not in PUBLIC_PATHS:
-            app.append_context(project_id=authenticate(app.current_event.headers, settings))
+            app.append_context(project_id=authenticate(app.current_event.headers, keys()))
 
     app = BatchApiResolver(settings, guards=[authenticate_caller], openapi=_openapi_options())
     register_error_handlers(app)

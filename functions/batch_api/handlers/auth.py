@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
-from batch_api.config import Settings
+from pydantic import SecretStr
+
 from batch_api.contract.errors import AuthenticationFailed
+
+KeysProvider = Callable[[], Sequence[SecretStr]]
 
 LOCAL_PROJECT_ID = "local"
 
@@ -32,9 +35,10 @@ def _masked(key: str) -> str:
     return f"{key[:3]}***{key[-4:]}" if len(key) > 8 else "***"
 
 
-def authenticate(headers: Mapping[str, str], settings: Settings) -> str:
-    """The project id of the caller; `AuthenticationFailed` (401) for a missing or unknown key."""
-    if not settings.api_keys:
+def authenticate(headers: Mapping[str, str], api_keys: Sequence[SecretStr]) -> str:
+    """The project id of the caller; `AuthenticationFailed` (401) for a missing or unknown key. With no
+    keys at all (the local tool's default) every caller is the one local project."""
+    if not api_keys:
         return LOCAL_PROJECT_ID
     authorization = _header(headers, "authorization") or ""
     scheme, _, presented = authorization.strip().partition(" ")
@@ -47,7 +51,7 @@ def authenticate(headers: Mapping[str, str], settings: Settings) -> str:
         )
     candidate = presented.encode()
     matched: str | None = None
-    for secret in settings.api_keys:
+    for secret in api_keys:
         key = secret.get_secret_value()
         # Compare against every key, so the time taken does not tell which one (or how much) matched.
         if hmac.compare_digest(candidate, key.encode()):

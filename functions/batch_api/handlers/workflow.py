@@ -9,9 +9,9 @@ once per container, on the first invocation.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable
 from dataclasses import replace
+from functools import cache
 from typing import Any
 
 import orjson
@@ -31,9 +31,6 @@ FAIL_MESSAGE_MAX_CHARS = 1000  # a Cause can be a 32 KB stack trace; the batch k
 
 StepHandler = Callable[[dict[str, Any], LambdaContext], dict[str, Any]]
 
-_deps: Deps | None = None
-_deps_lock = threading.Lock()
-
 
 class StepsDoNotStartBatches:
     """The Workflow port for the step functions: only the API starts executions."""
@@ -42,16 +39,13 @@ class StepsDoNotStartBatches:
         raise RuntimeError("workflow step functions do not start batches; the API does")
 
 
+@cache
 def get_deps() -> Deps:
-    """The container's Deps, built on first use; upstream clients report request metrics."""
-    global _deps
-    if _deps is None:
-        with _deps_lock:
-            if _deps is None:
-                built = build_aws_deps(Settings(), workflow=StepsDoNotStartBatches())
-                _deps = replace(built, upstream_factory=metered(built.upstream_factory, metrics))
-                route_library_logs()
-    return _deps
+    """The container's Deps, built on the first invocation (settings of the aws backend: a missing
+    resource name fails with its name) and kept; upstream clients report request metrics."""
+    built = build_aws_deps(Settings(backend="aws"), workflow=StepsDoNotStartBatches())
+    route_library_logs()
+    return replace(built, upstream_factory=metered(built.upstream_factory, metrics))
 
 
 def step_handler(fn: StepHandler) -> StepHandler:

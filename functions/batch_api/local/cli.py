@@ -52,9 +52,9 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
         "with --backend aws: endpoint for S3/DynamoDB/EventBridge",
     ),
     ("--aws-region", "aws_region", str, "with --backend aws: the region"),
-    ("--table-name", "table_name", str, "with --backend aws: the DynamoDB table (batch-api)"),
-    ("--bucket-name", "bucket_name", str, "with --backend aws: the S3 bucket (batch-api)"),
-    ("--event-bus-name", "event_bus_name", str, "with --backend aws: the EventBridge bus (default)"),
+    ("--table-name", "table_name", str, "with --backend aws (required): the DynamoDB table"),
+    ("--bucket-name", "bucket_name", str, "with --backend aws (required): the S3 bucket"),
+    ("--event-bus-name", "event_bus_name", str, "with --backend aws (required): the EventBridge bus"),
 ]
 
 
