@@ -176,6 +176,18 @@ def test_idempotency_key_returns_the_same_batch(client: openai.OpenAI) -> None:
     assert again.id == first.id
     assert [b.id for b in client.batches.list()] == [first.id]
 
+    with pytest.raises(openai.ConflictError) as reused:  # the same key, other parameters
+        client.batches.create(
+            input_file_id=input_file.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"run": "second"},
+            extra_headers=headers,
+        )
+    assert reused.value.body["code"] == "idempotency_key_reused"  # type: ignore[index]
+    assert reused.value.response.headers["x-should-retry"] == "false"
+    assert [b.id for b in client.batches.list()] == [first.id]
+
 
 def test_api_keys_isolate_projects(start_server: Any) -> None:
     server = start_server("--api-key", "key-a", "--api-key", "key-b")

@@ -121,7 +121,10 @@ class Api:
         if raw_body is not None:
             event["body"], event["isBase64Encoded"] = raw_body, True
         result = api.handle(self.app, event, LambdaContext())  # type: ignore[arg-type]
-        error = orjson.loads(result["body"])["error"]
+        body = orjson.loads(result["body"])
+        if result["statusCode"] < 400:
+            return Observed(result["statusCode"])
+        error = body["error"]
         return Observed(result["statusCode"], error["type"], error["code"], error["param"], error["message"])
 
     def json(self, method: str, path: str, body: Any, **kwargs: Any) -> Observed:
@@ -304,6 +307,16 @@ def _b15(a: Api) -> Observed:
     return a.call("POST", f"/v1/batches/{batch.id}/cancel")
 
 
+def _b16(a: Api) -> Observed:
+    source = a.file()
+    key = [("idempotency-key", "create-once")]
+    first = a.json("POST", "/v1/batches", create_batch_body(input_file_id=source.id), headers=key)
+    assert first.status == 200
+    return a.json(
+        "POST", "/v1/batches", create_batch_body(input_file_id=source.id, metadata={"k": "v"}), headers=key
+    )
+
+
 def _h19(a: Api) -> Observed:
     a.deps.settings.max_request_bytes = 2048
     return a.form("/v1/files", multipart_file(data=b"x" * 4096))
@@ -415,6 +428,7 @@ API_CASES: dict[str, Callable[[Api], Observed]] = {
     "B13": lambda a: a.call("GET", "/v1/batches", query={"limit": ["101"]}),
     "B14": lambda a: a.call("GET", "/v1/batches/batch_nope"),
     "B15": _b15,
+    "B16": _b16,
 }
 
 

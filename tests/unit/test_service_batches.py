@@ -8,7 +8,13 @@ import pytest
 
 from batch_api.adapters.memory import RecordingWorkflow
 from batch_api.contract.errors import ConditionFailed, Conflict, InvalidRequest, NotFound
-from batch_api.contract.models import IDEMPOTENCY_KEY_TTL, TERMINAL_STATUSES, ChunkProgress, Usage
+from batch_api.contract.models import (
+    IDEMPOTENCY_KEY_TTL,
+    OUTPUT_DEFAULT_TTL,
+    TERMINAL_STATUSES,
+    ChunkProgress,
+    Usage,
+)
 from batch_api.deps import Deps
 from batch_api.service import batches, files
 from tests.unit.conftest import T0, FixedClock, make_deps
@@ -124,6 +130,47 @@ def test_idempotency_key_replays_the_same_batch(deps: Deps, input_file_id: str, 
     assert again.created_at == T0
     assert other.id != first.id
     assert len(deps.metadata.list_batches("p1", after=None, limit=10)) == 2
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"endpoint": "/v1/embeddings"},
+        {"metadata": {"team": "other"}},
+        {"output_expires_after": {"anchor": "created_at", "seconds": 7200}},
+        {"other_input": True},
+    ],
+)
+def test_idempotency_key_reused_with_other_parameters_is_a_409(
+    deps: Deps, input_file_id: str, changed: dict[str, Any]
+) -> None:
+    first = _create(deps, input_file_id, idempotency_key="key-1", metadata={"team": "search"})
+    if changed.pop("other_input", False):
+        input_file_id = files.create_file(deps, "p1", "other.jsonl", "batch", b"{}\n").id
+    kwargs: dict[str, Any] = {"metadata": {"team": "search"}, **changed}
+    with pytest.raises(Conflict) as raised:
+        _create(deps, input_file_id, idempotency_key="key-1", **kwargs)
+    assert (raised.value.status_code, raised.value.code, raised.value.param) == (
+        409,
+        "idempotency_key_reused",
+        "Idempotency-Key",
+    )
+    assert first.id in raised.value.message
+    assert raised.value.retryable is False  # x-should-retry: false
+    assert [b.id for b in deps.metadata.list_batches("p1", after=None, limit=10)] == [first.id]
+
+
+def test_idempotency_key_with_the_default_spelled_out_is_the_same_request(
+    deps: Deps, input_file_id: str
+) -> None:
+    first = _create(deps, input_file_id, idempotency_key="key-1")
+    again = _create(
+        deps,
+        input_file_id,
+        idempotency_key="key-1",
+        output_expires_after={"anchor": "created_at", "seconds": OUTPUT_DEFAULT_TTL},
+    )
+    assert again.id == first.id
 
 
 def test_idempotency_key_expires_a_day_after_the_first_request(

@@ -7,6 +7,7 @@ start the workflow and report progress from the per-chunk counts while it runs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from batch_api.contract import ids
@@ -134,11 +135,18 @@ def create_batch(
 
     now = deps.now()
     batch_id = ids.new_batch_id()
+    request = _BatchRequest(
+        endpoint=endpoint,
+        input_file_id=input_file_id,
+        completion_window=completion_window,
+        metadata=checked_metadata,
+        output_expires_after_seconds=output_ttl if output_ttl is not None else OUTPUT_DEFAULT_TTL,
+    )
     if idempotency_key is not None:
         batch_id = deps.metadata.claim_idempotency_key(project_id, idempotency_key, batch_id, now)
         existing = deps.metadata.get_batch(project_id, batch_id)
         if existing is not None:
-            return _replayed(deps, existing)
+            return _replayed(deps, existing, request)
 
     record = BatchRecord(
         id=batch_id,
@@ -149,8 +157,8 @@ def create_batch(
         status="validating",
         created_at=now,
         expires_at=now + deps.settings.completion_window_seconds,
-        metadata=checked_metadata,
-        output_expires_after_seconds=output_ttl if output_ttl is not None else OUTPUT_DEFAULT_TTL,
+        metadata=request.metadata,
+        output_expires_after_seconds=request.output_expires_after_seconds,
     )
     try:
         deps.metadata.create_batch(record)
@@ -159,12 +167,48 @@ def create_batch(
         existing = deps.metadata.get_batch(project_id, batch_id)
         if existing is None:
             raise
-        return _replayed(deps, existing)
+        return _replayed(deps, existing, request)
     deps.workflow.start(project_id, batch_id)
     return record
 
 
-def _replayed(deps: Deps, batch: BatchRecord) -> BatchRecord:
+@dataclass(frozen=True)
+class _BatchRequest:
+    """The parameters of a create that an Idempotency-Key binds to."""
+
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    metadata: dict[str, str] | None
+    output_expires_after_seconds: int
+
+    def made(self, batch: BatchRecord) -> bool:
+        """Whether `batch` is what this request would have created."""
+        return (
+            batch.endpoint,
+            batch.input_file_id,
+            batch.completion_window,
+            batch.metadata,
+            batch.output_expires_after_seconds,
+        ) == (
+            self.endpoint,
+            self.input_file_id,
+            self.completion_window,
+            self.metadata,
+            self.output_expires_after_seconds,
+        )
+
+
+def _replayed(deps: Deps, batch: BatchRecord, request: _BatchRequest) -> BatchRecord:
+    """The batch an Idempotency-Key already names, if this request asks for the same one; a key reused
+    with other parameters is refused (as Stripe and Powertools' payload validation refuse it)."""
+    if not request.made(batch):
+        raise Conflict(
+            "Keys for idempotent requests can only be used with the same parameters they were first used "
+            f"with. This Idempotency-Key created batch {batch.id} with other parameters; use a new key.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
     if batch.status == "validating":
         deps.workflow.start(batch.project_id, batch.id)  # harmless if running; revives a start that was lost
     return with_live_counts(deps, batch)
