@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import typing
 from typing import Any
 
 import pytest
 
 from batch_api.adapters.aws import schema
+from batch_api.contract.steps import FailInput, ProcessInput, ProcessOutput, ValidateOutput
 from tests.infra.helpers import (
     Synthesized,
     actions_of,
@@ -414,6 +416,14 @@ def test_definition_follows_the_contract(
         "batch_id.$": "$.batch_id",
         "chunk.$": "$$.Map.Item.Value",
     }
+    # the payloads are the step models' (contract/steps.py): what the states read and build
+    assert {key.removesuffix(".$") for key in chunks["ItemSelector"]} == set(ProcessInput.model_fields)
+    assert set(route) == set(typing.get_args(ValidateOutput.model_fields["next"].annotation))
+    assert chunks["ItemReader"]["Parameters"]["Key.$"].removeprefix("$.") in ValidateOutput.model_fields
+    [loop] = chunks["ItemProcessor"]["States"]["ChunkDone"]["Choices"]
+    assert loop["Variable"] == "$.result.done" and "done" in ProcessOutput.model_fields
+    failed = {key.removesuffix(".$") for key in states["MarkFailed"]["Parameters"]}
+    assert failed <= set(FailInput.model_fields)
     assert chunks["ItemProcessor"]["ProcessorConfig"] == {"Mode": "DISTRIBUTED", "ExecutionType": "STANDARD"}
     assert chunks["MaxConcurrency"] == env_settings["map_max_concurrency"]
     assert chunks["ResultPath"] is None

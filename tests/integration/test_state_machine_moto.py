@@ -46,6 +46,7 @@ from openai.types import Batch
 
 import batch_api.handlers.workflow as steps
 from batch_api.adapters.aws.dynamodb import DynamoMetadataStore
+from batch_api.contract.steps import BatchRef
 from batch_api.deps import Deps
 from batch_api.handlers.auth import project_id_for_key
 from batch_api.workflow.finalize import FinalizeError
@@ -397,8 +398,8 @@ def test_a_chunk_that_runs_out_of_time_loops_until_done(
 def test_a_step_that_keeps_failing_ends_the_batch_failed(
     deployment: Deployment, aws: AwsWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken_finalize(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
-        raise FinalizeError(f"batch {event['batch_id']}: deliberately broken for the test")
+    def broken_finalize(event: BatchRef, deps: Deps) -> dict[str, Any]:
+        raise FinalizeError(f"batch {event.batch_id}: deliberately broken for the test")
 
     monkeypatch.setattr(steps, "finalize_batch", broken_finalize)
     file_id = deployment.upload(INPUT_LINES)

@@ -85,7 +85,7 @@ def test_input_file_removed_mid_batch_does_not_throw_away_finished_results(how: 
     deletes the journals, so the results of requests that already ran (and were paid for) are lost."""
     deps = make_deps(FakeUpstream(), chunk_max_lines=2)
     _add_batch_with_short_lived_input(deps, jsonl([request(f"r{i}") for i in range(6)]), input_ttl=3600)
-    assert validate_batch(ids(), deps)["next"] == "process"
+    assert validate_batch(ids(), deps).next == "process"
     first = load_manifest(deps, "batch_test")[0]
     process_chunk({**ids(), "chunk": first.model_dump()}, deps)  # r0, r1 ran upstream
 
@@ -133,10 +133,10 @@ def test_terminal_event_is_published_after_a_crash_between_status_and_event(kind
 
     def run() -> None:
         outcome = validate_batch(ids(), deps)
-        if outcome["next"] == "process":
+        if outcome.next == "process":
             for chunk in load_manifest(deps, "batch_test"):
                 process_chunk({**ids(), "chunk": chunk.model_dump()}, deps)
-        if outcome["next"] != "done":
+        if outcome.next != "done":
             finalize_batch(ids(), deps)
 
     with pytest.raises(RuntimeError):
@@ -233,7 +233,7 @@ def test_cancel_during_validate_then_crash_keeps_counts_consistent() -> None:
     with pytest.raises(RuntimeError):
         validate_batch(ids(), deps)
 
-    assert validate_batch(ids(), deps)["next"] == "finalize"  # resume
+    assert validate_batch(ids(), deps).next == "finalize"  # resume
     finalize_batch(ids(), deps)
 
     batch = get_batch(deps)

@@ -38,7 +38,7 @@ def _run_batch(
     """Validate and process every chunk; return deps (the batch is left for finalize)."""
     deps = make_deps(upstream or FakeUpstream(), clock, **settings)
     add_batch(deps, jsonl([request(f"r{i}") for i in range(n)]), output_expires_after_seconds=7200)
-    assert validate_batch(ids(), deps)["next"] == "process"
+    assert validate_batch(ids(), deps).next == "process"
     for chunk in load_manifest(deps, "batch_test"):
         process_chunk({**ids(), "chunk": chunk.model_dump()}, deps)
     return deps
@@ -50,7 +50,7 @@ def test_finalize_writes_output_and_error_files_and_completes() -> None:
 
     result = finalize_batch(ids(), deps)
 
-    assert result == {**ids(), "status": "completed"}
+    assert result.model_dump() == {**ids(), "status": "completed"}
     batch = get_batch(deps)
     assert batch.status == "completed" and batch.completed_at == deps.now()
     assert batch.finalizing_at == deps.now()
@@ -107,7 +107,7 @@ def test_rerun_after_a_crash_before_the_terminal_update_reuses_the_files() -> No
         finalize_batch(ids(), deps)
     assert get_batch(deps).status == "finalizing"
 
-    assert finalize_batch(ids(), deps)["status"] == "completed"
+    assert finalize_batch(ids(), deps).status == "completed"
 
     assert sorted(deps.blobs.writes) == sorted(
         object_keys.file_key(output_file_id("batch_test", kind)) for kind in ("output", "error")
@@ -123,7 +123,7 @@ def test_rerun_on_a_terminal_batch_frees_a_journal_left_behind() -> None:
     finalize_batch(ids(), deps)
     deps.journal.append("batch_test", 0, leftover)  # as if the process died before deleting it
 
-    assert finalize_batch(ids(), deps)["status"] == "completed"
+    assert finalize_batch(ids(), deps).status == "completed"
     assert list(deps.journal.read("batch_test", 0)) == []
 
 
@@ -135,7 +135,7 @@ def test_rerun_on_a_terminal_batch_frees_chunk_progress_left_behind() -> None:
     for progress in left:  # as if the process died before deleting them
         deps.metadata.put_chunk_progress("batch_test", progress)
 
-    assert finalize_batch(ids(), deps)["status"] == "completed"
+    assert finalize_batch(ids(), deps).status == "completed"
     assert deps.metadata.list_chunk_progress("batch_test") == []
     assert get_batch(deps).request_counts.model_dump() == {"total": 4, "completed": 4, "failed": 0}
 
@@ -143,7 +143,7 @@ def test_rerun_on_a_terminal_batch_frees_chunk_progress_left_behind() -> None:
 def test_a_batch_whose_every_line_failed_is_completed_without_an_output_file() -> None:
     deps = _run_batch(3, FakeUpstream({f"r{i}": http_error(400) for i in range(3)}))
 
-    assert finalize_batch(ids(), deps)["status"] == "completed"
+    assert finalize_batch(ids(), deps).status == "completed"
 
     batch = get_batch(deps)
     assert batch.output_file_id is None
@@ -182,10 +182,10 @@ def test_cancel_mid_run_ends_cancelled_with_batch_cancelled_lines_and_counts_add
     results = [
         process_chunk({**ids(), "chunk": c.model_dump()}, deps) for c in load_manifest(deps, "batch_test")
     ]
-    assert results[0]["stopped"] == "cancelled"
-    assert all(r["stopped"] == "cancelled" and r["done"] for r in results[1:])
+    assert results[0].stopped == "cancelled"
+    assert all(r.stopped == "cancelled" and r.done for r in results[1:])
 
-    assert finalize_batch(ids(), deps) == {**ids(), "status": "cancelled"}
+    assert finalize_batch(ids(), deps).model_dump() == {**ids(), "status": "cancelled"}
 
     batch = get_batch(deps)
     ran = len(upstream.calls)
@@ -209,7 +209,7 @@ def test_deadline_ends_expired_with_batch_expired_lines() -> None:
     upstream = FakeUpstream(on_call=lambda n, _b: clock.advance(86400) if n == 3 else None)
     deps = _run_batch(8, upstream, clock, requests_per_chunk=1)
 
-    assert finalize_batch(ids(), deps)["status"] == "expired"
+    assert finalize_batch(ids(), deps).status == "expired"
 
     batch = get_batch(deps)
     assert batch.expired_at == deps.now()
@@ -227,9 +227,9 @@ def test_cancelled_while_validating_finalizes_as_cancelled_with_every_line_never
     deps.metadata.update_batch(
         PROJECT, "batch_test", {"status": "cancelling"}, expected_status={"validating"}
     )
-    assert validate_batch(ids(), deps)["next"] == "finalize"
+    assert validate_batch(ids(), deps).next == "finalize"
 
-    assert finalize_batch(ids(), deps)["status"] == "cancelled"
+    assert finalize_batch(ids(), deps).status == "cancelled"
 
     batch = get_batch(deps)
     assert batch.request_counts.model_dump() == {"total": 2, "completed": 0, "failed": 2}
@@ -276,7 +276,7 @@ def test_fail_batch_fails_any_active_batch(status: str) -> None:
 
     result = fail_batch({**ids(), "error": {"code": "internal_error", "message": "step kept failing"}}, deps)
 
-    assert result == {**ids(), "status": "failed"}
+    assert result.model_dump() == {**ids(), "status": "failed"}
     assert deps.metadata.list_chunk_progress("batch_test") == []
     batch = get_batch(deps)
     assert batch.status == "failed" and batch.failed_at == deps.now()
@@ -293,7 +293,7 @@ def test_fail_batch_of_a_cancelling_batch_ends_it_cancelled_with_the_error() -> 
 
     result = fail_batch({**ids(), "error": {"code": "internal_error", "message": "step kept failing"}}, deps)
 
-    assert result == {**ids(), "status": "cancelled"}
+    assert result.model_dump() == {**ids(), "status": "cancelled"}
     batch = get_batch(deps)
     assert (batch.status, batch.cancelled_at, batch.failed_at) == ("cancelled", deps.now(), None)
     assert [(e.code, e.message) for e in batch.errors] == [("internal_error", "step kept failing")]
@@ -315,7 +315,7 @@ def test_fail_batch_leaves_a_terminal_batch_alone() -> None:
     finalize_batch(ids(), deps)
     events = list(deps.events.events)
 
-    assert fail_batch({**ids(), "error": {"code": "x", "message": "y"}}, deps)["status"] == "completed"
+    assert fail_batch({**ids(), "error": {"code": "x", "message": "y"}}, deps).status == "completed"
     assert get_batch(deps).status == "completed"
     assert deps.events.events == events
 
@@ -334,7 +334,7 @@ def test_finalize_losing_to_a_concurrent_finalize_returns_its_status() -> None:
 
     deps.metadata.update_batch = someone_else_finished_first
 
-    assert finalize_batch(ids(), deps)["status"] == "completed"
+    assert finalize_batch(ids(), deps).status == "completed"
     # The loser finds the winner's commit still marked `event_pending` and announces it, once.
     assert [kind for kind, _ in deps.events.events] == ["batch.completed"]
     assert get_batch(deps).event_pending is False
@@ -349,9 +349,9 @@ def test_an_input_body_gone_mid_batch_keeps_what_finished() -> None:
     chunks = load_manifest(deps, "batch_test")
     process_chunk({**ids(), "chunk": chunks[0].model_dump()}, deps)
     deps.blobs.delete(object_keys.file_key("file-input"))
-    assert process_chunk({**ids(), "chunk": chunks[1].model_dump()}, deps)["stopped"] == "input_missing"
+    assert process_chunk({**ids(), "chunk": chunks[1].model_dump()}, deps).stopped == "input_missing"
 
-    assert finalize_batch(ids(), deps)["status"] == "completed"
+    assert finalize_batch(ids(), deps).status == "completed"
 
     batch = get_batch(deps)
     assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 2)
@@ -375,7 +375,7 @@ def test_a_cancel_that_lands_while_finalize_writes_the_files_ends_the_batch_canc
 
     deps.metadata.update_batch = cancel_lands_first
 
-    assert finalize_batch(ids(), deps)["status"] == "cancelled"
+    assert finalize_batch(ids(), deps).status == "cancelled"
 
     assert answers[0].status == "cancelling"
     batch = get_batch(deps)
@@ -400,7 +400,7 @@ def test_a_crash_between_the_terminal_commit_and_the_event_announces_it_on_the_r
     assert deps.events.events == []
 
     deps.events.publish = real_publish  # type: ignore[method-assign]
-    assert finalize_batch(ids(), deps)["status"] == "completed"  # the step's retry
+    assert finalize_batch(ids(), deps).status == "completed"  # the step's retry
 
     assert [kind for kind, _ in deps.events.events] == ["batch.completed"]
     assert get_batch(deps).event_pending is False

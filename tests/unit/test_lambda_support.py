@@ -94,7 +94,7 @@ def test_a_lambda_cause_keeps_type_and_message_but_not_the_trace() -> None:
         {"errorMessage": "disk full", "errorType": "OSError", "stackTrace": ['  File "/var/task/x.py"']}
     )
     error = batch_error(None, cause, "OSError")
-    assert error == {
+    assert error.model_dump() == {
         "code": "internal_error",
         "message": "The batch failed because a workflow step failed (OSError: disk full).",
     }
@@ -103,13 +103,13 @@ def test_a_lambda_cause_keeps_type_and_message_but_not_the_trace() -> None:
 
 
 def test_a_states_error_without_a_lambda_cause() -> None:
-    message = batch_error(None, "Task timed out", "States.Timeout")["message"]
+    message = batch_error(None, "Task timed out", "States.Timeout").message
     assert message == "The batch failed because a workflow step failed (States.Timeout: Task timed out)."
-    assert batch_error(None, None)["message"] == "The batch failed because a workflow step failed."
+    assert batch_error(None, None).message == "The batch failed because a workflow step failed."
 
 
 def test_long_causes_are_trimmed() -> None:
-    message = batch_error(None, "x" * 50_000, "E")["message"]
+    message = batch_error(None, "x" * 50_000, "E").message
     assert len(message) == FAIL_MESSAGE_MAX_CHARS and message.endswith("…")
 
 

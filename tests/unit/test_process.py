@@ -34,7 +34,7 @@ def _setup(
     upstream = upstream or FakeUpstream()
     deps = make_deps(upstream, clock, **settings)
     add_batch(deps, jsonl([request(f"r{i}", endpoint) for i in range(n)]), endpoint=endpoint)
-    assert validate_batch(ids(), deps)["next"] == "process"
+    assert validate_batch(ids(), deps).next == "process"
     chunks = [c.model_dump() for c in load_manifest(deps, "batch_test")]
     return deps, upstream, chunks
 
@@ -65,7 +65,7 @@ def test_a_chunk_runs_every_request_and_journals_its_line(endpoint: str) -> None
 
     result = _run(deps, chunk)
 
-    assert result == {**ids(), "index": 0, "done": True, "stopped": None}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": None}
     assert upstream.sent_contents() == ["r0", "r1", "r2", "r3"]
     assert all(called == endpoint for called, _ in upstream.calls)
     assert upstream.calls[0][1] == request("r0", endpoint)["body"]  # the body goes upstream unchanged
@@ -108,7 +108,7 @@ def test_upstream_failures_become_error_lines_and_never_raise() -> None:
 
     result = _run(deps, chunk)
 
-    assert result["done"] is True
+    assert result.done is True
     by_id = {line["custom_id"]: line for line in _journal(deps)}
     assert by_id["r0"]["response"]["status_code"] == 400 and by_id["r0"]["error"] is None
     assert by_id["r0"]["response"]["body"]["error"]["message"] == "bad request"
@@ -171,7 +171,7 @@ def test_several_chunks_each_keep_their_own_journal_and_progress() -> None:
     deps, upstream, chunks = _setup(5, chunk_max_lines=2)
 
     for chunk in chunks:
-        assert _run(deps, chunk)["done"] is True
+        assert _run(deps, chunk).done is True
 
     assert [len(_journal(deps, c["index"])) for c in chunks] == [2, 2, 1]
     assert [p.completed for p in deps.metadata.list_chunk_progress("batch_test")] == [2, 2, 1]
@@ -186,7 +186,7 @@ def test_rerun_after_a_crash_sends_only_the_requests_not_in_the_journal() -> Non
 
     result = _run(deps, chunk)
 
-    assert result["done"] is True
+    assert result.done is True
     assert upstream.sent_contents() == ["r1", "r4", "r5"]
     [progress] = deps.metadata.list_chunk_progress("batch_test")
     assert (progress.completed, progress.done) == (6, True)  # counts over the whole journal
@@ -198,7 +198,7 @@ def test_rerunning_a_finished_chunk_sends_nothing_and_counts_the_same() -> None:
     _run(deps, chunk)
     before = deps.metadata.list_chunk_progress("batch_test")
 
-    assert _run(deps, chunk)["done"] is True
+    assert _run(deps, chunk).done is True
     assert len(upstream.calls) == 3
     assert deps.metadata.list_chunk_progress("batch_test") == before
     assert len(_journal(deps)) == 3
@@ -222,7 +222,7 @@ def test_a_killed_run_loses_nothing_that_finished() -> None:
     sent_before = len(upstream.calls)
     assert 10 <= journaled < 30
 
-    assert _run(deps, chunk)["done"] is True
+    assert _run(deps, chunk).done is True
 
     lines = _journal(deps)
     assert sorted(line["custom_id"] for line in lines) == sorted(f"r{i}" for i in range(30))
@@ -244,7 +244,7 @@ def test_cancel_mid_run_stops_starting_requests() -> None:
 
     result = _run(deps, chunk)
 
-    assert result == {**ids(), "index": 0, "done": True, "stopped": "cancelled"}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "cancelled"}
     assert 3 <= len(upstream.calls) < 40
     assert len(_journal(deps)) == len(upstream.calls)  # in-flight requests finished and were journaled
     [progress] = deps.metadata.list_chunk_progress("batch_test")
@@ -263,7 +263,7 @@ def test_deadline_mid_run_stops_with_expired() -> None:
 
     result = _run(deps, chunk)
 
-    assert result["stopped"] == "expired" and result["done"] is True
+    assert result.stopped == "expired" and result.done is True
     assert len(upstream.calls) == 4
     assert len(_journal(deps)) == 4
 
@@ -277,7 +277,7 @@ def test_nothing_starts_when_the_batch_is_already_stopped(status: str, stopped: 
 
     result = _run(deps, chunk)
 
-    assert result == {**ids(), "index": 0, "done": True, "stopped": stopped}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": stopped}
     assert upstream.calls == []
 
 
@@ -286,7 +286,7 @@ def test_nothing_starts_after_the_deadline() -> None:
     deps, upstream, [chunk] = _setup(3, clock=clock)
     clock.advance(86400)
 
-    assert _run(deps, chunk)["stopped"] == "expired"
+    assert _run(deps, chunk).stopped == "expired"
     assert upstream.calls == []
 
 
@@ -302,7 +302,7 @@ def test_low_lambda_time_returns_not_done_and_the_next_call_continues() -> None:
 
     first = _run(deps, chunk, time_left=lambda: remaining["seconds"])
 
-    assert first == {**ids(), "index": 0, "done": False, "stopped": None}
+    assert first.model_dump() == {**ids(), "index": 0, "done": False, "stopped": None}
     assert len(upstream.calls) == 5 and len(_journal(deps)) == 5
     [progress] = deps.metadata.list_chunk_progress("batch_test")
     assert (progress.completed, progress.done) == (5, False)
@@ -310,7 +310,7 @@ def test_low_lambda_time_returns_not_done_and_the_next_call_continues() -> None:
     remaining["seconds"] = 900.0
     second = _run(deps, chunk, time_left=lambda: remaining["seconds"])
 
-    assert second["done"] is True
+    assert second.done is True
     assert upstream.sent_contents() == [f"r{i}" for i in range(12)]  # nothing sent twice
 
 
@@ -320,7 +320,7 @@ def test_an_invocation_always_starts_at_least_one_request() -> None:
 
     result = _run(deps, chunk, time_left=lambda: 10.0)
 
-    assert result["done"] is False
+    assert result.done is False
     assert len(upstream.calls) == 1 and len(_journal(deps)) == 1
 
 
@@ -331,7 +331,7 @@ def test_nearly_out_of_time_abandons_in_flight_requests_before_lambda_kills_us()
 
     result = _run(deps, chunk, time_left=lambda: remaining["seconds"])
 
-    assert result["done"] is False
+    assert result.done is False
     assert _journal(deps) == []  # abandoned requests leave no line; the next run sends them again
 
 
@@ -341,7 +341,7 @@ def test_no_time_left_at_all_starts_nothing() -> None:
 
     result = _run(deps, chunk, time_left=lambda: 0.0)
 
-    assert result == {**ids(), "index": 0, "done": False, "stopped": None}
+    assert result.model_dump() == {**ids(), "index": 0, "done": False, "stopped": None}
     assert upstream.calls == [] and _journal(deps) == []
 
 
@@ -349,11 +349,11 @@ def test_a_vanished_input_body_stops_the_chunk_instead_of_failing_it() -> None:
     """Defence in depth (the body is kept while the batch runs): retrying cannot bring it back, so the
     chunk stops and the journal of the chunks that ran is kept for finalize."""
     deps, upstream, chunks = _setup(4, chunk_max_lines=2)
-    assert _run(deps, chunks[0])["done"] is True
+    assert _run(deps, chunks[0]).done is True
     deps.blobs.delete(object_keys.file_key("file-input"))
 
     result = _run(deps, chunks[1])
 
-    assert result == {**ids(), "index": 1, "done": True, "stopped": "input_missing"}
+    assert result.model_dump() == {**ids(), "index": 1, "done": True, "stopped": "input_missing"}
     assert upstream.sent_contents() == ["r0", "r1"]
     assert len(_journal(deps, 0)) == 2

@@ -32,7 +32,7 @@ def _fail_with(line: Any, *, endpoint: str = CHAT) -> list[dict[str, Any]]:
     deps = make_deps()
     add_batch(deps, jsonl([request("ok", endpoint), "", line, request("ok2", endpoint)]), endpoint=endpoint)
     result = validate_batch(ids(), deps)
-    assert result == {**ids(), "next": "done", "status": "failed"}
+    assert result.state() == {**ids(), "next": "done", "status": "failed"}
     return _errors(deps)
 
 
@@ -46,7 +46,7 @@ def test_valid_file_moves_the_batch_in_progress_with_a_manifest(endpoint: str) -
 
     result = validate_batch(ids(), deps)
 
-    assert result == {
+    assert result.state() == {
         **ids(),
         "next": "process",
         "manifest_key": object_keys.manifest_key("batch_test"),
@@ -87,9 +87,9 @@ def test_rerun_on_a_later_status_returns_its_next_step(status: str, expected_nex
 
     result = validate_batch(ids(), deps)
 
-    assert result["next"] == expected_next
+    assert result.next == expected_next
     if expected_next == "done":
-        assert result["status"] == status
+        assert result.status == status
 
 
 def test_cancelled_while_validating_still_plans_and_goes_to_finalize() -> None:
@@ -101,7 +101,7 @@ def test_cancelled_while_validating_still_plans_and_goes_to_finalize() -> None:
 
     result = validate_batch(ids(), deps)
 
-    assert result["next"] == "finalize"
+    assert result.next == "finalize"
     batch = get_batch(deps)
     assert batch.status == "cancelling"
     assert (batch.request_counts.total, batch.chunk_count, batch.model) == (3, 1, "gpt-test")
@@ -217,7 +217,7 @@ def test_stream_false_is_fine() -> None:
     line["body"]["stream"] = False
     add_batch(deps, jsonl([line]))
 
-    assert validate_batch(ids(), deps)["next"] == "process"
+    assert validate_batch(ids(), deps).next == "process"
 
 
 @pytest.mark.parametrize(
@@ -296,7 +296,7 @@ def test_requests_at_the_limit_are_fine(monkeypatch: pytest.MonkeyPatch) -> None
     deps = make_deps()
     add_batch(deps, jsonl([request("a"), request("b"), request("c")]))
 
-    assert validate_batch(ids(), deps)["next"] == "process"
+    assert validate_batch(ids(), deps).next == "process"
 
 
 def test_file_over_the_size_limit_is_file_too_large(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -356,7 +356,7 @@ def test_missing_input_file_fails_with_invalid_request_on_input_file_id(how: str
 
     result = validate_batch(ids(), deps)
 
-    assert result["status"] == "failed"
+    assert result.status == "failed"
     assert [(e["code"], e["param"]) for e in _errors(deps)] == [("invalid_request", "input_file_id")]
     assert "was deleted before the batch could read it" in _errors(deps)[0]["message"]
 
@@ -374,7 +374,7 @@ def test_an_input_file_deleted_or_expired_after_create_is_still_read(how: str) -
 
     result = validate_batch(ids(), deps)
 
-    assert result["next"] == "process"
+    assert result.next == "process"
     assert get_batch(deps).request_counts.total == 1
 
 
@@ -471,5 +471,5 @@ def test_validation_streams_instead_of_loading_the_file() -> None:
     finally:
         tracemalloc.stop()
 
-    assert result["next"] == "process"
+    assert result.next == "process"
     assert peak < len(data) / 4, f"peak {peak} for a {len(data)} byte file"

@@ -15,10 +15,19 @@ from functools import cache
 from typing import Any
 
 import orjson
+from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from batch_api.bootstrap_aws import build_aws_deps
 from batch_api.config import Settings
+from batch_api.contract.steps import (
+    BatchRef,
+    CatchFailure,
+    FailInput,
+    HousekeepingOutput,
+    ProcessInput,
+    StepError,
+)
 from batch_api.deps import Deps
 from batch_api.handlers.observability import logger, metrics, route_library_logs, tracer
 from batch_api.service.housekeeping import sweep
@@ -61,55 +70,56 @@ def step_handler(fn: StepHandler) -> StepHandler:
 
 @step_handler
 def validate_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """{"project_id", "batch_id"} -> {"project_id", "batch_id", "next", "manifest_key", "chunk_count", ...}"""
-    result = validate_batch(event, get_deps())
-    logger.info("validated", extra={"next": result["next"], "chunk_count": result.get("chunk_count")})
-    return result
+    """`BatchRef` -> `ValidateOutput`"""
+    result = validate_batch(parse(event=event, model=BatchRef), get_deps())
+    logger.info("validated", extra={"next": result.next, "chunk_count": result.chunk_count})
+    return result.state()
 
 
 @step_handler
 def process_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """{"project_id", "batch_id", "chunk"} -> {..., "index", "done", "stopped"}; the state machine
-    calls again while "done" is false (the chunk's journal is the cursor)."""
-    logger.append_keys(chunk_index=event.get("chunk", {}).get("index"))
-    result = process_chunk(event, get_deps(), time_left=lambda: context.get_remaining_time_in_millis() / 1000)
-    logger.info("chunk processed", extra={"done": result["done"], "stopped": result["stopped"]})
-    return result
+    """`ProcessInput` -> `ProcessOutput`; the state machine calls again while `done` is false (the
+    chunk's journal is the cursor)."""
+    step = parse(event=event, model=ProcessInput)
+    logger.append_keys(chunk_index=step.chunk.index)
+    result = process_chunk(step, get_deps(), time_left=lambda: context.get_remaining_time_in_millis() / 1000)
+    logger.info("chunk processed", extra={"done": result.done, "stopped": result.stopped})
+    return result.state()
 
 
 @step_handler
 def finalize_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """{"project_id", "batch_id", ...} -> {"project_id", "batch_id", "status"}"""
-    result = finalize_batch(event, get_deps())
-    logger.info("finalized", extra={"status": result["status"]})
-    return result
+    """`BatchRef` (the state validate left) -> `FinalizeOutput`"""
+    result = finalize_batch(parse(event=event, model=BatchRef), get_deps())
+    logger.info("finalized", extra={"status": result.status})
+    return result.state()
 
 
 @step_handler
 def fail_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """End the batch failed. Input {"project_id", "batch_id", "error": {"code", "message"}}, or the
-    state input a Catch produced: {"project_id", "batch_id", ..., "failure": {"Error", "Cause"}}."""
-    if event.get("error"):
-        error = batch_error(event["error"].get("code"), event["error"].get("message"))
+    """End the batch failed: `FailInput`, with an `error`, or the `failure` a Catch recorded."""
+    step = parse(event=event, model=FailInput)
+    if step.error is not None:
+        error = batch_error(step.error.code, step.error.message)
     else:
-        failure = event.get("failure") or {}
-        error = batch_error(None, failure.get("Cause"), failure.get("Error"))
-    logger.error("a step failed; failing the batch", extra={"error": error})
-    ids = {"project_id": event["project_id"], "batch_id": event["batch_id"]}
-    return fail_batch({**ids, "error": error}, get_deps())
+        failure = step.failure or CatchFailure()
+        error = batch_error(None, failure.Cause, failure.Error)
+    logger.error("a step failed; failing the batch", extra={"error": error.model_dump()})
+    failed = FailInput(project_id=step.project_id, batch_id=step.batch_id, error=error)
+    return fail_batch(failed, get_deps()).state()
 
 
 @step_handler
 def housekeeping_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Scheduled hourly: the sweep the local server runs on a timer. Removes expired files' bytes and
-    records, the parts of expired pending uploads and expired idempotency keys; S3 lifecycle rules and
-    DynamoDB TTL remain the backstops."""
+    records, the parts of expired pending uploads and expired idempotency keys, and announces ends a
+    crash left unannounced; S3 lifecycle rules and DynamoDB TTL remain the backstops."""
     removed = sweep(get_deps())
     logger.info("housekeeping sweep done", extra={"removed": removed})
-    return {"removed": removed}
+    return HousekeepingOutput(removed=removed).state()
 
 
-def batch_error(code: Any, cause: Any, error_name: Any = None) -> dict[str, str]:
+def batch_error(code: Any, cause: Any, error_name: Any = None) -> StepError:
     """The batch's error entry for a failed step. A Lambda's Cause is the JSON its runtime reports
     ({"errorMessage", "errorType", "stackTrace"}): keep the type and message, drop the trace."""
     if isinstance(cause, str) and cause.lstrip().startswith("{"):
@@ -123,4 +133,4 @@ def batch_error(code: Any, cause: Any, error_name: Any = None) -> dict[str, str]
     message = "The batch failed because a workflow step failed" + (f" ({detail})." if detail else ".")
     if len(message) > FAIL_MESSAGE_MAX_CHARS:
         message = message[: FAIL_MESSAGE_MAX_CHARS - 1] + "…"
-    return {"code": str(code or "internal_error"), "message": message}
+    return StepError(code=str(code or "internal_error"), message=message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from batch_api import object_keys
@@ -24,6 +24,7 @@ from batch_api.contract.models import (
     RequestCounts,
     Usage,
 )
+from batch_api.contract.steps import BatchRef, FailInput, FinalizeOutput, StepError, parse_step
 from batch_api.deps import Deps
 from batch_api.workflow.lines import is_success, never_ran_line, parse_line, split_lines
 from batch_api.workflow.manifest import load_manifest
@@ -44,13 +45,11 @@ class FinalizeError(RuntimeError):
     """The batch is in a state finalize cannot make sense of: a bug in the caller or a step."""
 
 
-def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
-    """Write the output/error files and set the terminal status; input {"project_id", "batch_id"}.
-
-    Returns {"project_id", "batch_id", "status"} with the terminal status: `cancelled` whenever the
-    batch is `cancelling` when the status is committed, even if every request had finished.
-    """
-    project_id, batch_id = event["project_id"], event["batch_id"]
+def finalize_batch(event: BatchRef | Mapping[str, Any], deps: Deps) -> FinalizeOutput:
+    """Write the output/error files and set the terminal status: `cancelled` whenever the batch is
+    `cancelling` when the status is committed, even if every request had finished."""
+    step = parse_step(BatchRef, event)
+    project_id, batch_id = step.project_id, step.batch_id
     ids = {"project_id": project_id, "batch_id": batch_id}
     batch = get_batch(deps, project_id, batch_id)
     if batch.status == "in_progress":
@@ -65,7 +64,7 @@ def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
             batch = get_batch(deps, project_id, batch_id)
     if batch.is_terminal:
         after_terminal(deps, batch)  # a crash may have come between the terminal update and the clean-up
-        return {**ids, "status": batch.status}
+        return FinalizeOutput(**ids, status=batch.status)
     final = end_batch(deps, project_id, batch_id, lambda current: _results(deps, current))
     logger.info(
         "batch %s %s: %d completed, %d failed",
@@ -74,7 +73,7 @@ def finalize_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
         final.request_counts.completed,
         final.request_counts.failed,
     )
-    return {**ids, "status": final.status}
+    return FinalizeOutput(**ids, status=final.status)
 
 
 def _results(deps: Deps, batch: BatchRecord) -> dict[str, Any]:
@@ -158,19 +157,20 @@ def _results(deps: Deps, batch: BatchRecord) -> dict[str, Any]:
     return changes
 
 
-def fail_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
-    """End a batch after a step failed unexpectedly; input {"project_id", "batch_id", "error": {"code",
-    "message"}}. It ends `failed` with that error, or `cancelled` (the error kept in `errors`) if it was
-    being cancelled. A batch already terminal is left as it is; no output is written from the journals.
+def fail_batch(event: FailInput | Mapping[str, Any], deps: Deps) -> FinalizeOutput:
+    """End a batch after a step failed unexpectedly, with `error`. It ends `failed` with that error, or
+    `cancelled` (the error kept in `errors`) if it was being cancelled. A batch already terminal is left
+    as it is; no output is written from the journals.
     """
-    project_id, batch_id = event["project_id"], event["batch_id"]
+    step = parse_step(FailInput, event)
+    project_id, batch_id = step.project_id, step.batch_id
     ids = {"project_id": project_id, "batch_id": batch_id}
     if deps.metadata.get_batch(project_id, batch_id) is None:
-        return {**ids, "status": None}
-    error = event.get("error") or {}
+        return FinalizeOutput(**ids, status=None)
+    error = step.error or StepError()
     entry = BatchErrorEntry(
-        code=error.get("code") or "internal_error",
-        message=error.get("message") or "The batch failed because of an internal error.",
+        code=error.code or "internal_error",
+        message=error.message or "The batch failed because of an internal error.",
     ).model_dump()
 
     def decide(current: BatchRecord) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def fail_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
         return {"status": "failed", "failed_at": deps.now(), "errors": [entry]}
 
     final = end_batch(deps, project_id, batch_id, decide)
-    return {**ids, "status": final.status}
+    return FinalizeOutput(**ids, status=final.status)
 
 
 # ---------------------------------------------------------------- helpers

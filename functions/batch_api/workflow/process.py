@@ -11,17 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import orjson
 
-from batch_api.contract.errors import NotFound
 from batch_api.contract.models import BatchRecord, ChunkPlan, Usage
+from batch_api.contract.steps import ProcessInput, ProcessOutput, parse_step
 from batch_api.deps import Deps
 from batch_api.ports import Upstream, UpstreamResponse
 from batch_api.workflow.lines import result_line, split_lines, usage_of
 from batch_api.workflow.tally import ChunkTally, read_tally
+from batch_api.workflow.terminal import get_batch
 
 logger = logging.getLogger(__name__)
 
@@ -53,53 +54,56 @@ def stop_reason(batch: BatchRecord, now: int) -> str | None:
     return None
 
 
-def process_chunk(event: dict[str, Any], deps: Deps, *, time_left: TimeLeft | None = None) -> dict[str, Any]:
-    """Run one chunk: input {"project_id", "batch_id", "chunk": ChunkPlan dict}.
+def process_chunk(
+    event: ProcessInput | Mapping[str, Any], deps: Deps, *, time_left: TimeLeft | None = None
+) -> ProcessOutput:
+    """Run one chunk (`ProcessInput`: the batch and its `chunk` of the manifest).
 
     `time_left` returns the seconds this invocation may still run (a Lambda context's remaining time;
-    the local runner answers 0 once it is shutting down); None means no limit. Returns {"project_id",
-    "batch_id", "index", "done", "stopped"}: `done` false means call again (time ran low), `stopped` is
-    "cancelled" / "expired" / "input_missing" when requests were left unrun.
+    the local runner answers 0 once it is shutting down); None means no limit. `done` false means call
+    again (time ran low); `stopped` says why requests were left unrun (cancelled, expired, the input's
+    body gone).
     """
     return asyncio.run(process_chunk_async(event, deps, time_left=time_left))
 
 
 async def process_chunk_async(
-    event: dict[str, Any], deps: Deps, *, time_left: TimeLeft | None = None
-) -> dict[str, Any]:
+    event: ProcessInput | Mapping[str, Any], deps: Deps, *, time_left: TimeLeft | None = None
+) -> ProcessOutput:
     """The async body of `process_chunk`, for callers that already run an event loop."""
-    project_id, batch_id = event["project_id"], event["batch_id"]
-    plan = ChunkPlan.model_validate(event["chunk"])
-    batch = deps.metadata.get_batch(project_id, batch_id)
-    if batch is None:
-        raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
-    tally = read_tally(deps, batch_id, plan.index, batch.endpoint)
-    result = {"project_id": project_id, "batch_id": batch_id, "index": plan.index}
+    step = parse_step(ProcessInput, event)
+    plan = step.chunk
+    batch = get_batch(deps, step.project_id, step.batch_id)
+    tally = read_tally(deps, batch.id, plan.index, batch.endpoint)
+
+    def answer(done: bool, stopped: str | None) -> ProcessOutput:
+        complete = len(tally.done_ids) >= plan.lines
+        return ProcessOutput(
+            project_id=batch.project_id,
+            batch_id=batch.id,
+            index=plan.index,
+            done=done or complete,
+            stopped=None if complete else stopped,  # type: ignore[arg-type]
+        )
 
     reason = stop_reason(batch, deps.now())
     if batch.status not in RUNNABLE_STATUSES or reason is not None:
         if not batch.is_terminal:
-            deps.metadata.put_chunk_progress(batch_id, tally.progress(plan))
-        complete = len(tally.done_ids) >= plan.lines
-        return {**result, "done": True, "stopped": None if complete else reason}
+            deps.metadata.put_chunk_progress(batch.id, tally.progress(plan))
+        return answer(True, reason)
 
-    input_file = deps.metadata.get_file(project_id, batch.input_file_id)
+    input_file = deps.metadata.get_file(batch.project_id, batch.input_file_id)
     if input_file is None:
         # The body is kept while the batch runs, even if the file is deleted or expires; should it be
         # gone anyway (here, or a KeyError in `_ChunkRun.requests`), retrying cannot help: stop, and let
         # finalize keep what already finished.
         _log_input_missing(batch, plan)
-        deps.metadata.put_chunk_progress(batch_id, tally.progress(plan))
-        complete = len(tally.done_ids) >= plan.lines
-        return {**result, "done": True, "stopped": None if complete else INPUT_MISSING}
-    run = _ChunkRun(deps, batch, plan, input_file.blob_key, tally, time_left)
-    stopped = await run.run()
-    complete = len(tally.done_ids) >= plan.lines
-    if complete:
-        return {**result, "done": True, "stopped": None}
+        deps.metadata.put_chunk_progress(batch.id, tally.progress(plan))
+        return answer(True, INPUT_MISSING)
+    stopped = await _ChunkRun(deps, batch, plan, input_file.blob_key, tally, time_left).run()
     if stopped in ("cancelled", "expired", INPUT_MISSING):
-        return {**result, "done": True, "stopped": stopped}
-    return {**result, "done": False, "stopped": None}
+        return answer(True, stopped)
+    return answer(False, None)  # complete, or the time ran low
 
 
 def _log_input_missing(batch: BatchRecord, plan: ChunkPlan) -> None:

@@ -16,11 +16,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import TypeVar
 
+from batch_api.contract.models import ChunkPlan
+from batch_api.contract.steps import BatchRef, FailInput, ProcessInput, ProcessOutput, StepError
 from batch_api.deps import Deps
 
 logger = logging.getLogger(__name__)
+
+StepIn = TypeVar("StepIn", bound=BatchRef)
+StepOut = TypeVar("StepOut")
 
 STEP_ATTEMPTS = 4
 STEP_BACKOFF_SECONDS = 1.0
@@ -159,20 +164,24 @@ class LocalWorkflow:
         from batch_api.workflow.validate import validate_batch
 
         deps = self.deps
-        ids = {"project_id": project_id, "batch_id": batch_id}
+        ref = BatchRef(project_id=project_id, batch_id=batch_id)
         try:
-            validated = self._step("validate", validate_batch, ids)
-            if validated["next"] == "process":
-                chunks = load_manifest(deps, batch_id)
-                self._process_all(ids, [chunk.model_dump() for chunk in chunks])
-            if validated["next"] in ("process", "finalize"):
-                self._step("finalize", finalize_batch, ids)
+            validated = self._step("validate", validate_batch, ref)
+            if validated.next == "process":
+                self._process_all(ref, load_manifest(deps, batch_id))
+            if validated.next in ("process", "finalize"):
+                self._step("finalize", finalize_batch, ref)
         except StepFailed as exc:
             if self._stopping.is_set():
                 return
             logger.error("batch %s failed in a step: %s", batch_id, exc)
             try:
-                fail_batch({**ids, "error": {"code": "internal_error", "message": str(exc)}}, deps)
+                failure = FailInput(
+                    project_id=project_id,
+                    batch_id=batch_id,
+                    error=StepError(code="internal_error", message=str(exc)),
+                )
+                fail_batch(failure, deps)
             except Exception:
                 logger.exception("could not mark batch %s failed; it resumes on the next start", batch_id)
         except _Stopping:
@@ -182,11 +191,11 @@ class LocalWorkflow:
                 if self._running.get(batch_id) is threading.current_thread():
                     del self._running[batch_id]
 
-    def _process_all(self, ids: dict[str, str], chunks: list[dict[str, Any]]) -> None:
+    def _process_all(self, ref: BatchRef, chunks: list[ChunkPlan]) -> None:
         from batch_api.workflow.process import process_chunk
 
         assert self._chunk_pool is not None
-        pending: list[Future[dict[str, Any]]] = []
+        pending: list[Future[ProcessOutput]] = []
         try:
             for chunk in chunks:
                 pending.append(
@@ -194,7 +203,7 @@ class LocalWorkflow:
                         self._step,
                         "process",
                         partial(process_chunk, time_left=self._time_left),
-                        {**ids, "chunk": chunk},
+                        ProcessInput(project_id=ref.project_id, batch_id=ref.batch_id, chunk=chunk),
                     )
                 )
         except RuntimeError as exc:  # pool shut down
@@ -208,19 +217,17 @@ class LocalWorkflow:
                 raise
             except Exception as exc:  # cancelled by shutdown
                 raise _Stopping() from exc
-            if not result.get("done", True):
+            if not result.done:
                 if self._stopping.is_set():  # the chunk stopped for the shutdown
                     raise _Stopping()
                 # Only a Lambda runs out of time; locally a chunk finishes unless we shut down.
-                raise StepFailed(f"chunk {result.get('index')} did not finish")
+                raise StepFailed(f"chunk {result.index} did not finish")
 
     def _time_left(self) -> float:
         """A running chunk's time budget: unlimited, until the process shuts down."""
         return 0.0 if self._stopping.is_set() else math.inf
 
-    def _step(
-        self, name: str, fn: Callable[[dict[str, Any], Deps], dict[str, Any]], event: dict[str, Any]
-    ) -> dict[str, Any]:
+    def _step(self, name: str, fn: Callable[[StepIn, Deps], StepOut], event: StepIn) -> StepOut:
         last: Exception | None = None
         for attempt in range(self._step_attempts):
             if self._stopping.is_set():
@@ -232,7 +239,7 @@ class LocalWorkflow:
                 logger.warning(
                     "step %s of batch %s failed (attempt %d/%d): %r",
                     name,
-                    event.get("batch_id"),
+                    event.batch_id,
                     attempt + 1,
                     self._step_attempts,
                     exc,

@@ -7,6 +7,7 @@ custom_ids seen and at most `max_batch_errors` error entries, whatever the file'
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from batch_api import object_keys
 from batch_api.contract import models
 from batch_api.contract.errors import ConditionFailed
 from batch_api.contract.models import TERMINAL_STATUSES, BatchErrorEntry, BatchRecord, ChunkPlan
+from batch_api.contract.steps import BatchRef, ValidateOutput, parse_step
 from batch_api.deps import Deps
 from batch_api.workflow.lines import split_lines
 from batch_api.workflow.manifest import write_manifest
@@ -267,13 +269,11 @@ def scan_file(deps: Deps, blob_key: str, endpoint: str) -> _Scan:
     return scan
 
 
-def validate_batch(event: dict[str, Any], deps: Deps) -> dict[str, Any]:
-    """Validate the batch's input file and plan its chunks; input {"project_id", "batch_id"}.
-
-    Returns {"project_id", "batch_id", "next": "process" | "finalize" | "done", ...}: "process" with
-    "manifest_key" and "chunk_count", "done" with the terminal "status".
-    """
-    project_id, batch_id = event["project_id"], event["batch_id"]
+def validate_batch(event: BatchRef | Mapping[str, Any], deps: Deps) -> ValidateOutput:
+    """Validate the batch's input file and plan its chunks. `next` says what comes next: "process"
+    (with the manifest), "finalize" (cancelled meanwhile), or "done" (with the terminal status)."""
+    step = parse_step(BatchRef, event)
+    project_id, batch_id = step.project_id, step.batch_id
     batch = get_batch(deps, project_id, batch_id)
     if batch.is_terminal:
         after_terminal(deps, batch)  # a crash may have come between the terminal update and the clean-up
@@ -339,7 +339,7 @@ def _needs_validation(batch: BatchRecord) -> bool:
     return batch.status == "cancelling" and batch.chunk_count == 0
 
 
-def _fail(deps: Deps, batch: BatchRecord, errors: list[BatchErrorEntry]) -> dict[str, Any]:
+def _fail(deps: Deps, batch: BatchRecord, errors: list[BatchErrorEntry]) -> ValidateOutput:
     """End the batch `failed` with `errors`, or `cancelled` with them if the user cancelled it while it
     validated (it answered `cancelling`, so it ends `cancelled`)."""
     entries = [e.model_dump() for e in errors]
@@ -361,12 +361,14 @@ class _Planned(Exception):
     """Another run of validate planned the batch while this one found it invalid."""
 
 
-def _outcome(batch: BatchRecord) -> dict[str, Any]:
+def _outcome(batch: BatchRecord) -> ValidateOutput:
     """The step's answer, derived from the stored record so a re-run answers the same."""
     ids = {"project_id": batch.project_id, "batch_id": batch.id}
     if batch.status in TERMINAL_STATUSES:
-        return {**ids, "next": "done", "status": batch.status}
-    plan = {"manifest_key": object_keys.manifest_key(batch.id), "chunk_count": batch.chunk_count}
-    if batch.status == "in_progress":
-        return {**ids, "next": "process", **plan}
-    return {**ids, "next": "finalize", **plan}
+        return ValidateOutput(**ids, next="done", status=batch.status)
+    return ValidateOutput(
+        **ids,
+        next="process" if batch.status == "in_progress" else "finalize",
+        manifest_key=object_keys.manifest_key(batch.id),
+        chunk_count=batch.chunk_count,
+    )
