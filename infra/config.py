@@ -67,6 +67,10 @@ class EnvConfig(BaseModel):
     api_throttle_rate_limit: int = Field(default=100, ge=1)  # steady requests/s on the stage
     api_throttle_burst_limit: int = Field(default=200, ge=1)
 
+    # where alarms go: an existing SNS topic, or (None) one the stack creates, subscribing alarm_email
+    alarm_topic_arn: str | None = Field(default=None, pattern=r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:.+$")
+    alarm_email: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
+
     log_retention_days: int = Field(default=30, ge=1)
     removal_policy: Literal["destroy", "retain"] = "retain"
     architecture: Literal["arm64", "x86_64"] = "arm64"

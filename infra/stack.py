@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_cdk import RemovalPolicy, Stack
+from aws_cdk import CfnOutput, RemovalPolicy, Stack
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
@@ -14,6 +14,7 @@ from infra.bundling import function_code
 from infra.config import EnvConfig
 from infra.constructs.api import Api
 from infra.constructs.events import Events
+from infra.constructs.housekeeping import Housekeeping
 from infra.constructs.monitoring import METRICS_NAMESPACE, SERVICE_NAME, Monitoring
 from infra.constructs.storage import Storage
 from infra.constructs.workflow import Workflow
@@ -76,7 +77,10 @@ class BatchApiStack(Stack):
             log_retention=log_retention,
             removal_policy=removal_policy,
         )
-        Monitoring(
+        housekeeping = Housekeeping(
+            self, "Housekeeping", config=config, functions=functions, storage=storage, bus=events.bus
+        )
+        monitoring = Monitoring(
             self,
             "Monitoring",
             config=config,
@@ -88,7 +92,11 @@ class BatchApiStack(Stack):
                 "process": workflow.process_function,
                 "finalize": workflow.finalize_function,
                 "fail": workflow.fail_function,
+                "housekeeping": housekeeping.function,
             },
             rest_api=api.rest_api,
+            other_alarms=[housekeeping.errors_alarm],
         )
+        CfnOutput(self, "AlarmTopicArn", value=monitoring.topic.topic_arn, description="Where alarms go")
         self.storage, self.events, self.workflow, self.api = storage, events, workflow, api
+        self.housekeeping, self.monitoring = housekeeping, monitoring

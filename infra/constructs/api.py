@@ -15,7 +15,7 @@ from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from infra.config import EnvConfig
-from infra.constructs.storage import Storage
+from infra.constructs.storage import PUT_ITEMS, READ_ITEMS, UPDATE_ITEMS, Storage
 from infra.functions import FunctionFactory
 from infra.nag import acknowledge
 
@@ -65,7 +65,7 @@ class Api(Construct):
                 "POWERTOOLS_TRACER_CAPTURE_RESPONSE": "false",  # file downloads would bloat traces
             },
         )
-        storage.grant_table(self.function)
+        storage.grant_table(self.function, READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS)
         # files/: uploads, downloads (presigned GETs are signed with this role), deletes, expiry tags;
         # uploads/: Uploads API parts until complete concatenates them into files/
         prefixes = ("files/", "uploads/")

@@ -1,11 +1,16 @@
-"""Alarms (failed executions, worker errors) and one dashboard: batches, requests, upstream, errors, API."""
+"""Alarms (failed executions, worker errors, plus those other constructs own) sent to one SNS topic per
+environment, and one dashboard: batches, requests, upstream, errors, API."""
 
 from __future__ import annotations
 
 from aws_cdk import Duration
 from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
@@ -39,8 +44,21 @@ class Monitoring(Construct):
         worker: lambda_.Function,
         functions: dict[str, lambda_.Function],
         rest_api: apigateway.RestApi,
+        other_alarms: list[cloudwatch.Alarm],
     ) -> None:
         super().__init__(scope, id)
+        if config.alarm_topic_arn:
+            self.topic: sns.ITopic = sns.Topic.from_topic_arn(self, "AlarmTopic", config.alarm_topic_arn)
+        else:
+            self.topic = sns.Topic(
+                self,
+                "AlarmTopic",
+                display_name=f"batch-api {config.name} alarms",
+                enforce_ssl=True,
+                master_key=kms.Alias.from_alias_name(self, "AlarmTopicKey", "alias/aws/sns"),
+            )
+            if config.alarm_email:
+                self.topic.add_subscription(subscriptions.EmailSubscription(config.alarm_email))
         self.failed_executions_alarm = state_machine.metric_failed(
             period=PERIOD, statistic="Sum"
         ).create_alarm(
@@ -61,6 +79,10 @@ class Monitoring(Construct):
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
+
+        self.alarms = [self.failed_executions_alarm, self.worker_errors_alarm, *other_alarms]
+        for alarm in self.alarms:
+            alarm.add_alarm_action(cloudwatch_actions.SnsAction(self.topic))
 
         self.dashboard = cloudwatch.Dashboard(self, "Dashboard", dashboard_name=f"batch-api-{config.name}")
         self.dashboard.add_widgets(
@@ -123,7 +145,5 @@ class Monitoring(Construct):
                 ],
                 width=8,
             ),
-            cloudwatch.AlarmStatusWidget(
-                title="Alarms", alarms=[self.failed_executions_alarm, self.worker_errors_alarm], width=24
-            ),
+            cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=24),
         )

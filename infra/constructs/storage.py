@@ -116,9 +116,18 @@ class Storage(Construct):
     # Least privilege by key prefix (keys as in docs/architecture.md#data-layout): "files/" bodies, "uploads/" parts,
     # "batches/" workflow state. ListBucket lets a missing key answer 404 instead of 403.
 
-    def grant_table(self, function: lambda_.Function) -> None:
-        """Read/write items, including the GSIs (by-project lists, by-state sweeps)."""
-        self.table.grant_read_write_data(function)
+    def grant_table(self, function: lambda_.Function, actions: frozenset[str]) -> None:
+        """`actions` on the table and its GSIs (by-project lists, by-state sweeps): only what the
+        function's code calls (`tests/integration/test_state_machine_moto.py` records the calls of
+        every function and compares them with its policy)."""
+        if not actions <= TABLE_ACTIONS:
+            raise ValueError(f"not a data action of this table: {sorted(actions - TABLE_ACTIONS)}")
+        _role(function).add_to_principal_policy(
+            iam.PolicyStatement(
+                actions=sorted(actions),
+                resources=[self.table.table_arn, f"{self.table.table_arn}/index/*"],
+            )
+        )
         acknowledge(
             _role(function),
             {
@@ -163,6 +172,14 @@ class Storage(Construct):
                 for prefix in {*read, *write, *delete}
             },
         )
+
+
+# The DynamoDB actions the adapter (`adapters/aws/dynamodb.py`) calls, and who needs which:
+READ_ITEMS = frozenset({"dynamodb:GetItem", "dynamodb:Query"})
+PUT_ITEMS = frozenset({"dynamodb:PutItem"})  # new records, chunk progress, idempotency claims
+UPDATE_ITEMS = frozenset({"dynamodb:UpdateItem"})  # conditional status changes
+DELETE_PROGRESS = frozenset({"dynamodb:BatchWriteItem"})  # a batch's chunk progress, when it ends
+TABLE_ACTIONS = READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS
 
 
 def _role(function: lambda_.Function) -> iam.IRole:

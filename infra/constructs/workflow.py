@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_events as events
-from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
@@ -20,7 +19,7 @@ from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
 from infra.config import EnvConfig
-from infra.constructs.storage import Storage
+from infra.constructs.storage import DELETE_PROGRESS, PUT_ITEMS, READ_ITEMS, UPDATE_ITEMS, Storage
 from infra.functions import FunctionFactory
 from infra.nag import XRAY_REASON, acknowledge, logical_id, wildcard
 
@@ -116,8 +115,12 @@ class Workflow(Construct):
             memory_mb=memory,
         )
 
-        for function in self.functions:
-            storage.grant_table(function)
+        # Every step reads the batch; validate, finalize and fail end batches (status, then the
+        # batch's chunk progress); process and finalize write records (progress, output files).
+        storage.grant_table(self.validate_function, READ_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
+        storage.grant_table(self.process_function, frozenset({"dynamodb:GetItem"}) | PUT_ITEMS)
+        storage.grant_table(self.finalize_function, READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
+        storage.grant_table(self.fail_function, READ_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
         # Every step that can end a batch (validate, finalize, fail) releases its input file: the body of
         # an input file deleted or expired while the batch ran is kept for it, and removed when it ends
         # (service.files.release_input_file), so those steps delete under files/ too.
@@ -139,26 +142,6 @@ class Workflow(Construct):
             bus.grant_put_events_to(publisher)
         if upstream_secret is not None:
             upstream_secret.grant_read(self.process_function)
-
-        # The sweep the local server runs on a timer: expired files' records and bytes, expired pending
-        # uploads' parts, idempotency keys (DynamoDB TTL and the bucket's lifecycle rules are backstops).
-        self.housekeeping_function = functions.create(
-            steps,
-            "Housekeeping",
-            handler=f"{HANDLERS}.housekeeping_handler",
-            description="batch-api: hourly sweep of expired files, uploads and idempotency keys",
-            timeout=Duration.minutes(5),
-            memory_mb=memory,
-        )
-        storage.grant_table(self.housekeeping_function)
-        storage.grant_objects(self.housekeeping_function, delete=("files/", "uploads/"))
-        events.Rule(
-            self,
-            "HousekeepingSchedule",
-            description="batch-api: run the housekeeping sweep every hour",
-            schedule=events.Schedule.rate(Duration.hours(1)),
-            targets=[targets.LambdaFunction(self.housekeeping_function, retry_attempts=2)],
-        )
 
         self.log_group = logs.LogGroup(
             self,

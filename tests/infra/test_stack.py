@@ -274,7 +274,13 @@ def test_function_environment(
 def test_only_the_publishing_steps_may_put_events(
     template: dict[str, Any], functions: dict[str, str]
 ) -> None:
-    publishers = {f"{WORKFLOW}.validate_handler", f"{WORKFLOW}.finalize_handler", f"{WORKFLOW}.fail_handler"}
+    # the steps that end batches, and the sweep that announces ends a crash left unannounced
+    publishers = {
+        f"{WORKFLOW}.validate_handler",
+        f"{WORKFLOW}.finalize_handler",
+        f"{WORKFLOW}.fail_handler",
+        f"{WORKFLOW}.housekeeping_handler",
+    }
     bus_id, _ = only(template, "AWS::Events::EventBus")
     for handler, logical_id in functions.items():
         statements = role_statements(template, logical_id)
@@ -614,3 +620,52 @@ def test_housekeeping_runs_every_hour_and_may_only_delete_expired_bodies(
     assert "s3:DeleteObject" in s3_actions
     # deletes (by prefix), never reads or writes
     assert s3_actions <= {"s3:DeleteObject", "s3:ListBucket"}, s3_actions
+    assert s3_prefixes(template, housekeeping, "s3:DeleteObject") == {"files/", "uploads/", "batches/"}
+
+
+def test_every_function_has_only_the_table_actions_its_code_calls(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    """Not grant_read_write_data: each function gets the DynamoDB actions the adapter calls for it
+    (the moto state machine test records the calls and compares them with these policies)."""
+    expected = {
+        API_HANDLER: {"dynamodb:GetItem", "dynamodb:Query", "dynamodb:PutItem", "dynamodb:UpdateItem"},
+        f"{WORKFLOW}.validate_handler": {
+            "dynamodb:GetItem",
+            "dynamodb:Query",
+            "dynamodb:UpdateItem",
+            "dynamodb:BatchWriteItem",
+        },
+        f"{WORKFLOW}.process_handler": {"dynamodb:GetItem", "dynamodb:PutItem"},
+        f"{WORKFLOW}.finalize_handler": {
+            "dynamodb:GetItem",
+            "dynamodb:Query",
+            "dynamodb:PutItem",
+            "dynamodb:UpdateItem",
+            "dynamodb:BatchWriteItem",
+        },
+        f"{WORKFLOW}.fail_handler": {
+            "dynamodb:GetItem",
+            "dynamodb:Query",
+            "dynamodb:UpdateItem",
+            "dynamodb:BatchWriteItem",
+        },
+        f"{WORKFLOW}.housekeeping_handler": {
+            "dynamodb:GetItem",
+            "dynamodb:Query",
+            "dynamodb:UpdateItem",
+            "dynamodb:BatchWriteItem",
+        },
+    }
+    for handler, logical_id in functions.items():
+        granted = {a for a in actions_of(role_statements(template, logical_id)) if a.startswith("dynamodb:")}
+        assert granted == expected[handler], handler
+
+
+def test_every_alarm_notifies_the_environments_topic(template: dict[str, Any]) -> None:
+    topic_id, topic = only(template, "AWS::SNS::Topic")
+    assert topic["Properties"]["KmsMasterKeyId"]  # encrypted at rest
+    alarms = resources(template, "AWS::CloudWatch::Alarm")
+    assert len(alarms) == 3  # failed executions, worker errors, housekeeping errors
+    for alarm in alarms.values():
+        assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}]

@@ -21,6 +21,7 @@ moto seams used (private API; moto is pinned <5.3 in pyproject):
 from __future__ import annotations
 
 import base64
+import contextvars
 import importlib
 import io
 import json
@@ -40,6 +41,7 @@ from typing import Any
 import boto3
 import orjson
 import pytest
+from botocore.client import BaseClient
 from moto.awslambda_simple.models import LambdaSimpleBackend
 from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
 from openai.types import Batch
@@ -50,7 +52,14 @@ from batch_api.contract.steps import BatchRef
 from batch_api.deps import Deps
 from batch_api.handlers.auth import project_id_for_key
 from batch_api.workflow.finalize import FinalizeError
-from tests.infra.helpers import function_logical_ids, render_definition, resources, synth_stack
+from tests.infra.helpers import (
+    actions_of,
+    function_logical_ids,
+    render_definition,
+    resources,
+    role_statements,
+    synth_stack,
+)
 from tests.integration.conftest import (
     BUCKET,
     BUS,
@@ -118,13 +127,27 @@ class Deployment:
     invocations: Invocations
     statuses: dict[str, list[str]]
     sfn: Any
+    aws_calls: AwsCalls
+    functions: dict[str, tuple[str, Deps]]  # logical id -> (handler path, its Deps)
+    template: dict[str, Any]
+    handlers: dict[str, str]  # handler path -> logical id
 
-    def call_api(self, method: str, path: str, *, body: bytes = b"", content_type: str | None = None) -> Any:
+    def call_api(
+        self, method: str, path: str, *, body: bytes = b"", content_type: str | None = None, status: int = 200
+    ) -> Any:
         headers = [("authorization", f"Bearer {CLIENT_KEY}")]
         headers += [("content-type", content_type)] if content_type else []
-        result = self.api.handler(proxy_event(method, path, headers=headers, body=body), LambdaContext())
-        assert result["statusCode"] == 200, result
-        return orjson.loads(result["body"])
+        with self.aws_calls.as_function(API_HANDLER):
+            result = self.api.handler(proxy_event(method, path, headers=headers, body=body), LambdaContext())
+        assert result["statusCode"] == status, result
+        return orjson.loads(result["body"]) if result.get("body") else None
+
+    def run_function(self, handler_path: str, event: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+        """Invoke one of the workflow functions directly (as its schedule or a test would)."""
+        _, deps = self.functions[self.handlers[handler_path]]
+        monkeypatch.setattr(steps, "get_deps", lambda: deps)
+        with self.aws_calls.as_function(handler_path):
+            return _resolve_handler(handler_path)(event, LambdaContext())
 
     def upload(self, data: bytes) -> str:
         boundary = "batchapitestboundary"
@@ -175,9 +198,44 @@ def _resolve_handler(path: str) -> Callable[[dict[str, Any], Any], Any]:
     return handler
 
 
+CURRENT_FUNCTION: contextvars.ContextVar[str | None] = contextvars.ContextVar("function", default=None)
+
+
+class AwsCalls:
+    """Every AWS API call the functions make, by handler path (the test's own calls are not counted)."""
+
+    def __init__(self) -> None:
+        self.by_function: dict[str, set[tuple[str, str]]] = {}
+        self.lock = threading.Lock()
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real = BaseClient._make_api_call
+
+        def recording(client: BaseClient, operation: str, params: Any) -> Any:
+            function = CURRENT_FUNCTION.get()
+            if function is not None:
+                with self.lock:
+                    service = client.meta.service_model.service_name
+                    self.by_function.setdefault(function, set()).add((service, operation))
+            return real(client, operation, params)
+
+        monkeypatch.setattr(BaseClient, "_make_api_call", recording)
+
+    @contextmanager
+    def as_function(self, handler_path: str) -> Iterator[None]:
+        token = CURRENT_FUNCTION.set(handler_path)
+        try:
+            yield
+        finally:
+            CURRENT_FUNCTION.reset(token)
+
+
 @contextmanager
 def lambdas_run_in_process(
-    monkeypatch: pytest.MonkeyPatch, functions: dict[str, tuple[str, Deps]], invocations: Invocations
+    monkeypatch: pytest.MonkeyPatch,
+    functions: dict[str, tuple[str, Deps]],
+    invocations: Invocations,
+    aws_calls: AwsCalls,
 ) -> Iterator[None]:
     """Route moto Lambda invokes of `functions` (name -> (handler path, that function's Deps)) to the
     handlers. One invocation at a time: the step handlers keep their Deps in one module global, which
@@ -201,7 +259,7 @@ def lambdas_run_in_process(
             aws_request_id=str(uuid.uuid4()),
             remaining_millis=invocations.remaining_millis,
         )
-        with lock:
+        with lock, aws_calls.as_function(handler_path):
             invocations.calls.append((handler_path, event))
             monkeypatch.setattr(steps, "get_deps", lambda: deps)
             try:
@@ -330,8 +388,12 @@ def deployment(
     monkeypatch.setattr(DynamoMetadataStore, "create_batch", recording_create)
     monkeypatch.setattr(DynamoMetadataStore, "update_batch", recording_update)
     invocations = Invocations()
-    with lambdas_run_in_process(monkeypatch, functions, invocations):
-        yield Deployment(api, state_machine_arn, invocations, statuses, sfn)
+    aws_calls = AwsCalls()
+    aws_calls.install(monkeypatch)
+    with lambdas_run_in_process(monkeypatch, functions, invocations, aws_calls):
+        yield Deployment(
+            api, state_machine_arn, invocations, statuses, sfn, aws_calls, functions, template, handlers
+        )
 
 
 def test_a_batch_runs_through_the_synthesized_state_machine(
@@ -441,3 +503,143 @@ def test_validation_failures_end_the_execution_without_the_map(deployment: Deplo
     assert {e.code for e in failed.errors.data} >= {"missing_required_parameter"}
     [event] = aws.events_delivered()
     assert event["detail-type"] == "batch.failed"
+
+
+# ---------------------------------------------------------------- least privilege, proven by the calls
+
+# the IAM action each API operation the adapters use needs
+IAM_ACTION = {
+    ("dynamodb", "GetItem"): "dynamodb:GetItem",
+    ("dynamodb", "PutItem"): "dynamodb:PutItem",
+    ("dynamodb", "UpdateItem"): "dynamodb:UpdateItem",
+    ("dynamodb", "Query"): "dynamodb:Query",
+    ("dynamodb", "BatchWriteItem"): "dynamodb:BatchWriteItem",
+    ("s3", "GetObject"): "s3:GetObject",
+    ("s3", "HeadObject"): "s3:GetObject",
+    ("s3", "ListObjectsV2"): "s3:ListBucket",
+    ("s3", "PutObject"): "s3:PutObject",
+    ("s3", "CreateMultipartUpload"): "s3:PutObject",
+    ("s3", "UploadPart"): "s3:PutObject",
+    ("s3", "CompleteMultipartUpload"): "s3:PutObject",
+    ("s3", "AbortMultipartUpload"): "s3:AbortMultipartUpload",
+    ("s3", "PutObjectTagging"): "s3:PutObjectTagging",
+    ("s3", "DeleteObject"): "s3:DeleteObject",
+    ("s3", "DeleteObjects"): "s3:DeleteObject",
+    ("events", "PutEvents"): "events:PutEvents",
+    ("stepfunctions", "StartExecution"): "states:StartExecution",
+    ("secretsmanager", "GetSecretValue"): "secretsmanager:GetSecretValue",
+}
+# DynamoDB actions granted for a path these scenarios do not take, and why it is needed anyway
+GRANTED_FOR_PATHS_NOT_RUN = {
+    ("validate_handler", "dynamodb:BatchWriteItem"): "validate re-run on a batch that had ended cleans up "
+    "its chunk progress (after a crash between the terminal commit and the clean-up)",
+    ("fail_handler", "dynamodb:BatchWriteItem"): "a batch failed after chunks ran has chunk progress to drop",
+    ("housekeeping_handler", "dynamodb:BatchWriteItem"): "announcing an end a crash left unannounced drops "
+    "that batch's chunk progress",
+}
+
+
+def test_every_call_of_every_function_is_allowed_by_its_role_and_nothing_more_on_the_table(
+    deployment: Deployment, aws: AwsWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """moto never evaluates IAM: here every AWS call each function makes, over a batch run, the API's
+    routes, a failing batch and the sweep, is compared with the function's policy in the template.
+    A call outside it would be AccessDenied in a real account; a DynamoDB action granted and never
+    called must say why."""
+    # a batch, start to end (the API starts it; validate, process and finalize run it)
+    file_id = deployment.upload(INPUT_LINES)
+    batch = deployment.create_batch(file_id)
+    assert deployment.wait_for_execution(batch.id)["status"] == "SUCCEEDED"
+    done = Batch.model_validate(deployment.call_api("GET", f"/v1/batches/{batch.id}"))
+    assert done.output_file_id is not None
+    deployment.content(done.output_file_id)
+    # the API's other routes: lists, cancel, idempotency, uploads, delete
+    deployment.call_api("GET", "/v1/files")
+    deployment.call_api("GET", "/v1/batches")
+    deployment.call_api("GET", f"/v1/files/{file_id}")
+    second = deployment.create_batch(deployment.upload(INPUT_LINES))
+    deployment.call_api("POST", f"/v1/batches/{second.id}/cancel")
+    assert deployment.wait_for_execution(second.id)["status"] == "SUCCEEDED"
+    upload = deployment.call_api(
+        "POST",
+        "/v1/uploads",
+        body=orjson.dumps(
+            {
+                "bytes": len(INPUT_LINES),
+                "filename": "u.jsonl",
+                "mime_type": "application/jsonl",
+                "purpose": "batch",
+            }
+        ),
+        content_type="application/json",
+    )
+    boundary = "partboundary"
+    part_body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="data"; filename="blob"\r\n\r\n'.encode()
+        + INPUT_LINES
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    part = deployment.call_api(
+        "POST",
+        f"/v1/uploads/{upload['id']}/parts",
+        body=part_body,
+        content_type=f"multipart/form-data; boundary={boundary}",
+    )
+    deployment.call_api(
+        "POST",
+        f"/v1/uploads/{upload['id']}/complete",
+        body=orjson.dumps({"part_ids": [part["id"]]}),
+        content_type="application/json",
+    )
+    deployment.call_api("DELETE", f"/v1/files/{file_id}")
+    # a file that fails validation (validate ends the batch itself)
+    invalid = deployment.create_batch(deployment.upload(INPUT_LINES + b"{not json\n"))
+    assert deployment.wait_for_execution(invalid.id)["status"] == "SUCCEEDED"  # Route -> Done
+    # a step that keeps failing ends in MarkFailed, then the hourly sweep
+    with pytest.MonkeyPatch.context() as broken:
+        broken.setattr(steps, "finalize_batch", _always_broken)
+        third = deployment.create_batch(deployment.upload(INPUT_LINES))
+        assert deployment.wait_for_execution(third.id)["status"] == "FAILED"
+    # the sweep, with work to do: an end a crash left unannounced
+    store = deployment.api.deps.metadata
+    store.update_batch(  # as the terminal commit leaves it when the publish after it never happened
+        PROJECT, batch.id, {"status": "completed", "event_pending": True}, expected_status={"completed"}
+    )
+    swept = deployment.run_function(f"{WORKFLOW_HANDLERS}.housekeeping_handler", {}, monkeypatch)
+    assert swept["removed"]["unannounced_events"] == 1
+
+    template = deployment.template
+    checked = []
+    for handler_path, logical_id in deployment.handlers.items():
+        calls = deployment.aws_calls.by_function.get(handler_path, set())
+        assert calls, f"{handler_path} made no AWS call: the scenario above misses it"
+        unknown = {call for call in calls if call not in IAM_ACTION}
+        assert not unknown, f"map these operations to IAM actions: {unknown}"
+        needed = {IAM_ACTION[call] for call in calls}
+        granted = actions_of(role_statements(template, logical_id))
+        assert needed <= granted, (handler_path, needed - granted)
+        name = handler_path.rpartition(".")[2]
+        unused = {
+            action
+            for action in granted
+            if action.startswith("dynamodb:")
+            and action not in needed
+            and (name, action) not in GRANTED_FOR_PATHS_NOT_RUN
+        }
+        assert not unused, (handler_path, unused)
+        checked.append(name)
+    assert sorted(checked) == [
+        "fail_handler",
+        "finalize_handler",
+        "handler",
+        "housekeeping_handler",
+        "process_handler",
+        "validate_handler",
+    ]
+
+
+WORKFLOW_HANDLERS = "batch_api.handlers.workflow"
+
+
+def _always_broken(event: BatchRef, deps: Deps) -> Any:
+    raise FinalizeError(f"batch {event.batch_id}: deliberately broken for the test")
