@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BENCH_BEFORE ?= b50d0e6  # the local server before uvicorn (bench/http_server.py compares against it)
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test unit contract integration e2e infra lint format coverage bench clean
+.PHONY: run test unit contract integration e2e infra lint format coverage bench mutation clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,5 +52,12 @@ bench: $(STAMP)
 	$(PY) bench/pipeline_overhead.py
 	$(PY) bench/http_server.py --before $(BENCH_BEFORE)
 
+# mutmut wants the package at the top of its tree: it runs in a copy laid out that way (.mutation/)
+mutation: $(STAMP)
+	rm -rf .mutation && mkdir .mutation
+	cp -r functions/batch_api tests events docs pyproject.toml .mutation/
+	cd .mutation && ../$(PY) -m mutmut run --max-children 2 > mutmut.log 2>&1 || true
+	$(PY) bench/mutation_report.py .mutation
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .mutation

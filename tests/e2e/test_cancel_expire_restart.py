@@ -61,18 +61,50 @@ def test_cancel_mid_batch_keeps_partial_output(start_server: Any) -> None:
 
 
 def test_a_batch_past_its_window_expires_with_what_it_finished(start_server: Any) -> None:
-    client = start_server(
-        *SLOW, "--completion-window-seconds", "2", env={"BATCH_API_PROGRESS_INTERVAL_SECONDS": "0.1"}
-    ).client()
-    lines = [request_line(CHAT, i) for i in range(60)]  # ~6 s of work at 2 in flight
-    batch = client.batches.create(
-        input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h"
-    )
-    assert batch.expires_at == batch.created_at + 2
-    batch = wait_for(client, batch.id, timeout=30)
+    """The first six requests answer at once; the rest hang until the upstream timeout, so the window
+    ends with exactly six done (whatever the machine's load), the requests in flight at the deadline
+    run to their end (timeouts, counted failed), and every other one is `batch_expired`."""
+    with FakeUpstreamServer() as upstream:
+        server = start_server(
+            "--upstream-url",
+            upstream.base_url,
+            "--upstream-timeout",
+            "1",
+            "--upstream-max-retries",
+            "0",
+            "--completion-window-seconds",
+            "4",
+            "--chunk-max-lines",
+            "60",
+            "--requests-per-chunk",
+            "2",
+            env={"BATCH_API_PROGRESS_INTERVAL_SECONDS": "0.1"},
+        )
+        client = server.client()
+        lines = [
+            request_line(
+                CHAT,
+                i,
+                custom_id=f"req-{i}",
+                body={
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": str(i)}],
+                    "user": f"id=req-{i}" + ("" if i < 6 else ";hang"),
+                },
+            )
+            for i in range(60)
+        ]
+        batch = client.batches.create(
+            input_file_id=upload(client, lines).id, endpoint=CHAT, completion_window="24h"
+        )
+        assert batch.expires_at == batch.created_at + 4
+        batch = wait_for(client, batch.id, timeout=30)
     assert batch.status == "expired" and batch.expired_at is not None
     done, never_ran = _accounted(client, batch, {f"req-{i}" for i in range(60)}, "batch_expired")
-    assert done > 0 and never_ran > 0
+    assert done == 6
+    errors = read_lines(client, batch.error_file_id)
+    timed_out = [e for e in errors if e["error"] and e["error"]["code"] == "upstream_timeout"]
+    assert len(timed_out) + never_ran == 54 and never_ran > 0 and timed_out
 
 
 def test_kill_9_mid_batch_then_restart_finishes_exactly_once(start_server: Any, tmp_path: Any) -> None:

@@ -145,6 +145,7 @@ def test_idempotency_key_reused_with_other_parameters_is_a_409(
     deps: Deps, input_file_id: str, changed: dict[str, Any]
 ) -> None:
     first = _create(deps, input_file_id, idempotency_key="key-1", metadata={"team": "search"})
+    changed = dict(changed)  # the parameter itself is shared by every run of the test
     if changed.pop("other_input", False):
         input_file_id = files.create_file(deps, "p1", "other.jsonl", "batch", b"{}\n").id
     kwargs: dict[str, Any] = {"metadata": {"team": "search"}, **changed}

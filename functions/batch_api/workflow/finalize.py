@@ -81,80 +81,73 @@ def _results(deps: Deps, batch: BatchRecord) -> dict[str, Any]:
     changes (status, files, counts, usage)."""
     if batch.status not in ("finalizing", "cancelling"):
         raise FinalizeError(f"batch {batch.id} cannot be finalized from status {batch.status!r}")
-    batch_id = batch.id
-    cancelling = batch.status == "cancelling"
     now = deps.now()
-    chunks = _chunks(deps, batch, cancelling)
-    tallies = [read_tally(deps, batch_id, chunk.index, batch.endpoint) for chunk in chunks]
+    chunks = _chunks(deps, batch, batch.status == "cancelling")
+    tallies = [read_tally(deps, batch.id, chunk.index, batch.endpoint) for chunk in chunks]
     never_ran = sum(
         max(0, chunk.lines - len(tally.done_ids)) for chunk, tally in zip(chunks, tallies, strict=True)
     )
-    never_ran_code: str | None = None
-    errors: list[BatchErrorEntry] = []
-    if never_ran:
-        if cancelling:
-            never_ran_code = "batch_cancelled"
-        elif now >= batch.expires_at:
-            never_ran_code = "batch_expired"
-        elif _input_blob_key(deps, batch) is None:
-            # process stopped because the input body is gone (it should be kept while the batch runs,
-            # so this is a defence): keep what finished, count the unreadable rest as failed
-            logger.warning(
-                "batch %s: the input file's body is gone; %d requests that never ran are counted failed "
-                "without error lines",
-                batch_id,
-                never_ran,
-            )
-            errors.append(
-                BatchErrorEntry(
-                    code="input_file_missing",
-                    message=f"The body of input file {batch.input_file_id} was gone before {never_ran} "
-                    "requests could run; they are counted as failed and have no lines in the error file.",
-                    param="input_file_id",
-                )
-            )
-        else:
-            raise FinalizeError(
-                f"batch {batch_id}: {never_ran} requests never ran, but the batch is neither cancelled nor expired"
-            )
-
+    never_ran_code, errors = _why_never_ran(deps, batch, never_ran, now)
     completed = sum(t.completed for t in tallies)
     failed = sum(t.failed for t in tallies) + never_ran
     usage = Usage()
     for tally in tallies:
         usage = usage.add(tally.usage)
 
-    output_id = (
-        _write_file(
-            deps, batch, "output", _coalesce(_journal_lines(deps, batch_id, chunks, successes=True)), now
-        )
-        if completed
-        else None
+    output_lines = _journal_lines(deps, batch.id, chunks, successes=True)
+    error_lines = _error_lines(deps, batch, chunks, tallies, never_ran_code)
+    status = (
+        "cancelled"
+        if batch.status == "cancelling"
+        else "expired"
+        if never_ran_code == "batch_expired"
+        else "completed"
     )
-    error_id = (
-        _write_file(
-            deps,
-            batch,
-            "error",
-            _coalesce(_error_lines(deps, batch, chunks, tallies, never_ran_code)),
-            now,
-        )
-        if failed
-        else None
-    )
-
-    status = "cancelled" if cancelling else "expired" if never_ran_code == "batch_expired" else "completed"
     changes: dict[str, Any] = {
         "status": status,
         f"{status}_at": now,
-        "output_file_id": output_id,
-        "error_file_id": error_id,
+        "output_file_id": _write_file(deps, batch, "output", _coalesce(output_lines), now)
+        if completed
+        else None,
+        "error_file_id": _write_file(deps, batch, "error", _coalesce(error_lines), now) if failed else None,
         "request_counts": RequestCounts(total=batch.request_counts.total, completed=completed, failed=failed),
         "usage": usage,
     }
     if errors:
         changes["errors"] = [e.model_dump() for e in [*batch.errors, *errors]]
     return changes
+
+
+def _why_never_ran(
+    deps: Deps, batch: BatchRecord, never_ran: int, now: int
+) -> tuple[str | None, list[BatchErrorEntry]]:
+    """The error code of the lines for requests that never ran (`batch_cancelled`, `batch_expired`),
+    and an entry for `errors` when they cannot get lines (their input is gone)."""
+    if not never_ran:
+        return None, []
+    if batch.status == "cancelling":
+        return "batch_cancelled", []
+    if now >= batch.expires_at:
+        return "batch_expired", []
+    if _input_blob_key(deps, batch) is None:
+        # process stopped because the input body is gone (it should be kept while the batch runs, so this
+        # is a defence): keep what finished, count the unreadable rest as failed
+        logger.warning(
+            "batch %s: the input file's body is gone; %d requests that never ran are counted failed "
+            "without error lines",
+            batch.id,
+            never_ran,
+        )
+        entry = BatchErrorEntry(
+            code="input_file_missing",
+            message=f"The body of input file {batch.input_file_id} was gone before {never_ran} "
+            "requests could run; they are counted as failed and have no lines in the error file.",
+            param="input_file_id",
+        )
+        return None, [entry]
+    raise FinalizeError(
+        f"batch {batch.id}: {never_ran} requests never ran, but the batch is neither cancelled nor expired"
+    )
 
 
 def fail_batch(event: FailInput | Mapping[str, Any], deps: Deps) -> FinalizeOutput:
