@@ -102,7 +102,11 @@ class S3BlobStore:
 
     def write_stream(self, key: str, chunks: Iterable[bytes]) -> int:
         """A single PutObject for a stream shorter than one part; otherwise a multipart upload fed
-        part by part as the stream arrives, aborted on any failure so no partial object appears."""
+        part by part as the stream arrives, aborted on any failure so no partial object appears.
+
+        Hand-written rather than s3transfer's `upload_fileobj`: measured side by side
+        (`bench/results/s3_writes.md`), that holds ~90-115 MiB more for a 200 MB stream, this ~10 MiB.
+        """
         iterator = iter(chunks)
         buffer = bytearray()
         for chunk in iterator:
