@@ -201,6 +201,8 @@ class S3BlobStore:
     ) -> Iterator[bytes]:
         # The GET is sent now, not on first next(): KeyError surfaces at the call, and the stream
         # keeps reading the object version it opened even if a writer replaces the key meanwhile.
+        # One ranged GET read in pieces: Powertools' S3Object would issue the same GET and add a
+        # seekable wrapper these sequential readers never use, and could not report KeyError up front.
         start = max(start, 0)
         if end is not None and end <= start:
             self.size(key)  # nothing to read, but an absent key is still a KeyError
