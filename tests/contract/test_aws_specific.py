@@ -18,7 +18,6 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from botocore.stub import Stubber
-from moto.server import ThreadedMotoServer
 
 from batch_api.adapters.aws import s3 as s3_adapter
 from batch_api.adapters.aws.dynamodb import DynamoMetadataStore
@@ -36,6 +35,7 @@ from batch_api.adapters.memory import MemoryMetadataStore
 from batch_api.contract.errors import AlreadyExists
 from batch_api.contract.models import IDEMPOTENCY_KEY_TTL, BatchRecord, FileRecord, UploadRecord
 from tests.contract.aws_backend import BUCKET, REGION, MotoAccount, shared_session, start_account
+from tests.support.moto_server import AtomicMotoServer
 
 pytestmark = pytest.mark.contract
 
@@ -393,7 +393,7 @@ def test_content_disposition_keeps_odd_names_safe() -> None:
 
 @pytest.fixture
 def moto_server() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = AtomicMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()

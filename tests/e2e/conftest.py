@@ -75,12 +75,11 @@ def read_lines(client: Any, file_id: str | None) -> list[dict[str, Any]]:
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
     """One moto server for the session, standing in for S3, DynamoDB and EventBridge."""
-    from moto.server import ThreadedMotoServer
-
+    from tests.support.moto_server import AtomicMotoServer
     from tests.support.server import free_port
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = AtomicMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
         yield f"http://127.0.0.1:{port}"
