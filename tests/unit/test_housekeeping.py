@@ -116,3 +116,14 @@ def test_a_pass_announces_an_ended_batch_whose_event_a_crash_left_unpublished(de
     stored = deps.metadata.get_batch("p1", "batch_1")
     assert stored is not None and stored.event_pending is False
     assert housekeeping.sweep(deps)["unannounced_events"] == 0
+
+
+def test_a_pass_takes_at_most_its_limit_of_each_kind(deps: Deps, clock: FixedClock) -> None:
+    for _ in range(2):
+        _expiring_things(deps)
+    clock.advance(IDEMPOTENCY_KEY_TTL)
+    first = housekeeping.sweep(deps, limit=1)
+    assert (first["files"], first["uploads"]) == (1, 1)
+    second = housekeeping.sweep(deps, limit=1)
+    assert (second["files"], second["uploads"]) == (1, 1)
+    assert deps.blobs.list_keys("") == []

@@ -163,7 +163,7 @@ def serve(settings: Settings) -> int:
     resumed = app.workflow.resume()
     if resumed:
         logger.info("resumed %d unfinished batch(es)", resumed)
-    app.workflow.start_sweeper(lambda: sweep(app.deps, limit=1000))
+    app.workflow.start_sweeper(lambda: sweep(app.deps))
 
     resolvers = ResolverPool(app.api_factory, settings.http_concurrency)
     server = build_server(

@@ -18,8 +18,11 @@ from batch_api.workflow.terminal import announce_pending
 
 logger = logging.getLogger(__name__)
 
+# Records of each kind one pass handles at most; the next pass takes the rest.
+SWEEP_LIMIT = 1000
 
-def sweep(deps: Deps, limit: int = 1000) -> dict[str, int]:
+
+def sweep(deps: Deps, limit: int = SWEEP_LIMIT) -> dict[str, int]:
     """One pass; returns how many of each kind it removed (a kind that failed is left out)."""
     tasks: dict[str, Callable[[], int]] = {
         "files": lambda: sweep_expired_files(deps, limit),

@@ -353,7 +353,7 @@ def upload_wire(
     return upload.to_wire(file)
 
 
-def sweep_expired_uploads(deps: Deps, limit: int = 1000) -> int:
+def sweep_expired_uploads(deps: Deps, limit: int) -> int:
     """Delete the parts of pending uploads whose `expires_at` passed (more than `SWEEP_GRACE_SECONDS`
     ago) and mark them `expired`; return how many were marked.
 
