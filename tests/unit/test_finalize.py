@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 
 from batch_api import object_keys
 from batch_api.contract.errors import ConditionFailed
-from batch_api.contract.ids import output_file_id
+from batch_api.contract.ids import batch_request_id, output_file_id
 from batch_api.contract.models import ChunkProgress
+from batch_api.ports import UpstreamResponse
 from batch_api.service.batches import cancel_batch
-from batch_api.workflow.finalize import FinalizeError, fail_batch, finalize_batch
+from batch_api.service.files import delete_file
+from batch_api.workflow import finalize
+from batch_api.workflow.finalize import (
+    NEVER_RAN_MESSAGES,
+    WRITE_PIECE_BYTES,
+    FinalizeError,
+    fail_batch,
+    finalize_batch,
+)
 from batch_api.workflow.manifest import load_manifest
 from batch_api.workflow.process import process_chunk
 from batch_api.workflow.validate import validate_batch
@@ -30,6 +40,13 @@ from tests.unit.workflow_support import (
 pytestmark = pytest.mark.unit
 
 CHAT = "/v1/chat/completions"
+RESPONSES = "/v1/responses"
+FINALIZE_LOGGER = finalize.__name__
+
+
+def _messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    """The messages finalize logged at `level`."""
+    return [r.getMessage() for r in caplog.records if r.name == FINALIZE_LOGGER and r.levelno == level]
 
 
 def _run_batch(
@@ -44,11 +61,12 @@ def _run_batch(
     return deps
 
 
-def test_finalize_writes_output_and_error_files_and_completes() -> None:
+def test_finalize_writes_output_and_error_files_and_completes(caplog: pytest.LogCaptureFixture) -> None:
     deps = _run_batch(5, FakeUpstream({"r1": http_error(400), "r3": transport_failure()}), chunk_max_lines=2)
     deps.clock.advance(60)
 
-    result = finalize_batch(ids(), deps)
+    with caplog.at_level(logging.INFO, logger=FINALIZE_LOGGER):
+        result = finalize_batch(ids(), deps)
 
     assert result.model_dump() == {**ids(), "status": "completed"}
     batch = get_batch(deps)
@@ -76,6 +94,7 @@ def test_finalize_writes_output_and_error_files_and_completes() -> None:
     assert detail["output_file_id"] == batch.output_file_id
     assert list(deps.journal.read("batch_test", 0)) == []  # journals freed once the status is stored
     assert deps.metadata.list_chunk_progress("batch_test") == []  # and the progress records with them
+    assert _messages(caplog, logging.INFO) == ["batch batch_test completed: 3 completed, 2 failed"]
 
 
 def test_finalize_twice_writes_nothing_new() -> None:
@@ -242,7 +261,9 @@ def test_missing_results_without_cancel_or_deadline_are_a_bug() -> None:
     add_batch(deps, jsonl([request("a"), request("b")]))
     validate_batch(ids(), deps)  # no chunk was processed
 
-    with pytest.raises(FinalizeError):
+    with pytest.raises(
+        FinalizeError, match="batch batch_test: 2 requests never ran, but the batch is neither"
+    ):
         finalize_batch(ids(), deps)
     assert get_batch(deps).status == "finalizing"  # not terminal: a retry or fail_batch decides
 
@@ -251,7 +272,7 @@ def test_finalize_of_a_validating_batch_is_refused() -> None:
     deps = make_deps()
     add_batch(deps, jsonl([request("a")]))
 
-    with pytest.raises(FinalizeError):
+    with pytest.raises(FinalizeError, match="batch batch_test cannot be finalized from status 'validating'"):
         finalize_batch(ids(), deps)
 
 
@@ -307,7 +328,12 @@ def test_fail_batch_without_details_says_internal_error() -> None:
     fail_batch(ids(), deps)
 
     [entry] = get_batch(deps).errors
-    assert entry.code == "internal_error" and entry.message
+    assert entry.model_dump() == {
+        "code": "internal_error",
+        "message": "The batch failed because of an internal error.",
+        "param": None,
+        "line": None,
+    }
 
 
 def test_fail_batch_leaves_a_terminal_batch_alone() -> None:
@@ -340,7 +366,7 @@ def test_finalize_losing_to_a_concurrent_finalize_returns_its_status() -> None:
     assert get_batch(deps).event_pending is False
 
 
-def test_an_input_body_gone_mid_batch_keeps_what_finished() -> None:
+def test_an_input_body_gone_mid_batch_keeps_what_finished(caplog: pytest.LogCaptureFixture) -> None:
     """Defence in depth (the body is kept while the batch runs): finalize writes the results that exist
     and counts the requests it cannot read as failed, with an entry in `errors` saying why."""
     deps = make_deps(FakeUpstream(), chunk_max_lines=2)
@@ -351,13 +377,26 @@ def test_an_input_body_gone_mid_batch_keeps_what_finished() -> None:
     deps.blobs.delete(object_keys.file_key("file-input"))
     assert process_chunk({**ids(), "chunk": chunks[1].model_dump()}, deps).stopped == "input_missing"
 
-    assert finalize_batch(ids(), deps).status == "completed"
+    with caplog.at_level(logging.WARNING, logger=FINALIZE_LOGGER):
+        assert finalize_batch(ids(), deps).status == "completed"
 
     batch = get_batch(deps)
     assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 2)
     assert [line["custom_id"] for line in file_lines(deps, batch.output_file_id)] == ["r0", "r1"]
-    assert [e.code for e in batch.errors] == ["input_file_missing"]
+    assert [e.model_dump() for e in batch.errors] == [
+        {
+            "code": "input_file_missing",
+            "message": "The body of input file file-input was gone before 2 requests could run; they are "
+            "counted as failed and have no lines in the error file.",
+            "param": "input_file_id",
+            "line": None,
+        }
+    ]
     assert batch.error_file_id is None  # no line can be written for requests whose input is unreadable
+    assert _messages(caplog, logging.WARNING) == [
+        "batch batch_test: the input file's body is gone; 2 requests that never ran are counted failed "
+        "without error lines"
+    ]
 
 
 def test_a_cancel_that_lands_while_finalize_writes_the_files_ends_the_batch_cancelled() -> None:
@@ -404,3 +443,306 @@ def test_a_crash_between_the_terminal_commit_and_the_event_announces_it_on_the_r
 
     assert [kind for kind, _ in deps.events.events] == ["batch.completed"]
     assert get_batch(deps).event_pending is False
+
+
+# ---------------------------------------------------------------- races and re-runs
+
+
+def test_a_cancel_that_lands_before_the_move_to_finalizing_ends_the_batch_cancelled() -> None:
+    """Finalize reads the batch `in_progress`; the user's cancel lands before finalize moves it to
+    `finalizing`, so that move fails and finalize goes on from the batch as it now is."""
+    deps = _run_batch(2)
+    real_update = deps.metadata.update_batch
+    answers: list[Any] = []
+
+    def cancel_lands_first(project_id: str, batch_id: str, changes: Any, *, expected_status: Any) -> Any:
+        if changes.get("status") == "finalizing" and not answers:
+            answers.append(cancel_batch(deps, PROJECT, batch_id))
+        return real_update(project_id, batch_id, changes, expected_status=expected_status)
+
+    deps.metadata.update_batch = cancel_lands_first
+
+    assert finalize_batch(ids(), deps).model_dump() == {**ids(), "status": "cancelled"}
+
+    assert answers[0].status == "cancelling"
+    batch = get_batch(deps)
+    assert (batch.cancelled_at, batch.finalizing_at) == (deps.now(), None)
+    assert batch.request_counts.model_dump() == {"total": 2, "completed": 2, "failed": 0}
+    assert [kind for kind, _ in deps.events.events] == ["batch.cancelled"]
+
+
+def test_a_rerun_that_finds_the_files_registered_sets_their_expiry_again() -> None:
+    """A crash after the files were registered and before the terminal commit: the re-run reuses them
+    and tags their bodies with the recorded expiry again (the first tagging may not have held)."""
+    deps = _run_batch(3, FakeUpstream({"r0": http_error(500)}), output_expires_after_seconds=7200)
+    real_update = deps.metadata.update_batch
+    crashed: list[bool] = []
+
+    def crash_on_terminal_update(
+        project_id: str, batch_id: str, changes: Any, *, expected_status: Any
+    ) -> Any:
+        if changes.get("status") == "completed" and not crashed:
+            crashed.append(True)
+            raise RuntimeError("process killed")
+        return real_update(project_id, batch_id, changes, expected_status=expected_status)
+
+    deps.metadata.update_batch = crash_on_terminal_update
+    with pytest.raises(RuntimeError):
+        finalize_batch(ids(), deps)
+    first_run = deps.now()
+    deps.blobs.expiry.clear()  # the tags are gone
+    deps.clock.advance(300)
+
+    assert finalize_batch(ids(), deps).status == "completed"
+
+    batch = get_batch(deps)
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        assert file_id is not None
+        record = deps.metadata.get_file(PROJECT, file_id)
+        assert record is not None and record.expires_at == first_run + 7200
+        assert deps.blobs.expiry.get(record.blob_key) == record.expires_at
+
+
+def test_a_rerun_does_not_tag_an_output_file_deleted_meanwhile() -> None:
+    deps = _run_batch(3, FakeUpstream({"r0": http_error(500)}))
+    real_update = deps.metadata.update_batch
+    crashed: list[bool] = []
+
+    def crash_on_terminal_update(
+        project_id: str, batch_id: str, changes: Any, *, expected_status: Any
+    ) -> Any:
+        if changes.get("status") == "completed" and not crashed:
+            crashed.append(True)
+            raise RuntimeError("process killed")
+        return real_update(project_id, batch_id, changes, expected_status=expected_status)
+
+    deps.metadata.update_batch = crash_on_terminal_update
+    with pytest.raises(RuntimeError):
+        finalize_batch(ids(), deps)
+    error_file = output_file_id("batch_test", "error")
+    delete_file(deps, PROJECT, error_file)  # the user found it in the file list and deleted it
+    deps.blobs.expiry.clear()
+
+    assert finalize_batch(ids(), deps).status == "completed"
+
+    assert object_keys.file_key(error_file) not in deps.blobs.expiry
+    assert object_keys.file_key(output_file_id("batch_test", "output")) in deps.blobs.expiry
+
+
+def test_a_concurrent_run_registering_a_file_first_is_not_an_error() -> None:
+    deps = _run_batch(2, FakeUpstream({"r0": http_error(500)}))
+    real_create = deps.metadata.create_file
+
+    def the_other_run_registers_it_first(record: Any) -> None:
+        real_create(record)  # the concurrent run, with the same record
+        real_create(record)  # ours
+
+    deps.metadata.create_file = the_other_run_registers_it_first  # type: ignore[method-assign]
+
+    assert finalize_batch(ids(), deps).status == "completed"
+
+    batch = get_batch(deps)
+    assert [line["custom_id"] for line in file_lines(deps, batch.output_file_id)] == ["r1"]
+    assert [line["custom_id"] for line in file_lines(deps, batch.error_file_id)] == ["r0"]
+
+
+def test_fail_batch_of_an_unknown_batch_reports_no_status() -> None:
+    deps = make_deps()
+
+    assert fail_batch(ids("batch_nope"), deps).model_dump() == {**ids("batch_nope"), "status": None}
+
+
+# ---------------------------------------------------------------- what the files and counts hold
+
+
+def test_the_usage_of_a_responses_batch_is_summed_in_that_endpoint_s_names() -> None:
+    deps = make_deps()
+    add_batch(deps, jsonl([request(f"r{i}", RESPONSES) for i in range(2)]), endpoint=RESPONSES)
+    validate_batch(ids(), deps)
+    for chunk in load_manifest(deps, "batch_test"):
+        process_chunk({**ids(), "chunk": chunk.model_dump()}, deps)
+
+    finalize_batch(ids(), deps)
+
+    usage = DEFAULT_USAGE[RESPONSES]
+    assert get_batch(deps).usage.model_dump() == {
+        "input_tokens": 2 * usage["input_tokens"],
+        "cached_tokens": 2 * usage["input_tokens_details"]["cached_tokens"],
+        "output_tokens": 2 * usage["output_tokens"],
+        "reasoning_tokens": 2 * usage["output_tokens_details"]["reasoning_tokens"],
+        "total_tokens": 2 * usage["total_tokens"],
+    }
+
+
+def test_a_duplicate_in_the_middle_of_a_journal_counts_once_and_the_rest_is_kept() -> None:
+    deps = _run_batch(3)
+    lines = list(deps.journal.read("batch_test", 0))
+    deps.journal.delete_batch("batch_test")
+    deps.journal.append("batch_test", 0, lines[:1])
+    deps.journal.append("batch_test", 0, lines[:1])  # a retried append landed twice
+    deps.journal.append("batch_test", 0, lines[1:])  # and the chunk went on
+
+    finalize_batch(ids(), deps)
+
+    batch = get_batch(deps)
+    assert batch.request_counts.model_dump() == {"total": 3, "completed": 3, "failed": 0}
+    assert sorted(line["custom_id"] for line in file_lines(deps, batch.output_file_id)) == ["r0", "r1", "r2"]
+
+
+def test_never_ran_lines_have_the_openai_error_line_shape_and_skip_blank_input_lines() -> None:
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a"), b"", request("b"), b"   ", request("c")]))
+    deps.metadata.update_batch(
+        PROJECT, "batch_test", {"status": "cancelling"}, expected_status={"validating"}
+    )
+    assert validate_batch(ids(), deps).next == "finalize"
+
+    assert finalize_batch(ids(), deps).status == "cancelled"
+
+    batch = get_batch(deps)
+    assert batch.request_counts.model_dump() == {"total": 3, "completed": 0, "failed": 3}
+    assert file_lines(deps, batch.error_file_id) == [
+        {
+            "id": batch_request_id("batch_test", custom_id),
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": "batch_cancelled", "message": NEVER_RAN_MESSAGES["batch_cancelled"]},
+        }
+        for custom_id in ("a", "b", "c")
+    ]
+
+
+def test_a_cancel_after_the_first_chunk_gives_lines_for_the_rest_reading_only_their_input() -> None:
+    deps = make_deps(chunk_max_lines=2)
+    add_batch(deps, jsonl([request(f"r{i}") for i in range(6)]))
+    validate_batch(ids(), deps)
+    chunks = load_manifest(deps, "batch_test")
+    assert len(chunks) == 3
+    process_chunk({**ids(), "chunk": chunks[0].model_dump()}, deps)
+    cancel_batch(deps, PROJECT, "batch_test")
+    real_iter_range = deps.blobs.iter_range
+    ranges_read: list[tuple[int, int | None]] = []
+
+    def recording_iter_range(
+        key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20
+    ) -> Any:
+        ranges_read.append((start, end))
+        return real_iter_range(key, start, end, chunk_size)
+
+    deps.blobs.iter_range = recording_iter_range  # type: ignore[method-assign]
+
+    assert finalize_batch(ids(), deps).status == "cancelled"
+
+    batch = get_batch(deps)
+    assert batch.request_counts.model_dump() == {"total": 6, "completed": 2, "failed": 4}
+    assert [line["custom_id"] for line in file_lines(deps, batch.output_file_id)] == ["r0", "r1"]
+    never_ran = file_lines(deps, batch.error_file_id)
+    assert [line["custom_id"] for line in never_ran] == ["r2", "r3", "r4", "r5"]
+    assert {line["error"]["code"] for line in never_ran} == {"batch_cancelled"}
+    assert ranges_read == [(chunk.start, chunk.end) for chunk in chunks[1:]]  # not the finished chunk's
+
+
+def test_a_cancelled_batch_whose_input_is_gone_counts_the_rest_failed_without_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    deps = make_deps(chunk_max_lines=2)
+    add_batch(deps, jsonl([request(f"r{i}") for i in range(4)]))
+    validate_batch(ids(), deps)
+    process_chunk({**ids(), "chunk": load_manifest(deps, "batch_test")[0].model_dump()}, deps)
+    cancel_batch(deps, PROJECT, "batch_test")
+    deps.blobs.delete(object_keys.file_key("file-input"))
+
+    with caplog.at_level(logging.WARNING, logger=FINALIZE_LOGGER):
+        assert finalize_batch(ids(), deps).status == "cancelled"
+
+    batch = get_batch(deps)
+    assert batch.request_counts.model_dump() == {"total": 4, "completed": 2, "failed": 2}
+    assert [line["custom_id"] for line in file_lines(deps, batch.output_file_id)] == ["r0", "r1"]
+    assert batch.error_file_id is None
+    assert _messages(caplog, logging.WARNING) == [
+        "batch batch_test: the input file is gone, so never-ran requests are counted as failed without lines"
+    ]
+
+
+def test_a_batch_cancelled_before_it_was_planned_ends_cancelled_with_nothing_to_account_for() -> None:
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a")]))
+    deps.metadata.update_batch(
+        PROJECT, "batch_test", {"status": "cancelling"}, expected_status={"validating"}
+    )
+
+    assert finalize_batch(ids(), deps).status == "cancelled"
+
+    batch = get_batch(deps)
+    assert batch.request_counts.model_dump() == {"total": 0, "completed": 0, "failed": 0}
+    assert (batch.output_file_id, batch.error_file_id) == (None, None)
+
+
+def test_a_finalizing_batch_without_a_plan_is_not_ended() -> None:
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a")]))
+    deps.metadata.update_batch(
+        PROJECT, "batch_test", {"status": "finalizing"}, expected_status={"validating"}
+    )
+
+    with pytest.raises(KeyError):
+        finalize_batch(ids(), deps)
+    assert get_batch(deps).status == "finalizing"
+
+
+# ---------------------------------------------------------------- writing the files in pieces
+
+
+def test_an_output_larger_than_one_write_piece_is_written_whole_in_few_large_pieces() -> None:
+    big = "x" * (WRITE_PIECE_BYTES // 2)
+    upstream = FakeUpstream(
+        {
+            f"r{i}": UpstreamResponse(status_code=200, body={"echo": big}, request_id=f"req_{i}")
+            for i in range(3)
+        }
+    )
+    deps = _run_batch(3, upstream)
+    real_write = deps.blobs.write_stream
+    pieces: dict[str, list[int]] = {}
+
+    def recording_write(key: str, chunks: Any) -> int:
+        chunks = list(chunks)
+        pieces[key] = [len(chunk) for chunk in chunks]
+        return real_write(key, chunks)
+
+    deps.blobs.write_stream = recording_write  # type: ignore[method-assign]
+
+    finalize_batch(ids(), deps)
+
+    batch = get_batch(deps)
+    lines = file_lines(deps, batch.output_file_id)
+    assert sorted(line["custom_id"] for line in lines) == ["r0", "r1", "r2"]
+    assert all(line["response"]["body"]["echo"] == big for line in lines)
+    sizes = pieces[object_keys.file_key(output_file_id("batch_test", "output"))]
+    assert 1 < len(sizes) < len(lines)
+    assert all(size >= WRITE_PIECE_BYTES for size in sizes[:-1])
+
+
+def _line(index: int, size: int) -> bytes:
+    return bytes([ord("a") + index]) * (size - 1) + b"\n"
+
+
+@pytest.mark.parametrize(
+    ("sizes", "groups"),
+    [
+        ([], []),
+        ([2], [[2]]),  # a short last piece still goes out
+        ([2, 2, 3, 2], [[2, 2], [3, 2]]),  # a piece that reaches the size ends; the next starts empty
+        ([3, 3, 1], [[3, 3], [1]]),  # the first piece starts empty too
+        ([5, 1], [[5], [1]]),  # a line longer than the size is a piece of its own
+    ],
+)
+def test_lines_are_grouped_into_pieces_of_at_least_the_size(
+    sizes: list[int], groups: list[list[int]]
+) -> None:
+    lines = [_line(i, size) for i, size in enumerate(sizes)]
+    expected, taken = [], iter(lines)
+    for group in groups:
+        expected.append(b"".join(next(taken) for _ in group))
+
+    assert list(finalize._coalesce(iter(lines), 4)) == expected

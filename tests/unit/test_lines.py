@@ -32,15 +32,18 @@ def test_result_line_of_a_transport_failure_has_an_error_and_no_response() -> No
         )
     )
 
-    assert line["response"] is None
-    assert line["error"] == {"code": "timeout", "message": "slow"}
+    assert line == {
+        "id": batch_request_id("batch_1", "a"),
+        "custom_id": "a",
+        "response": None,
+        "error": {"code": "timeout", "message": "slow"},
+    }
 
 
 def test_result_line_without_an_error_code_still_says_what_failed() -> None:
     line = orjson.loads(result_line("b", "a", UpstreamResponse(status_code=None)))
 
-    assert line["error"]["code"] == "request_failed"
-    assert line["error"]["message"]
+    assert line["error"] == {"code": "request_failed", "message": "The request to the model endpoint failed."}
 
 
 def test_result_line_ids_are_stable_per_batch_and_custom_id() -> None:
@@ -107,6 +110,20 @@ def test_usage_of_embeddings_counts_prompt_tokens_as_input_only() -> None:
     assert usage_of("/v1/embeddings", body) == Usage(input_tokens=4, output_tokens=0, total_tokens=4)
 
 
+def test_usage_of_embeddings_ignores_completion_tokens() -> None:
+    body = {"usage": {"prompt_tokens": 4, "completion_tokens": 9}}
+
+    assert usage_of("/v1/embeddings", body) == Usage(input_tokens=4, output_tokens=0, total_tokens=4)
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/embeddings", "/v1/responses"])
+def test_usage_of_keeps_the_servers_total_when_it_differs_from_the_sum(endpoint: str) -> None:
+    """Some servers count tokens outside prompt and completion (tool schemas, images) in the total."""
+    counts = {"prompt_tokens": 10, "completion_tokens": 5, "input_tokens": 10, "output_tokens": 5}
+
+    assert usage_of(endpoint, {"usage": {**counts, "total_tokens": 42}}).total_tokens == 42
+
+
 def test_usage_of_responses_reads_input_and_output_names() -> None:
     body = {
         "usage": {
@@ -142,8 +159,15 @@ def _reference_split(data: bytes) -> list[tuple[int, int, bytes]]:
 
 
 @pytest.mark.parametrize("piece", [1, 2, 3, 5, 8, 64, 4096])
-def test_split_lines_is_the_same_whatever_the_read_pieces(piece: int) -> None:
-    data = b'{"a":1}\r\n\n  \n{"b":"\xc3\xa9"}\n{"c":3}\r\n{"last":true}'
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"a":1}\r\n\n  \n{"b":"\xc3\xa9"}\n{"c":3}\r\n{"last":true}',
+        b'{"a":1}\r\n{"b":2}\n',  # ends with its newline: no empty line after it
+        b'{"a":1}\n{"last":true}\r',  # a final line without "\n" still loses its "\r"
+    ],
+)
+def test_split_lines_is_the_same_whatever_the_read_pieces(data: bytes, piece: int) -> None:
     pieces = [data[i : i + piece] for i in range(0, len(data), piece)]
 
     assert list(split_lines(pieces)) == _reference_split(data)
@@ -155,6 +179,14 @@ def test_split_lines_offsets_start_at_the_base_offset_and_cover_the_range() -> N
     got = list(split_lines([data], base_offset=100))
 
     assert got == [(100, 104, b"one"), (104, 109, b"two"), (109, 115, b"three")]
+
+
+def test_split_lines_goes_on_past_an_empty_read_piece() -> None:
+    assert list(split_lines([b"one\ntw", b"", b"o\n", b"", b"three"])) == [
+        (0, 4, b"one"),
+        (4, 8, b"two"),
+        (8, 13, b"three"),
+    ]
 
 
 def test_split_lines_of_nothing_yields_nothing() -> None:

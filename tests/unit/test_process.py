@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
 
 from batch_api import object_keys
+from batch_api.contract.ids import batch_request_id
 from batch_api.contract.models import Usage
+from batch_api.contract.steps import ProcessOutput
 from batch_api.ports import UpstreamResponse
+from batch_api.workflow import process as process_module
 from batch_api.workflow.lines import result_line
 from batch_api.workflow.manifest import load_manifest
-from batch_api.workflow.process import process_chunk, process_chunk_async
+from batch_api.workflow.process import (
+    HARD_STOP_SECONDS,
+    TIME_MARGIN_FLOOR_SECONDS,
+    process_chunk,
+    process_chunk_async,
+    stop_reason,
+)
 from batch_api.workflow.validate import validate_batch
 from tests.unit.fakes_upstream import DEFAULT_USAGE, FakeClock, FakeUpstream, http_error, transport_failure
 from tests.unit.workflow_support import PROJECT, add_batch, get_batch, ids, jsonl, make_deps, request
@@ -39,7 +50,7 @@ def _setup(
     return deps, upstream, chunks
 
 
-def _run(deps: Any, chunk: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+def _run(deps: Any, chunk: dict[str, Any], **kwargs: Any) -> ProcessOutput:
     return process_chunk({**ids(), "chunk": chunk}, deps, **kwargs)
 
 
@@ -116,6 +127,7 @@ def test_upstream_failures_become_error_lines_and_never_raise() -> None:
     assert by_id["r2"]["response"] is None
     assert by_id["r2"]["error"] == {"code": "timeout", "message": "no answer after 3 attempts"}
     assert by_id["r3"]["response"] is None and by_id["r3"]["error"]["code"] == "internal_error"
+    assert "client bug" in by_id["r3"]["error"]["message"]  # the line says what went wrong
     assert by_id["r4"]["response"]["status_code"] == 200
     [progress] = deps.metadata.list_chunk_progress("batch_test")
     assert (progress.completed, progress.failed, progress.done) == (1, 4, True)
@@ -357,3 +369,376 @@ def test_a_vanished_input_body_stops_the_chunk_instead_of_failing_it() -> None:
     assert result.model_dump() == {**ids(), "index": 1, "done": True, "stopped": "input_missing"}
     assert upstream.sent_contents() == ["r0", "r1"]
     assert len(_journal(deps, 0)) == 2
+
+
+# ---------------------------------------------------------------- stopped before anything starts
+
+
+def _journal_ok(deps: Any, custom_id: str, body: dict[str, Any] | None = None) -> None:
+    """A success line for `custom_id`, as an earlier run would have journaled it."""
+    ok = UpstreamResponse(
+        status_code=200, body=body or {"usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    )
+    deps.journal.append("batch_test", 0, [result_line("batch_test", custom_id, ok)])
+
+
+@pytest.mark.parametrize(
+    ("status", "stopped", "progress_written"),
+    [
+        ("cancelling", "cancelled", True),  # still live: finalize reads this chunk's progress
+        ("finalizing", None, True),  # moved on under us: nothing to run, no stop reason
+        ("cancelled", "cancelled", False),  # terminal: its counts are final, left untouched
+        ("expired", "expired", False),
+        ("completed", None, False),
+        ("failed", None, False),
+    ],
+)
+def test_a_batch_that_is_not_running_starts_nothing(
+    status: str, stopped: str | None, progress_written: bool
+) -> None:
+    deps, upstream, [chunk] = _setup(3)
+    _journal_ok(deps, "r0")
+    deps.metadata.update_batch(PROJECT, "batch_test", {"status": status}, expected_status={"in_progress"})
+
+    result = _run(deps, chunk)
+
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": stopped}
+    assert upstream.calls == [] and upstream.clients_created == 0
+    progress = deps.metadata.list_chunk_progress("batch_test")
+    if progress_written:
+        assert [(p.index, p.completed, p.failed, p.done) for p in progress] == [(0, 1, 0, False)]
+    else:
+        assert progress == [] and deps.metadata.progress_writes == []
+
+
+def test_at_the_deadline_itself_nothing_starts_and_no_client_is_opened() -> None:
+    clock = FakeClock()
+    deps, upstream, [chunk] = _setup(3, clock=clock)
+    clock.now = get_batch(deps).expires_at  # the deadline is inclusive
+
+    result = _run(deps, chunk)
+
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "expired"}
+    assert upstream.calls == [] and upstream.clients_created == 0
+    [progress] = deps.metadata.list_chunk_progress("batch_test")
+    assert (progress.completed, progress.done) == (0, False)
+
+
+def test_stop_reason_counts_the_deadline_second_as_expired() -> None:
+    deps, _, _ = _setup(1)
+    batch = get_batch(deps)
+
+    assert stop_reason(batch, batch.expires_at - 1) is None
+    assert stop_reason(batch, batch.expires_at) == "expired"
+
+
+def test_a_finished_chunk_reports_no_stop_reason_even_when_the_batch_is_cancelled() -> None:
+    """Nothing was left unrun, so there is nothing the cancel stopped."""
+    deps, upstream, [chunk] = _setup(2)
+    _run(deps, chunk)
+    _cancel(deps)
+
+    result = _run(deps, chunk)
+
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": None}
+    assert len(upstream.calls) == 2
+
+
+def test_a_vanished_input_file_record_stops_the_chunk_and_keeps_its_progress() -> None:
+    deps, upstream, [chunk] = _setup(3)
+    _journal_ok(deps, "r0")
+    del deps.metadata.files["file-input"]  # the record itself gone (defence in depth)
+
+    result = _run(deps, chunk)
+
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "input_missing"}
+    assert upstream.calls == []
+    [progress] = deps.metadata.list_chunk_progress("batch_test")
+    assert (progress.index, progress.completed, progress.failed, progress.done) == (0, 1, 0, False)
+
+
+# ---------------------------------------------------------------- what a run sends and counts
+
+
+def test_blank_lines_inside_a_chunk_are_skipped_not_the_end_of_it() -> None:
+    upstream = FakeUpstream()
+    deps = make_deps(upstream)
+    add_batch(deps, jsonl([request("r0"), "", request("r1"), "   ", request("r2")]))
+    assert validate_batch(ids(), deps).next == "process"
+    [chunk] = [c.model_dump() for c in load_manifest(deps, "batch_test")]
+
+    result = _run(deps, chunk)
+
+    assert result.done is True and result.stopped is None
+    assert upstream.sent_contents() == ["r0", "r1", "r2"]
+
+
+@pytest.mark.parametrize(("status", "success"), [(199, False), (200, True), (299, True), (300, False)])
+def test_only_2xx_answers_count_as_completed(status: int, success: bool) -> None:
+    answer = UpstreamResponse(
+        status_code=status, body={"usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+    )
+    deps, _, [chunk] = _setup(1, upstream=FakeUpstream({"r0": answer}))
+
+    _run(deps, chunk)
+
+    [progress] = deps.metadata.list_chunk_progress("batch_test")
+    assert (progress.completed, progress.failed) == ((1, 0) if success else (0, 1))
+    assert progress.usage.input_tokens == (3 if success else 0)
+
+
+def test_each_journal_line_carries_the_request_id_of_its_batch_and_custom_id() -> None:
+    deps, _, [chunk] = _setup(3)
+
+    _run(deps, chunk)
+
+    assert {line["custom_id"]: line["id"] for line in _journal(deps)} == {
+        f"r{i}": batch_request_id("batch_test", f"r{i}") for i in range(3)
+    }
+
+
+def test_usage_is_read_in_the_endpoints_own_names_for_new_and_journaled_lines() -> None:
+    """/v1/responses reports input/output tokens (not prompt/completion), both when a request runs now and
+    when its line is re-read from the journal of an earlier run."""
+    responses = "/v1/responses"
+    deps, upstream, [chunk] = _setup(3, endpoint=responses)
+    earlier = {"usage": {"input_tokens": 100, "output_tokens": 50, "total_tokens": 150}}
+    _journal_ok(deps, "r0", earlier)
+
+    _run(deps, chunk)
+
+    assert upstream.sent_contents() == ["r1", "r2"]
+    one = DEFAULT_USAGE[responses]
+    [progress] = deps.metadata.list_chunk_progress("batch_test")
+    assert progress.usage == Usage(
+        input_tokens=100 + 2 * one["input_tokens"],
+        cached_tokens=2 * one["input_tokens_details"]["cached_tokens"],
+        output_tokens=50 + 2 * one["output_tokens"],
+        reasoning_tokens=2 * one["output_tokens_details"]["reasoning_tokens"],
+        total_tokens=150 + 2 * one["total_tokens"],
+    )
+
+
+# ---------------------------------------------------------------- journal and progress while running
+
+
+def test_with_a_flush_interval_results_reach_the_journal_while_the_chunk_runs() -> None:
+    journaled_at_call: list[int] = []
+    holder: dict[str, Any] = {}
+    upstream = FakeUpstream(
+        latency=0.01, on_call=lambda n, _b: journaled_at_call.append(len(_journal(holder["deps"])))
+    )
+    deps, _, [chunk] = _setup(
+        12, upstream=upstream, requests_per_chunk=1, journal_flush_interval_seconds=0.02
+    )
+    holder["deps"] = deps
+
+    _run(deps, chunk)
+
+    assert len(_journal(deps)) == 12
+    assert any(0 < n < 12 for n in journaled_at_call), journaled_at_call  # not only the final flush
+    assert deps.journal.appends > 1
+
+
+def test_progress_of_the_batch_can_be_read_while_the_chunk_runs() -> None:
+    seen: list[int] = []
+    holder: dict[str, Any] = {}
+
+    def look(_n: int, _body: dict[str, Any]) -> None:
+        seen.extend(p.completed for p in holder["deps"].metadata.list_chunk_progress("batch_test"))
+
+    upstream = FakeUpstream(latency=0.01, on_call=look)
+    deps, _, [chunk] = _setup(12, upstream=upstream, requests_per_chunk=1, progress_interval_seconds=0.02)
+    holder["deps"] = deps
+
+    _run(deps, chunk)
+
+    assert any(0 < c < 12 for c in seen), seen
+
+
+def test_a_healthy_run_with_checkpoints_logs_no_warning_or_error(caplog: pytest.LogCaptureFixture) -> None:
+    deps, _, [chunk] = _setup(
+        12, upstream=FakeUpstream(latency=0.01), requests_per_chunk=2, progress_interval_seconds=0.005
+    )
+
+    with caplog.at_level(logging.WARNING):
+        assert _run(deps, chunk).done is True
+
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_journal_that_cannot_be_written_fails_the_step_and_counts_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    deps, upstream, [chunk] = _setup(
+        6, upstream=FakeUpstream(latency=0.005), requests_per_chunk=2, progress_interval_seconds=0.002
+    )
+
+    def broken(_batch_id: str, _index: int, _lines: list[bytes]) -> None:
+        raise OSError("journal unavailable")
+
+    monkeypatch.setattr(deps.journal, "append", broken)
+
+    with pytest.raises(OSError, match="journal unavailable"):
+        _run(deps, chunk)
+
+    assert 0 < len(upstream.calls) < 6  # stopped starting requests once the journal failed
+    assert all(p.completed == p.failed == 0 for p in deps.metadata.list_chunk_progress("batch_test"))
+    assert upstream.clients_closed == upstream.clients_created == 1
+
+
+# ---------------------------------------------------------------- stopping mid-run
+
+
+@pytest.mark.parametrize(("status", "stopped"), [("failed", "cancelled"), ("expired", "expired")])
+def test_a_batch_moved_on_mid_run_stops_starting_requests(status: str, stopped: str) -> None:
+    holder: dict[str, Any] = {}
+
+    def move_at_third(n: int, _body: dict[str, Any]) -> None:
+        if n == 3:
+            holder["deps"].metadata.update_batch(
+                PROJECT, "batch_test", {"status": status}, expected_status={"in_progress"}
+            )
+
+    upstream = FakeUpstream(latency=0.01, on_call=move_at_third)
+    deps, _, [chunk] = _setup(40, upstream=upstream, requests_per_chunk=1, progress_interval_seconds=0.002)
+    holder["deps"] = deps
+
+    result = _run(deps, chunk)
+
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": stopped}
+    assert 3 <= len(upstream.calls) < 40
+    assert len(_journal(deps)) == len(upstream.calls)
+
+
+def test_the_first_reason_to_stop_is_the_one_reported() -> None:
+    """The deadline passes while a request is in flight; a cancel that comes after does not turn the
+    expiry into a cancellation."""
+    clock = FakeClock()
+    holder: dict[str, Any] = {}
+
+    def expire_then_cancel(n: int, _body: dict[str, Any]) -> None:
+        if n == 1:
+            clock.advance(86400)
+            asyncio.get_running_loop().call_later(0.02, _cancel, holder["deps"])
+
+    upstream = FakeUpstream(latency=0.05, on_call=expire_then_cancel)
+    deps, _, [chunk] = _setup(
+        2, upstream=upstream, clock=clock, requests_per_chunk=1, progress_interval_seconds=0.005
+    )
+    holder["deps"] = deps
+
+    result = _run(deps, chunk)
+
+    assert get_batch(deps).status == "cancelling"  # the cancel did happen during the run
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "expired"}
+    assert len(upstream.calls) == 1 and len(_journal(deps)) == 1
+
+
+@pytest.mark.parametrize("seconds", [10.0, 0.5])
+def test_any_time_left_at_all_starts_the_first_request(seconds: float) -> None:
+    deps, upstream, [chunk] = _setup(3, requests_per_chunk=1)
+
+    result = _run(deps, chunk, time_left=lambda: seconds)
+
+    assert result.done is False
+    assert len(upstream.calls) == 1 and len(_journal(deps)) == 1
+
+
+SLOWEST = 20.0  # seconds the first request takes: twice that is above the margin's floor
+
+
+@pytest.mark.parametrize(
+    ("left", "all_sent"),
+    [
+        (2 * SLOWEST - 1, False),  # less than twice the slowest request: stop after it
+        (2 * SLOWEST, True),  # exactly the margin is still enough
+        (3 * SLOWEST - 1, True),
+    ],
+)
+def test_the_time_margin_is_twice_the_slowest_request_seen(
+    monkeypatch: pytest.MonkeyPatch, left: float, all_sent: bool
+) -> None:
+    assert TIME_MARGIN_FLOOR_SECONDS < 2 * SLOWEST - 1  # the slowest request, not the floor, sets the margin
+    monotonic = {"now": 1000.0}
+    monkeypatch.setattr(process_module, "time", SimpleNamespace(monotonic=lambda: monotonic["now"]))
+
+    def first_is_slow(n: int, _body: dict[str, Any]) -> None:
+        if n == 1:
+            monotonic["now"] += SLOWEST
+
+    upstream = FakeUpstream(on_call=first_is_slow)
+    deps, _, [chunk] = _setup(3, upstream=upstream, requests_per_chunk=1)
+
+    result = _run(deps, chunk, time_left=lambda: left)
+
+    assert len(upstream.calls) == (3 if all_sent else 1)
+    assert result.done is all_sent
+
+
+def test_with_exactly_the_hard_stop_time_left_in_flight_requests_are_still_awaited() -> None:
+    upstream = FakeUpstream(latency=0.03)
+    deps, _, [chunk] = _setup(1, upstream=upstream, requests_per_chunk=1, progress_interval_seconds=0.002)
+
+    result = _run(deps, chunk, time_left=lambda: HARD_STOP_SECONDS)
+
+    assert result.done is True
+    assert len(_journal(deps)) == 1
+
+
+class _SlowToUnwind(FakeUpstream):
+    """A client whose cancelled request takes a few loop turns to unwind, as a real HTTP client closing its
+    connection does; records how many requests were still open when the client was closed."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.open = 0
+        self.open_at_close: list[int] = []
+
+    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+        self.open += 1
+        try:
+            return await super().send(endpoint, body)
+        except asyncio.CancelledError:
+            for _ in range(5):
+                await asyncio.sleep(0)
+            raise
+        finally:
+            self.open -= 1
+
+    async def aclose(self) -> None:
+        self.open_at_close.append(self.open)
+        await super().aclose()
+
+
+def test_a_killed_run_closes_the_client_only_after_its_requests_have_unwound() -> None:
+    upstream = _SlowToUnwind(latency=0.005)
+    deps, _, [chunk] = _setup(30, upstream=upstream, requests_per_chunk=3)
+
+    async def kill_midway() -> set[asyncio.Task[Any]]:
+        task = asyncio.create_task(process_chunk_async({**ids(), "chunk": chunk}, deps))
+        while len(list(deps.journal.read("batch_test", 0))) < 4:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+
+    left_running = asyncio.run(kill_midway())
+
+    assert upstream.open_at_close == [0]
+    assert left_running == set()
+
+
+def test_the_async_step_leaves_no_task_running_when_it_returns() -> None:
+    """A caller with its own event loop gets the loop back clean: the progress ticker is gone too."""
+    deps, _, [chunk] = _setup(3, progress_interval_seconds=0.01)
+
+    async def call() -> tuple[Any, set[asyncio.Task[Any]]]:
+        result = await process_chunk_async({**ids(), "chunk": chunk}, deps)
+        return result, asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+
+    result, left_running = asyncio.run(call())
+
+    assert result.done is True
+    assert left_running == set()

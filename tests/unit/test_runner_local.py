@@ -4,11 +4,14 @@ retries, the catch that ends a batch failed, resume, and stopping."""
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from batch_api.adapters.memory import MemoryJournal
 from batch_api.contract.models import ChunkProgress
 from batch_api.workflow import runner_local
 from batch_api.workflow.runner_local import LocalWorkflow
@@ -242,3 +245,276 @@ def test_the_defaults_retry_four_times_with_growing_backoff() -> None:
     workflow = LocalWorkflow()
     assert (workflow._step_attempts, workflow._step_backoff) == (4, 1.0)
     assert workflow._time_left() == float("inf")
+
+
+# ---------------------------------------------------------------- threads, pool, stop and wait
+
+
+class HeldChunks:
+    """Makes every chunk wait for `release` (at most `hold_seconds`, so a broken stop cannot hang the
+    suite) before it runs for real; `let_go` is set once a chunk comes out of the hold."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, hold_seconds: float = 5.0) -> None:
+        from batch_api.workflow import process
+
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.let_go = threading.Event()
+        real = process.process_chunk
+
+        def held(event: Any, step_deps: Any, **options: Any) -> Any:
+            self.entered.set()
+            self.release.wait(hold_seconds)
+            self.let_go.set()
+            return real(event, step_deps, **options)
+
+        monkeypatch.setattr(process, "process_chunk", held)
+
+
+def test_deps_before_bind_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match=r"bind\(deps\) was not called"):
+        _ = LocalWorkflow().deps
+
+
+def test_stopping_a_workflow_that_was_never_bound_is_harmless() -> None:
+    workflow = LocalWorkflow()
+
+    workflow.stop(timeout=0)
+    workflow.start(PROJECT, "batch_test")  # stopping: nothing starts, so deps are never needed
+
+    assert workflow.wait_idle(1)
+
+
+def test_a_batch_runs_on_a_daemon_thread_named_for_it_and_its_chunks_on_the_chunk_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batch_api.workflow import process, validate
+
+    batch_id = "batch_01234567" + "89abcdef"
+    deps = make_deps(FakeUpstream())
+    add_batch(deps, jsonl([request("a")]), batch_id=batch_id)
+    seen: dict[str, threading.Thread] = {}
+    real_validate, real_process = validate.validate_batch, process.process_chunk
+
+    def validate_recording(event: Any, step_deps: Any) -> Any:
+        seen["validate"] = threading.current_thread()
+        return real_validate(event, step_deps)
+
+    def process_recording(event: Any, step_deps: Any, **options: Any) -> Any:
+        seen["process"] = threading.current_thread()
+        return real_process(event, step_deps, **options)
+
+    monkeypatch.setattr(validate, "validate_batch", validate_recording)
+    monkeypatch.setattr(process, "process_chunk", process_recording)
+
+    drive(bound(deps), batch_id)
+
+    assert get_batch(deps, batch_id).status == "completed"
+    assert seen["validate"].name == "batch-89abcdef"  # the id's last 8 characters
+    assert seen["validate"].daemon  # a stuck batch never keeps the process from exiting
+    assert seen["process"].name.startswith("chunk_")
+
+
+def test_the_sweeper_runs_on_a_daemon_thread_named_sweeper() -> None:
+    deps = make_deps(FakeUpstream())
+    workflow = bound(deps)
+    swept = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def sweep() -> None:
+        threads.append(threading.current_thread())
+        swept.set()
+
+    workflow.start_sweeper(sweep)
+    try:
+        assert swept.wait(10)
+    finally:
+        workflow.stop(timeout=1)
+
+    assert threads[0].name == "sweeper"
+    assert threads[0].daemon
+
+
+def test_no_more_chunks_run_at_once_than_chunk_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batch_api.workflow import manifest, process
+
+    deps = make_deps(FakeUpstream(), chunk_max_lines=1, chunk_concurrency=1)
+    add_batch(deps, jsonl([request(f"r{i}") for i in range(3)]))
+    all_submitted = threading.Event()
+    lock = threading.Lock()
+    running: list[int] = []
+    peak: list[int] = []
+    real_load, real_process = manifest.load_manifest, process.process_chunk
+
+    class SignallingPlan(list[Any]):
+        def __iter__(self) -> Iterator[Any]:
+            yield from super().__iter__()
+            all_submitted.set()  # the runner asks for the next chunk only after submitting the last
+
+    def load_then_signal(step_deps: Any, batch_id: str) -> Any:
+        return SignallingPlan(real_load(step_deps, batch_id))
+
+    def counting(event: Any, step_deps: Any, **options: Any) -> Any:
+        with lock:
+            running.append(event.chunk.index)
+            peak.append(len(running))
+        assert all_submitted.wait(10)  # every chunk is queued: a bigger pool would run them now
+        try:
+            return real_process(event, step_deps, **options)
+        finally:
+            with lock:
+                running.remove(event.chunk.index)
+
+    monkeypatch.setattr(manifest, "load_manifest", load_then_signal)
+    monkeypatch.setattr(process, "process_chunk", counting)
+
+    drive(bound(deps))
+
+    assert get_batch(deps).status == "completed"
+    assert len(peak) == 3
+    assert max(peak) == 1
+
+
+def test_wait_idle_gives_up_at_its_timeout_while_a_batch_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    chunks = HeldChunks(monkeypatch)
+    deps = make_deps(FakeUpstream())
+    add_batch(deps, jsonl([request("a")]))
+    workflow = bound(deps)
+    workflow.start(PROJECT, "batch_test")
+    assert chunks.entered.wait(10)
+
+    assert workflow.wait_idle(0.05) is False
+    assert not chunks.let_go.is_set()  # it returned at its timeout, not when the batch ended
+
+    chunks.release.set()
+    assert workflow.wait_idle(10)
+    assert get_batch(deps).status == "completed"
+
+
+def test_stop_waits_up_to_its_timeout_for_a_batch_that_does_not_let_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    chunks = HeldChunks(monkeypatch)
+    deps = make_deps(FakeUpstream())
+    add_batch(deps, jsonl([request("a")]))
+    workflow = bound(deps)
+    workflow.start(PROJECT, "batch_test")
+    assert chunks.entered.wait(10)
+
+    began = time.monotonic()
+    workflow.stop(timeout=0.1)
+    waited = time.monotonic() - began
+
+    assert waited >= 0.09  # it gave the batch its time (less a clock tick)
+    assert not chunks.let_go.is_set()  # and then returned without it, and without the chunk pool
+    chunks.release.set()
+    assert workflow.wait_idle(10)
+    assert get_batch(deps).status == "in_progress"  # left for resume on the next start
+
+
+def test_a_chunk_left_unfinished_without_a_shutdown_fails_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batch_api.workflow import process
+
+    deps = make_deps(FakeUpstream(), chunk_max_lines=1)
+    add_batch(deps, jsonl([request("a"), request("b")]))
+    real = process.process_chunk
+
+    def second_never_finishes(event: Any, step_deps: Any, **options: Any) -> Any:
+        output = real(event, step_deps, **options)
+        return output.model_copy(update={"done": False}) if event.chunk.index == 1 else output
+
+    monkeypatch.setattr(process, "process_chunk", second_never_finishes)
+    drive(bound(deps))
+
+    batch = get_batch(deps)
+    assert batch.status == "failed"
+    assert [(entry.code, entry.message) for entry in batch.errors] == [
+        ("internal_error", "chunk 1 did not finish")
+    ]
+
+
+# ---------------------------------------------------------------- retries
+
+
+def failing_validation(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from batch_api.workflow import validate
+
+    attempts: list[int] = []
+
+    def broken(event: Any, step_deps: Any) -> Any:
+        attempts.append(1)
+        raise RuntimeError("bad disk")
+
+    monkeypatch.setattr(validate, "validate_batch", broken)
+    return attempts
+
+
+def test_a_validation_that_keeps_failing_ends_the_batch_failed_naming_the_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    attempts = failing_validation(monkeypatch)
+    deps = make_deps(FakeUpstream())
+    add_batch(deps, jsonl([request("a")]))
+
+    drive(bound(deps, step_attempts=2))
+
+    assert len(attempts) == 2
+    batch = get_batch(deps)
+    assert batch.status == "failed"
+    assert [entry.message for entry in batch.errors] == [
+        "validate failed after 2 attempts: RuntimeError('bad disk')"
+    ]
+
+
+class RecordingStop(threading.Event):
+    """The runner's stop event, recording each backoff instead of waiting it out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return self.is_set()
+
+
+def test_retries_back_off_doubling_from_the_base_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    failing_validation(monkeypatch)
+    deps = make_deps(FakeUpstream())
+    add_batch(deps, jsonl([request("a")]))
+    workflow = LocalWorkflow(step_attempts=4, step_backoff_seconds=0.5)
+    workflow.bind(deps)
+    deps.workflow = workflow
+    stopping = workflow._stopping = RecordingStop()
+
+    drive(workflow)
+
+    assert get_batch(deps).status == "failed"
+    assert stopping.waits[:3] == [0.5, 1.0, 2.0]  # before the 2nd, 3rd and 4th attempts
+
+
+class UnlistableJournal:
+    """A journal with only the port's methods, like the DynamoDB one: it cannot list its batches."""
+
+    def __init__(self) -> None:
+        self._lines = MemoryJournal()
+
+    def append(self, batch_id: str, chunk_index: int, lines: list[bytes]) -> None:
+        self._lines.append(batch_id, chunk_index, lines)
+
+    def read(self, batch_id: str, chunk_index: int) -> Iterator[bytes]:
+        return self._lines.read(batch_id, chunk_index)
+
+    def delete_batch(self, batch_id: str) -> None:
+        self._lines.delete_batch(batch_id)
+
+
+def test_resume_works_with_a_journal_that_cannot_list_its_batches() -> None:
+    deps = replace(make_deps(FakeUpstream()), journal=cast(Any, UnlistableJournal()))
+    add_batch(deps, jsonl([request("a")]))
+    workflow = bound(deps)
+
+    assert workflow.resume() == 1
+    assert workflow.wait_idle(30)
+
+    assert get_batch(deps).status == "completed"

@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 
 from batch_api.adapters.memory import RecordingWorkflow
-from batch_api.contract.errors import ConditionFailed, Conflict, InvalidRequest, NotFound
+from batch_api.contract.errors import (
+    AlreadyExists,
+    ConditionFailed,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    ServerError,
+)
 from batch_api.contract.models import (
     IDEMPOTENCY_KEY_TTL,
     OUTPUT_DEFAULT_TTL,
@@ -346,3 +353,173 @@ def test_cancel_retries_after_losing_a_race(
 def test_cancel_unknown_batch(deps: Deps) -> None:
     with pytest.raises(NotFound):
         batches.cancel_batch(deps, "p1", "batch_nope")
+
+
+@pytest.mark.parametrize("metadata", [["team", "a"], "team=a", 3])
+def test_metadata_that_is_not_an_object_is_refused(deps: Deps, input_file_id: str, metadata: object) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        _create(deps, input_file_id, metadata=metadata)
+    assert (raised.value.message, raised.value.param, raised.value.code) == (
+        "Invalid type for 'metadata': expected an object.",
+        "metadata",
+        "invalid_type",
+    )
+    assert _workflow(deps).started == []
+
+
+@pytest.mark.parametrize("length", [1, batches.MAX_IDEMPOTENCY_KEY])
+def test_an_idempotency_key_of_a_length_within_the_bounds_is_accepted(
+    deps: Deps, input_file_id: str, length: int
+) -> None:
+    first = _create(deps, input_file_id, idempotency_key="k" * length)
+    assert _create(deps, input_file_id, idempotency_key="k" * length).id == first.id
+
+
+@pytest.mark.parametrize("length", [0, batches.MAX_IDEMPOTENCY_KEY + 1])
+def test_an_idempotency_key_of_a_length_out_of_bounds_is_refused(
+    deps: Deps, input_file_id: str, length: int
+) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        _create(deps, input_file_id, idempotency_key="k" * length)
+    assert (raised.value.param, raised.value.code) == ("Idempotency-Key", "invalid_value")
+    assert f"1 to {batches.MAX_IDEMPOTENCY_KEY} characters" in raised.value.message
+    assert deps.metadata.list_batches("p1", after=None, limit=10) == []
+
+
+def test_a_replay_does_not_write_the_batch_again(
+    deps: Deps, input_file_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _create(deps, input_file_id, idempotency_key="key-1")
+    writes: list[str] = []
+    original = deps.metadata.create_batch
+
+    def counting_create(record: Any) -> None:
+        writes.append(record.id)
+        original(record)
+
+    monkeypatch.setattr(deps.metadata, "create_batch", counting_create)
+    assert _create(deps, input_file_id, idempotency_key="key-1").id == first.id
+    assert writes == []
+
+
+def _lose_the_write_to_a_concurrent_request(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch, **changes: Any
+) -> None:
+    """The other request with the same key writes its batch (with `changes`) just before ours."""
+    original = deps.metadata.create_batch
+
+    def racing_create(record: Any) -> None:
+        original(record.model_copy(update=changes))
+        raise AlreadyExists(record.id)
+
+    monkeypatch.setattr(deps.metadata, "create_batch", racing_create)
+
+
+def test_losing_the_write_to_a_concurrent_request_with_the_same_key_replays_its_batch(
+    deps: Deps, input_file_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _lose_the_write_to_a_concurrent_request(deps, monkeypatch, created_at=T0 - 1)
+    batch = _create(deps, input_file_id, idempotency_key="key-1")
+
+    assert batch == deps.metadata.get_batch("p1", batch.id)
+    assert batch.created_at == T0 - 1  # the other request's batch
+    assert _workflow(deps).started == [("p1", batch.id)]
+    assert len(deps.metadata.list_batches("p1", after=None, limit=10)) == 1
+
+
+def test_losing_the_write_to_a_concurrent_request_with_other_parameters_is_a_409(
+    deps: Deps, input_file_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _lose_the_write_to_a_concurrent_request(deps, monkeypatch, endpoint="/v1/embeddings")
+    with pytest.raises(Conflict) as raised:
+        _create(deps, input_file_id, idempotency_key="key-1")
+    assert raised.value.code == "idempotency_key_reused"
+    assert _workflow(deps).started == []
+
+
+def test_a_write_conflict_without_a_batch_to_replay_is_raised(
+    deps: Deps, input_file_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def conflicting_create(record: Any) -> None:
+        raise AlreadyExists(record.id)
+
+    monkeypatch.setattr(deps.metadata, "create_batch", conflicting_create)
+    with pytest.raises(AlreadyExists):
+        _create(deps, input_file_id, idempotency_key="key-1")
+    assert _workflow(deps).started == []
+
+
+def test_a_replay_of_a_validating_batch_starts_its_workflow_again(deps: Deps, input_file_id: str) -> None:
+    first = _create(deps, input_file_id, idempotency_key="key-1")
+    _workflow(deps).started.clear()  # the first start was lost
+
+    assert _create(deps, input_file_id, idempotency_key="key-1").id == first.id
+    assert _workflow(deps).started == [("p1", first.id)]
+
+
+def test_a_replay_of_a_running_batch_reports_its_progress_without_starting_it(
+    deps: Deps, input_file_id: str
+) -> None:
+    first = _create(deps, input_file_id, idempotency_key="key-1")
+    _start_running(deps, first.id, 4)
+    deps.metadata.put_chunk_progress(first.id, ChunkProgress(index=0, completed=2, failed=1))
+    _workflow(deps).started.clear()
+
+    again = _create(deps, input_file_id, idempotency_key="key-1")
+    assert (again.id, again.status) == (first.id, "in_progress")
+    assert again.request_counts.model_dump() == {"total": 4, "completed": 2, "failed": 1}
+    assert _workflow(deps).started == []
+
+
+@pytest.mark.parametrize("limit", [1, batches.BATCH_LIST_MAX_LIMIT])
+def test_list_limit_bounds_are_accepted(deps: Deps, input_file_id: str, limit: int) -> None:
+    made = [_create(deps, input_file_id).id for _ in range(limit + 1)]
+    page, has_more = batches.list_batches(deps, "p1", limit=limit)
+    assert len(page) == limit
+    assert has_more
+    assert {b.id for b in page} <= set(made)
+
+
+def test_list_reads_one_batch_beyond_the_page_from_the_store(
+    deps: Deps, input_file_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(6):
+        _create(deps, input_file_id)
+    original = deps.metadata.list_batches
+    asked: list[int] = []
+
+    def recording_list(project_id: str, *, after: str | None, limit: int) -> list[Any]:
+        asked.append(limit)
+        return original(project_id, after=after, limit=limit)
+
+    monkeypatch.setattr(deps.metadata, "list_batches", recording_list)
+    page, has_more = batches.list_batches(deps, "p1", limit=2)
+    assert (len(page), has_more) == (2, True)
+    assert asked == [2 + 1]
+
+
+def test_list_with_exactly_limit_batches_has_no_more(deps: Deps, input_file_id: str) -> None:
+    made = [_create(deps, input_file_id).id for _ in range(3)]
+    page, has_more = batches.list_batches(deps, "p1", limit=3)
+    assert sorted(b.id for b in page) == sorted(made)
+    assert not has_more
+
+
+def test_cancel_that_keeps_losing_races_gives_up_with_a_server_error(
+    deps: Deps, input_file_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = _create(deps, input_file_id)
+    attempts = []
+
+    def always_raced(project_id: str, batch_id: str, changes: Any, *, expected_status: Any) -> Any:
+        attempts.append(changes)
+        raise ConditionFailed(batch_id)
+
+    monkeypatch.setattr(deps.metadata, "update_batch", always_raced)
+    with pytest.raises(ServerError) as raised:
+        batches.cancel_batch(deps, "p1", batch.id)
+    assert (
+        raised.value.message == f"Could not cancel batch {batch.id}: its status kept changing. Please retry."
+    )
+    assert len(attempts) > 1
+    assert deps.metadata.get_batch("p1", batch.id).status == "validating"  # type: ignore[union-attr]

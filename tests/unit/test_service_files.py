@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from batch_api import object_keys
 from batch_api.contract.errors import InvalidRequest, NotFound
-from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL, BatchRecord
+from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL, BatchRecord, FileRecord
 from batch_api.deps import Deps
 from batch_api.service import files
+from batch_api.service.housekeeping import SWEEP_LIMIT
 from tests.unit.conftest import T0, FixedClock
 
 pytestmark = pytest.mark.unit
@@ -223,3 +226,161 @@ def test_sweep_marks_a_running_batchs_expired_input_but_keeps_its_body(deps: Dep
     deps.metadata.update_batch("p1", "batch_x", {"status": "cancelled"}, expected_status={"in_progress"})
     files.release_input_file(deps, "p1", record.id)
     assert not deps.blobs.exists(record.blob_key)
+
+
+def _refused_as_not_jsonl(deps: Deps, data: bytes) -> bool:
+    try:
+        files.create_file(deps, "p1", "in.jsonl", "batch", data)
+    except InvalidRequest as error:
+        assert (error.param, error.code) == ("file", "invalid_file_format")
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("data", "refused"),
+    [
+        (b"", False),  # nothing to judge: left to batch validation
+        (b"\n \n", False),
+        (b'\n{"custom_id": "a"}\n{"custom_id": "b"}\n', False),  # a leading blank line is skipped
+        (b'\r\n\n{"custom_id": "a"}\n', False),
+        (b'{"custom_id": "a"}\nnot json\n', False),  # only the first line is judged here
+        (b'not json\n{"custom_id": "a"}\n', True),
+        (b'\n[1, 2]\n{"custom_id": "a"}\n', True),
+        (b'{"custom_id": "a"}', False),  # a first line without a newline is still judged
+        (b"not json", True),
+        (b"\n\nnot json", True),
+    ],
+)
+def test_a_batch_files_first_non_blank_line_must_be_a_json_object(
+    deps: Deps, data: bytes, refused: bool
+) -> None:
+    assert _refused_as_not_jsonl(deps, data) is refused
+    assert (deps.blobs.list_keys("files/") == []) is refused
+
+
+def test_a_first_line_of_exactly_the_scan_limit_is_judged(deps: Deps) -> None:
+    assert _refused_as_not_jsonl(deps, b"x" * files.FIRST_LINE_LIMIT)
+
+
+def test_a_first_line_longer_than_the_scan_limit_is_left_to_batch_validation(deps: Deps) -> None:
+    assert not _refused_as_not_jsonl(deps, b"x" * (files.FIRST_LINE_LIMIT + 1))
+
+
+def test_first_line_finish_ends_the_watch() -> None:
+    first = files.FirstLine()
+    first.feed(b'{"a": 1}')
+    first.finish()
+    assert first.done
+    first.feed(b"2}\n")  # later bytes change nothing
+    assert first.line == b'{"a": 1}'
+    assert first.is_json_object()
+
+
+@pytest.mark.parametrize("policy", [["created_at", 7200], "created_at", 7200])
+def test_expires_after_that_is_not_an_object_is_refused(deps: Deps, policy: object) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        files.create_file(deps, "p1", "a.txt", "user_data", DATA, policy)  # type: ignore[arg-type]
+    assert (raised.value.message, raised.value.param, raised.value.code) == (
+        "Invalid type for 'expires_after': expected an object.",
+        "expires_after",
+        "invalid_type",
+    )
+    assert deps.blobs.list_keys("files/") == []
+
+
+def test_list_limit_of_one_is_accepted(deps: Deps, clock: FixedClock) -> None:
+    older = files.create_file(deps, "p1", "a.txt", "user_data", DATA)
+    clock.advance(1)
+    newer = files.create_file(deps, "p1", "b.txt", "user_data", DATA)
+
+    assert files.list_files(deps, "p1", limit=1) == ([newer], True)
+    assert files.list_files(deps, "p1", limit=1, after=newer.id) == ([older], False)
+
+
+def test_list_with_exactly_limit_files_has_no_more(deps: Deps, clock: FixedClock) -> None:
+    made = []
+    for name in ("a.txt", "b.txt"):
+        made.append(files.create_file(deps, "p1", name, "user_data", DATA))
+        clock.advance(1)
+    assert files.list_files(deps, "p1", limit=2, order="asc") == (made, False)
+
+
+def test_list_reads_one_file_beyond_the_page_from_the_store(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        files.create_file(deps, "p1", name, "user_data", DATA)
+    original = deps.metadata.list_files
+    asked: list[int] = []
+
+    def recording_list(project_id: str, **query: Any) -> list[FileRecord]:
+        asked.append(query["limit"])
+        return original(project_id, **query)
+
+    monkeypatch.setattr(deps.metadata, "list_files", recording_list)
+    page, has_more = files.list_files(deps, "p1", limit=1)
+    assert (len(page), has_more) == (1, True)
+    assert asked == [1 + 1]
+
+
+def test_delete_that_loses_a_race_with_another_delete_is_a_404(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
+    monkeypatch.setattr(deps.metadata, "mark_file_deleted", lambda project_id, file_id: False)
+
+    with pytest.raises(NotFound) as raised:
+        files.delete_file(deps, "p1", record.id)
+    assert raised.value.message == f"No such File object: {record.id}"
+    assert deps.blobs.exists(record.blob_key)  # the delete that won removes it
+
+
+def test_reading_a_body_removed_since_is_a_404(deps: Deps) -> None:
+    record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
+    found, _ = files.file_content(deps, "p1", record.id)
+    assert files.read_content(deps, "p1", found) == DATA
+
+    files.delete_file(deps, "p1", record.id)
+    with pytest.raises(NotFound) as raised:
+        files.read_content(deps, "p1", found)
+    assert raised.value.message == f"No such File object: {record.id}"
+
+
+def _expired_files(deps: Deps, clock: FixedClock, count: int) -> list[FileRecord]:
+    made = [
+        files.create_file(
+            deps, "p1", f"{i}.txt", "user_data", DATA, {"anchor": "created_at", "seconds": 3600}
+        )
+        for i in range(count)
+    ]
+    clock.advance(3600)
+    return made
+
+
+def test_a_sweep_handles_at_most_limit_files_and_the_next_takes_the_rest(
+    deps: Deps, clock: FixedClock
+) -> None:
+    made = _expired_files(deps, clock, 3)
+    assert files.sweep_expired_files(deps, limit=2) == 2
+    assert sum(deps.blobs.exists(r.blob_key) for r in made) == 1
+    assert files.sweep_expired_files(deps, limit=2) == 1
+    assert not any(deps.blobs.exists(r.blob_key) for r in made)
+
+
+def test_a_sweep_by_default_handles_a_housekeeping_pass_worth_of_files(deps: Deps, clock: FixedClock) -> None:
+    _expired_files(deps, clock, SWEEP_LIMIT + 1)
+    assert files.sweep_expired_files(deps) == SWEEP_LIMIT
+    assert files.sweep_expired_files(deps) == 1
+
+
+def test_a_sweep_with_nothing_expired_does_not_read_the_active_batches(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
+
+    def no_batches() -> list[BatchRecord]:
+        raise AssertionError("active batches read with nothing to sweep")
+
+    monkeypatch.setattr(deps.metadata, "list_active_batches", no_batches)
+    assert files.sweep_expired_files(deps) == 0

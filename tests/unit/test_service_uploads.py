@@ -10,7 +10,7 @@ import pytest
 from batch_api import object_keys
 from batch_api.contract import ids
 from batch_api.contract.errors import ConditionFailed, InvalidRequest, NotFound, PayloadTooLarge
-from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL, UPLOAD_TTL
+from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL, MIME_TYPES_BY_PURPOSE, UPLOAD_TTL, FileRecord
 from batch_api.deps import Deps
 from batch_api.service import files, uploads
 from tests.unit.conftest import T0, FixedClock
@@ -269,14 +269,14 @@ def test_sweep_marks_expired_pending_uploads_and_drops_their_parts(deps: Deps, c
     uploads.cancel_upload(deps, "p1", cancelled_id)
     clock.advance(60)
     later_id, _ = _upload_with_parts(deps)  # expires a minute after the others
-    assert uploads.sweep_expired_uploads(deps) == 0
+    assert uploads.sweep_expired_uploads(deps, limit=10) == 0
 
     clock.advance(UPLOAD_TTL - 60 + uploads.SWEEP_GRACE_SECONDS - 1)  # expired, but within the grace
-    assert uploads.sweep_expired_uploads(deps) == 0
+    assert uploads.sweep_expired_uploads(deps, limit=10) == 0
     assert deps.blobs.list_keys(object_keys.upload_prefix(expired_id))
 
     clock.advance(1)
-    assert uploads.sweep_expired_uploads(deps) == 1
+    assert uploads.sweep_expired_uploads(deps, limit=10) == 1
     assert _stored_status(deps, expired_id) == "expired"
     assert deps.blobs.list_keys(object_keys.upload_prefix(expired_id)) == []
     assert len(deps.blobs.list_keys(object_keys.upload_prefix(later_id))) == len(
@@ -286,10 +286,10 @@ def test_sweep_marks_expired_pending_uploads_and_drops_their_parts(deps: Deps, c
         "completed",
         "cancelled",
     )
-    assert uploads.sweep_expired_uploads(deps) == 0  # marked: not listed again
+    assert uploads.sweep_expired_uploads(deps, limit=10) == 0  # marked: not listed again
 
     clock.advance(60)
-    assert uploads.sweep_expired_uploads(deps) == 1
+    assert uploads.sweep_expired_uploads(deps, limit=10) == 1
     assert deps.blobs.list_keys("uploads/") == []
 
 
@@ -302,18 +302,22 @@ def test_sweep_respects_its_limit(deps: Deps, clock: FixedClock) -> None:
     assert deps.blobs.list_keys("uploads/") == []
 
 
-def test_sweep_leaves_an_upload_completed_meanwhile_completed(
+def test_sweep_leaves_an_upload_completed_meanwhile_completed_and_goes_on(
     deps: Deps, clock: FixedClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     upload_id, part_ids = _upload_with_parts(deps)
     stale = deps.metadata.get_upload("p1", upload_id)
     _, file = uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    expired_id, _ = _upload_with_parts(deps)
+    expired = deps.metadata.get_upload("p1", expired_id)
     clock.advance(UPLOAD_TTL + uploads.SWEEP_GRACE_SECONDS)
-    monkeypatch.setattr(deps.metadata, "list_expired_uploads", lambda now, limit: [stale])  # a lagging index
+    # a lagging index still lists the completed upload, ahead of one that did expire
+    monkeypatch.setattr(deps.metadata, "list_expired_uploads", lambda now, limit: [stale, expired])
 
-    assert uploads.sweep_expired_uploads(deps) == 0
+    assert uploads.sweep_expired_uploads(deps, limit=10) == 1
     assert _stored_status(deps, upload_id) == "completed"
     assert deps.blobs.get(file.blob_key) == b"".join(CHUNKS)
+    assert _stored_status(deps, expired_id) == "expired"
 
 
 def test_a_crash_between_dropping_parts_and_marking_is_finished_by_the_next_sweep(
@@ -328,11 +332,11 @@ def test_a_crash_between_dropping_parts_and_marking_is_finished_by_the_next_swee
 
     monkeypatch.setattr(deps.metadata, "update_upload", killed)
     with pytest.raises(RuntimeError):
-        uploads.sweep_expired_uploads(deps)
+        uploads.sweep_expired_uploads(deps, limit=10)
     assert deps.blobs.list_keys("uploads/") == []
     monkeypatch.setattr(deps.metadata, "update_upload", real_update)
 
-    assert uploads.sweep_expired_uploads(deps) == 1
+    assert uploads.sweep_expired_uploads(deps, limit=10) == 1
     assert _stored_status(deps, upload_id) == "expired"
 
 
@@ -356,7 +360,7 @@ def test_an_expired_upload_answers_the_same_before_and_after_the_sweep(deps: Dep
     before = answers()
     assert [code for code, _ in before[0]] == ["upload_expired", "upload_expired"]
     assert before[1].status == "expired"
-    assert uploads.sweep_expired_uploads(deps) == 1
+    assert uploads.sweep_expired_uploads(deps, limit=10) == 1
     assert answers() == before
     # and it can still be cancelled, as before the sweep (docs/bad-input.md, "Not errors")
     assert uploads.cancel_upload(deps, "p1", upload_id).status == "cancelled"
@@ -368,5 +372,224 @@ def test_an_expired_upload_cancelled_before_the_sweep_stays_cancelled(deps: Deps
     clock.advance(UPLOAD_TTL + uploads.SWEEP_GRACE_SECONDS)
     assert uploads.cancel_upload(deps, "p1", upload_id).status == "cancelled"
     assert deps.blobs.list_keys("uploads/") == []
-    assert uploads.sweep_expired_uploads(deps) == 0
+    assert uploads.sweep_expired_uploads(deps, limit=10) == 0
     assert _stored_status(deps, upload_id) == "cancelled"
+
+
+# ---------------------------------------------------------------- edges
+
+
+@pytest.mark.parametrize(
+    "mime_type",
+    [
+        "application/jsonl; charset=utf-8; profile=x",
+        "application/jsonl;charset=utf-8",
+        "APPLICATION/JSONL ; a=b",
+    ],
+)
+def test_a_mime_type_with_parameters_is_judged_by_its_type(deps: Deps, mime_type: str) -> None:
+    upload = uploads.create_upload(deps, "p1", "f.jsonl", "batch", 1, mime_type)
+    assert upload.mime_type == mime_type
+
+
+def test_a_mime_type_unfit_for_the_purpose_names_the_ones_that_fit(deps: Deps) -> None:
+    allowed = MIME_TYPES_BY_PURPOSE["batch"]
+    with pytest.raises(InvalidRequest) as raised:
+        uploads.create_upload(deps, "p1", "f.jsonl", "batch", 1, "image/png; q=1")
+    assert (raised.value.param, raised.value.code) == ("mime_type", "invalid_value")
+    assert raised.value.message == (
+        "Invalid value for 'mime_type': 'image/png' is not supported for purpose 'batch'. "
+        f"Supported values are: {', '.join(allowed)}."
+    )
+
+
+@pytest.mark.parametrize("byte_count", [0, uploads.MAX_UPLOAD_BYTES])
+def test_an_upload_may_declare_zero_bytes_or_exactly_the_limit(deps: Deps, byte_count: int) -> None:
+    assert uploads.create_upload(deps, "p1", "f.jsonl", "batch", byte_count, "text/plain").bytes == byte_count
+
+
+def test_a_part_of_exactly_the_limit_is_accepted(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uploads, "MAX_PART_BYTES", 4)
+    upload = uploads.create_upload(deps, "p1", "f.jsonl", "batch", 4, "text/plain")
+    part = uploads.add_part(deps, "p1", upload.id, b"1234")
+    assert deps.blobs.get(part.blob_key) == b"1234"
+
+
+def test_a_part_whose_record_cannot_be_written_leaves_no_body(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload = uploads.create_upload(deps, "p1", "f.jsonl", "batch", 4, "text/plain")
+
+    def throttled(part: object) -> None:
+        raise OSError("throttled")
+
+    monkeypatch.setattr(deps.metadata, "add_upload_part", throttled)
+    with pytest.raises(OSError):
+        uploads.add_part(deps, "p1", upload.id, b"1234")
+    assert deps.blobs.list_keys("uploads/") == []
+
+
+def test_the_stitched_body_lives_under_the_files_id(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    _, file = uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert file.blob_key == object_keys.stitched_file_key(ids.upload_file_id(upload_id), part_ids)
+    assert file.blob_key.startswith(f"files/{file.id}.")
+
+
+def test_the_stitched_body_carries_the_files_expiry(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    _, file = uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert file.expires_at is not None
+    assert deps.blobs.expiry == {file.blob_key: file.expires_at}  # type: ignore[attr-defined]
+
+
+def _fail_first_update(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first complete registers the file, then its update of the upload fails (a throttle, a crash)."""
+    original = deps.metadata.update_upload
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("throttled")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(deps.metadata, "update_upload", flaky)
+
+
+def _count_stitches(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    written: list[str] = []
+    original = deps.blobs.write_stream
+
+    def recording(key: str, chunks: Any) -> int:
+        written.append(key)
+        return original(key, chunks)
+
+    monkeypatch.setattr(deps.blobs, "write_stream", recording)
+    return written
+
+
+def test_a_retried_complete_does_not_copy_the_parts_again(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    _fail_first_update(deps, monkeypatch)
+    written = _count_stitches(deps, monkeypatch)
+    with pytest.raises(OSError):
+        uploads.complete_upload(deps, "p1", upload_id, part_ids)
+
+    completed, file = uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert completed.status == "completed"
+    assert written == [file.blob_key]  # stitched once, by the first attempt
+
+
+def test_a_retried_complete_checks_the_md5_against_the_registered_body(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    _fail_first_update(deps, monkeypatch)
+    right = hashlib.md5(b"".join(CHUNKS)).hexdigest()
+    with pytest.raises(OSError):
+        uploads.complete_upload(deps, "p1", upload_id, part_ids, right)
+
+    with pytest.raises(InvalidRequest) as raised:
+        uploads.complete_upload(deps, "p1", upload_id, part_ids, "0" * 32)
+    assert raised.value.param == "md5"
+    assert right in raised.value.message
+    assert _stored_status(deps, upload_id) == "pending"
+
+    completed, file = uploads.complete_upload(deps, "p1", upload_id, part_ids, right.upper())
+    assert completed.file_id == file.id
+    assert deps.blobs.get(file.blob_key) == b"".join(CHUNKS)
+
+
+def _registered_meanwhile(deps: Deps, monkeypatch: pytest.MonkeyPatch, *, same_parts: bool) -> dict[str, Any]:
+    """While this complete stitches, a concurrent complete of the same upload registers the file: with the
+    same part list (so the same body key) or with another one."""
+    original = deps.blobs.write_stream
+    seen: dict[str, Any] = {}
+
+    def racing(key: str, chunks: Any) -> int:
+        written = original(key, chunks)
+        winner = FileRecord(
+            id=key.split("/")[1].split(".")[0],
+            project_id="p1",
+            bytes=written,
+            created_at=1,
+            expires_at=None,
+            filename="winner.jsonl",
+            purpose="batch",
+            blob_key=key if same_parts else key + ".other",
+        )
+        if not same_parts:
+            original(winner.blob_key, iter([b'{"winner": true}\n']))
+        deps.metadata.create_file(winner)
+        seen["winner"] = winner
+        return written
+
+    monkeypatch.setattr(deps.blobs, "write_stream", racing)
+    return seen
+
+
+def test_a_complete_that_loses_the_registration_to_the_same_parts_returns_the_winners_file(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    seen = _registered_meanwhile(deps, monkeypatch, same_parts=True)
+    completed, file = uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert file == seen["winner"]  # the registered record, not this attempt's own
+    assert completed.file_id == file.id
+    assert deps.blobs.get(file.blob_key) == b"".join(CHUNKS)  # the shared body is kept
+
+
+def test_a_complete_with_a_wrong_md5_keeps_a_body_the_registered_file_points_at(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    seen = _registered_meanwhile(deps, monkeypatch, same_parts=True)
+    with pytest.raises(InvalidRequest) as raised:
+        uploads.complete_upload(deps, "p1", upload_id, part_ids, "0" * 32)
+    assert raised.value.param == "md5"
+    assert deps.blobs.get(seen["winner"].blob_key) == b"".join(CHUNKS)
+
+
+def test_a_complete_that_loses_the_registration_to_other_parts_drops_its_body(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+    seen = _registered_meanwhile(deps, monkeypatch, same_parts=False)
+    with pytest.raises(InvalidRequest) as raised:
+        uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert raised.value.code == "invalid_upload_status"
+    assert deps.blobs.list_keys("files/") == [seen["winner"].blob_key]
+
+
+def test_a_stitched_body_whose_record_cannot_be_written_is_removed(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id, part_ids = _upload_with_parts(deps)
+
+    def throttled(record: object) -> None:
+        raise OSError("throttled")
+
+    monkeypatch.setattr(deps.metadata, "create_file", throttled)
+    with pytest.raises(OSError):
+        uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert deps.blobs.list_keys("files/") == []
+    assert len(deps.blobs.list_keys(object_keys.upload_prefix(upload_id))) == len(part_ids)  # retry can go on
+
+
+def test_a_cancel_that_races_another_answers_for_the_state_it_finds(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id, _ = _upload_with_parts(deps)
+    original = deps.metadata.update_upload
+
+    def cancelled_meanwhile(project_id: str, upload_id: str, changes: Any, *, expected_status: Any) -> Any:
+        original(project_id, upload_id, {"status": "cancelled"}, expected_status=["pending"])
+        monkeypatch.setattr(deps.metadata, "update_upload", original)
+        raise ConditionFailed(upload_id)
+
+    monkeypatch.setattr(deps.metadata, "update_upload", cancelled_meanwhile)
+    cancelled = uploads.cancel_upload(deps, "p1", upload_id)
+    assert (cancelled.id, cancelled.status) == (upload_id, "cancelled")

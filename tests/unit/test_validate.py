@@ -16,11 +16,21 @@ from batch_api.contract.errors import NotFound
 from batch_api.workflow.lines import split_lines
 from batch_api.workflow.manifest import load_manifest
 from batch_api.workflow.validate import embedding_input_count, validate_batch
-from tests.unit.workflow_support import PROJECT, add_batch, get_batch, ids, jsonl, make_deps, request
+from tests.unit.workflow_support import (
+    PROJECT,
+    RecordingMetadata,
+    add_batch,
+    get_batch,
+    ids,
+    jsonl,
+    make_deps,
+    request,
+)
 
 pytestmark = pytest.mark.unit
 
 CHAT = "/v1/chat/completions"
+EMB = "/v1/embeddings"
 
 
 def _errors(deps: Any) -> list[dict[str, Any]]:
@@ -56,7 +66,7 @@ def test_valid_file_moves_the_batch_in_progress_with_a_manifest(endpoint: str) -
     assert batch.status == "in_progress"
     assert batch.in_progress_at == deps.now()
     assert batch.model == "gpt-test"
-    assert batch.request_counts.total == 5
+    assert batch.request_counts.model_dump() == {"total": 5, "completed": 0, "failed": 0}
     assert batch.chunk_count == 1
     assert batch.errors == []
     assert [c.model_dump() for c in load_manifest(deps, "batch_test")] == [
@@ -107,6 +117,82 @@ def test_cancelled_while_validating_still_plans_and_goes_to_finalize() -> None:
     assert (batch.request_counts.total, batch.chunk_count, batch.model) == (3, 1, "gpt-test")
     assert sum(c.lines for c in load_manifest(deps, "batch_test")) == 3
     assert validate_batch(ids(), deps) == result  # the re-run does not validate again
+
+
+def test_a_cancelling_batch_already_planned_is_not_validated_again() -> None:
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a"), request("b")]))
+    planned = validate_batch(ids(), deps)
+    deps.metadata.update_batch(
+        PROJECT, "batch_test", {"status": "cancelling"}, expected_status={"in_progress"}
+    )
+    deps.blobs.put("files/file-input", b"now garbage\n")  # a re-validation would fail on this
+
+    result = validate_batch(ids(), deps)
+
+    assert result.state() == {**planned.state(), "next": "finalize"}
+    batch = get_batch(deps)
+    assert (batch.status, batch.errors, batch.chunk_count) == ("cancelling", [], 1)
+
+
+def test_an_invalid_file_cancelled_while_validating_ends_cancelled_with_its_errors() -> None:
+    deps = make_deps()
+    add_batch(deps, jsonl([request("a"), b"{broken"]))
+    deps.metadata.update_batch(
+        PROJECT, "batch_test", {"status": "cancelling"}, expected_status={"validating"}
+    )
+
+    result = validate_batch(ids(), deps)
+
+    assert result.state() == {**ids(), "next": "done", "status": "cancelled"}
+    batch = get_batch(deps)
+    assert (batch.status, batch.cancelled_at, batch.failed_at) == ("cancelled", deps.now(), None)
+    assert _errors(deps) == [
+        {
+            "code": "invalid_json_line",
+            "message": "This line is not parseable as valid JSON.",
+            "param": None,
+            "line": 2,
+        }
+    ]
+    assert [kind for kind, _ in deps.events.events] == ["batch.cancelled"]
+
+
+class _PlannedByAnotherRun(RecordingMetadata):
+    """Another run of validate plans the batch while this one is reading its input file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = True
+
+    def get_file(self, project_id: str, file_id: str) -> Any:
+        if self.armed:
+            self.armed = False
+            self.update_batch(
+                project_id,
+                "batch_test",
+                {"status": "in_progress", "chunk_count": 1},
+                expected_status={"validating"},
+            )
+        return super().get_file(project_id, file_id)
+
+
+def test_a_batch_planned_by_another_run_meanwhile_is_not_failed() -> None:
+    deps = make_deps()
+    deps.metadata = _PlannedByAnotherRun()
+    add_batch(deps, jsonl([b"{broken"]))
+
+    result = validate_batch(ids(), deps)
+
+    assert result.state() == {
+        **ids(),
+        "next": "process",
+        "manifest_key": object_keys.manifest_key("batch_test"),
+        "chunk_count": 1,
+    }
+    batch = get_batch(deps)
+    assert (batch.status, batch.errors, batch.failed_at) == ("in_progress", [], None)
+    assert deps.events.events == []
 
 
 def test_unknown_batch_raises_not_found() -> None:
@@ -199,6 +285,103 @@ def test_streaming_is_refused_in_the_endpoints_own_name(endpoint: str, name: str
     assert [e["message"] for e in _errors(deps)] == [f"{name}: Streaming is not supported in the Batch API."]
 
 
+def test_streaming_on_an_endpoint_without_an_openai_name_is_refused_by_its_path() -> None:
+    endpoint = "/v1/audio/speech"
+    line = {"custom_id": "s", "method": "POST", "url": endpoint, "body": {"model": "m", "stream": True}}
+    deps = make_deps()
+    add_batch(deps, jsonl([line]), endpoint=endpoint)
+
+    validate_batch(ids(), deps)
+
+    assert _errors(deps) == [
+        {
+            "code": "streaming_unsupported",
+            "message": f"{endpoint}: Streaming is not supported in the Batch API.",
+            "param": "body.stream",
+            "line": 1,
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "code", "param", "message"),
+    [
+        (
+            b"[1, 2]",
+            "invalid_json_line",
+            None,
+            "Line 3 is JSON but not an object; each line must be one request object.",
+        ),
+        (
+            {**request("x"), "custom_id": 7},
+            "invalid_request",
+            "custom_id",
+            "Line 3 has custom_id 7; it must be a non-empty string.",
+        ),
+        (
+            {**request("x"), "custom_id": ""},
+            "invalid_request",
+            "custom_id",
+            "Line 3 has custom_id ''; it must be a non-empty string.",
+        ),
+        (
+            {**request("x"), "method": "GET"},
+            "invalid_request",
+            "method",
+            "Line 3 has method 'GET'; only 'POST' is supported.",
+        ),
+        (
+            {**request("x"), "body": "hello"},
+            "invalid_request",
+            "body",
+            "Line 3 has a 'body' that is not a JSON object.",
+        ),
+        (
+            {**request("x"), "body": {"model": [1], "messages": []}},
+            "invalid_request",
+            "body.model",
+            "Line 3 has body.model [1]; it must be a non-empty string.",
+        ),
+        (
+            request("x", model="other-model"),
+            "mismatched_model",
+            "body.model",
+            "Line 3 uses model 'other-model', but line 1 uses 'gpt-test'; a batch file must use one model.",
+        ),
+        (
+            request("ok"),
+            "duplicate_custom_id",
+            "custom_id",
+            "Line 3 repeats custom_id 'ok', already used on line 1; custom_id must be unique within the file.",
+        ),
+    ],
+)
+def test_our_own_messages_name_the_line_and_show_the_value(
+    line: Any, code: str, param: str | None, message: str
+) -> None:
+    assert _fail_with(line) == [{"code": code, "message": message, "param": param, "line": 3}]
+
+
+@pytest.mark.parametrize(
+    ("method", "shown"),
+    [
+        ("G" * 78, "'" + "G" * 78 + "'"),  # 80 characters with its quotes: shown whole
+        ("G" * 79, "'" + "G" * 76 + "..."),  # 81: cut to 77 and "..."
+        ("G" * 500, "'" + "G" * 76 + "..."),
+    ],
+)
+def test_a_long_value_is_shown_cut_to_80_characters(method: str, shown: str) -> None:
+    assert len(shown) == 80
+    assert _fail_with({**request("x"), "method": method}) == [
+        {
+            "code": "invalid_request",
+            "message": f"Line 3 has method {shown}; only 'POST' is supported.",
+            "param": "method",
+            "line": 3,
+        }
+    ]
+
+
 def test_duplicate_custom_id_names_the_first_line() -> None:
     [error] = _fail_with(request("ok"))
 
@@ -275,7 +458,7 @@ def test_errors_are_capped_but_the_whole_file_is_counted(caplog: pytest.LogCaptu
         validate_batch(ids(), deps)
 
     assert [e["line"] for e in _errors(deps)] == [1, 2, 3]
-    assert "10 errors, 3 kept" in caplog.text
+    assert ": 10 errors, 3 kept" in caplog.text
 
 
 # ---------------------------------------------------------------- limits and the input file
@@ -288,7 +471,15 @@ def test_more_requests_than_the_limit_is_batch_too_large(monkeypatch: pytest.Mon
 
     validate_batch(ids(), deps)
 
-    assert [(e["code"], e["line"]) for e in _errors(deps)] == [("batch_too_large", 5)]
+    assert _errors(deps) == [
+        {
+            "code": "batch_too_large",
+            "message": "Line 5 is request number 4; a batch may hold at most 3 requests. "
+            "Split the file into smaller batches.",
+            "param": None,
+            "line": 5,
+        }
+    ]
 
 
 def test_requests_at_the_limit_are_fine(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -307,7 +498,24 @@ def test_file_over_the_size_limit_is_file_too_large(monkeypatch: pytest.MonkeyPa
 
     validate_batch(ids(), deps)
 
-    assert [(e["code"], e["param"]) for e in _errors(deps)] == [("file_too_large", "input_file_id")]
+    assert _errors(deps) == [
+        {
+            "code": "file_too_large",
+            "message": f"The input file is {len(data):,} bytes; a batch file may be at most "
+            f"{len(data) - 1:,} bytes.",
+            "param": "input_file_id",
+            "line": None,
+        }
+    ]
+
+
+def test_a_file_of_exactly_the_size_limit_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = jsonl([request("a"), request("b")])
+    monkeypatch.setattr(models, "MAX_BATCH_FILE_BYTES", len(data))
+    deps = make_deps()
+    add_batch(deps, data)
+
+    assert validate_batch(ids(), deps).next == "process"
 
 
 def test_too_many_embedding_inputs_summed_over_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -327,6 +535,37 @@ def test_too_many_embedding_inputs_summed_over_the_file(monkeypatch: pytest.Monk
 
 
 @pytest.mark.parametrize(
+    ("inputs", "error_line"),
+    [([2, 1], None), ([3, 1, 1], 2), ([1, 1, 2, 5], 3)],
+)
+def test_embedding_inputs_may_reach_the_limit_and_the_line_passing_it_is_named_once(
+    monkeypatch: pytest.MonkeyPatch, inputs: list[int], error_line: int | None
+) -> None:
+    monkeypatch.setattr(models, "MAX_EMBEDDING_INPUTS", 3)
+    lines = [
+        {**request(f"r{i}", EMB), "body": {"model": "gpt-test", "input": ["x"] * n}}
+        for i, n in enumerate(inputs)
+    ]
+    deps = make_deps()
+    add_batch(deps, jsonl(lines), endpoint=EMB)
+
+    result = validate_batch(ids(), deps)
+
+    if error_line is None:
+        assert result.next == "process"
+    else:
+        assert _errors(deps) == [
+            {
+                "code": "too_many_embedding_inputs",
+                "message": f"The embedding inputs add up to more than 3 by line {error_line}; "
+                "split the file into smaller batches.",
+                "param": None,
+                "line": error_line,
+            }
+        ]
+
+
+@pytest.mark.parametrize(
     ("value", "count"), [("x", 1), (["a", "b"], 2), ([1, 2, 3], 1), ([[1], [2]], 2), ([], 0)]
 )
 def test_embedding_input_count(value: Any, count: int) -> None:
@@ -340,7 +579,14 @@ def test_a_file_without_requests_is_empty_file(data: bytes) -> None:
 
     validate_batch(ids(), deps)
 
-    assert [e["code"] for e in _errors(deps)] == ["empty_file"]
+    assert _errors(deps) == [
+        {
+            "code": "empty_file",
+            "message": "The input file has no requests.",
+            "param": "input_file_id",
+            "line": None,
+        }
+    ]
 
 
 @pytest.mark.parametrize("how", ["no_record", "no_body"])
@@ -357,8 +603,14 @@ def test_missing_input_file_fails_with_invalid_request_on_input_file_id(how: str
     result = validate_batch(ids(), deps)
 
     assert result.status == "failed"
-    assert [(e["code"], e["param"]) for e in _errors(deps)] == [("invalid_request", "input_file_id")]
-    assert "was deleted before the batch could read it" in _errors(deps)[0]["message"]
+    assert _errors(deps) == [
+        {
+            "code": "invalid_request",
+            "message": "The input file file-input was deleted before the batch could read it.",
+            "param": "input_file_id",
+            "line": None,
+        }
+    ]
 
 
 @pytest.mark.parametrize("how", ["deleted", "expired"])
@@ -419,6 +671,17 @@ def test_chunks_stay_under_chunk_max_bytes_and_a_huge_line_gets_its_own() -> Non
     plans = _check_plan_covers_the_file(deps)
     assert [p["lines"] for p in plans] == [2, 2, 1, 1]
     assert all(p["end"] - p["start"] <= 1024 for i, p in enumerate(plans) if i != 2)
+
+
+@pytest.mark.parametrize(("slack", "lines"), [(0, [2]), (-1, [1, 1])])
+def test_a_chunk_may_hold_exactly_chunk_max_bytes(slack: int, lines: list[int]) -> None:
+    data = jsonl([request(f"r{i}", content="x" * 600) for i in range(2)])
+    deps = make_deps(chunk_max_bytes=len(data) + slack)
+    add_batch(deps, data)
+
+    validate_batch(ids(), deps)
+
+    assert [p["lines"] for p in _check_plan_covers_the_file(deps)] == lines
 
 
 def test_planning_with_crlf_blank_lines_and_no_final_newline() -> None:

@@ -221,9 +221,7 @@ def _error_lines(
     for chunk, tally in zip(chunks, tallies, strict=True):
         if len(tally.done_ids) >= chunk.lines:
             continue
-        for _start, _end, raw in split_lines(
-            deps.blobs.iter_range(blob_key, chunk.start, chunk.end), chunk.start
-        ):
+        for _start, _end, raw in split_lines(deps.blobs.iter_range(blob_key, chunk.start, chunk.end)):
             if not raw.strip():
                 continue
             custom_id = parse_line(raw)["custom_id"]

@@ -127,8 +127,7 @@ def split_lines(pieces: Iterable[bytes], base_offset: int = 0) -> Iterator[tuple
     Lines split across pieces are joined; a final line without a newline is yielded too. Only the
     current partial line is held, so memory stays at one piece plus one line.
     """
-    partial: list[bytes] = []  # pieces of a line not yet ended, joined once its newline arrives
-    partial_len = 0
+    partial: list[bytes] = []  # non-empty pieces of a line not yet ended, joined once its newline arrives
     offset = base_offset  # file offset of the start of `partial`
     for piece in pieces:
         if not piece:
@@ -139,20 +138,18 @@ def split_lines(pieces: Iterable[bytes], base_offset: int = 0) -> Iterator[tuple
             if newline < 0:
                 if pos < len(piece):
                     partial.append(piece[pos:])
-                    partial_len += len(piece) - pos
                 break
             segment = piece[pos:newline]
             if partial:
                 partial.append(segment)
                 content = b"".join(partial)
                 partial.clear()
-                partial_len = 0
             else:
                 content = segment
             end = offset + len(content) + 1
             yield offset, end, content[:-1] if content.endswith(b"\r") else content
             offset = end
             pos = newline + 1
-    if partial_len:
+    if partial:
         content = b"".join(partial)
         yield offset, offset + len(content), content[:-1] if content.endswith(b"\r") else content

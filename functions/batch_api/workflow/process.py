@@ -150,7 +150,7 @@ class _ChunkRun:
         Ends early (and sets `stopped`) if the input body vanishes while it is read."""
         try:
             pieces = self.deps.blobs.iter_range(self.blob_key, self.plan.start, self.plan.end)
-            lines = split_lines(pieces, self.plan.start)
+            lines = split_lines(pieces)  # the offsets are not needed here
             for _start, _end, raw in lines:
                 if not raw.strip():
                     continue

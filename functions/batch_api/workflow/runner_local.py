@@ -50,7 +50,6 @@ class LocalWorkflow:
         self._running: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()
         self._chunk_pool: ThreadPoolExecutor | None = None
-        self._sweeper: threading.Thread | None = None
         self._step_attempts = step_attempts
         self._step_backoff = step_backoff_seconds
 
@@ -127,8 +126,7 @@ class LocalWorkflow:
                     logger.exception("sweep failed; will try again")
                 self._stopping.wait(interval)
 
-        self._sweeper = threading.Thread(target=loop, name="sweeper", daemon=True)
-        self._sweeper.start()
+        threading.Thread(target=loop, name="sweeper", daemon=True).start()
 
     def begin_stop(self) -> None:
         """Stop taking work, without waiting. Running chunks see no time left (`_time_left`): they start
@@ -143,7 +141,7 @@ class LocalWorkflow:
         self.begin_stop()
         deadline = time.monotonic() + timeout
         for thread in list(self._running.values()):
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(deadline - time.monotonic())  # a negative timeout joins like 0
 
     def wait_idle(self, timeout: float) -> bool:
         """For tests and benchmarks: wait until no batch is being driven."""
@@ -153,7 +151,7 @@ class LocalWorkflow:
                 busy = [t for t in self._running.values() if t.is_alive()]
             if not busy:
                 return True
-            busy[0].join(min(0.1, max(0.0, deadline - time.monotonic())))
+            busy[0].join(deadline - time.monotonic())
         return False
 
     # ---------------------------------------------------------------- the state machine
@@ -188,8 +186,8 @@ class LocalWorkflow:
             logger.info("batch %s left for the next start", batch_id)
         finally:
             with self._lock:
-                if self._running.get(batch_id) is threading.current_thread():
-                    del self._running[batch_id]
+                # start() never replaces a live thread's entry, so this one is still ours
+                del self._running[batch_id]
 
     def _process_all(self, ref: BatchRef, chunks: list[ChunkPlan]) -> None:
         from batch_api.workflow.process import process_chunk

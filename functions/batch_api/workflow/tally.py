@@ -48,6 +48,6 @@ def read_tally(deps: Deps, batch_id: str, index: int, endpoint: str) -> ChunkTal
     for line in deps.journal.read(batch_id, index):
         obj = parse_line(line)
         success = is_success(obj)
-        body = obj["response"]["body"] if success else None
-        tally.add(obj["custom_id"], success, usage_of(endpoint, body) if success else Usage())
+        body = obj["response"]["body"] if success else None  # a failed line has no usage
+        tally.add(obj["custom_id"], success, usage_of(endpoint, body))
     return tally

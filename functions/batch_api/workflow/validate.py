@@ -16,7 +16,13 @@ import orjson
 from batch_api import object_keys
 from batch_api.contract import models
 from batch_api.contract.errors import ConditionFailed
-from batch_api.contract.models import TERMINAL_STATUSES, BatchErrorEntry, BatchRecord, ChunkPlan
+from batch_api.contract.models import (
+    TERMINAL_STATUSES,
+    BatchErrorEntry,
+    BatchRecord,
+    ChunkPlan,
+    RequestCounts,
+)
 from batch_api.contract.steps import BatchRef, ValidateOutput, parse_step
 from batch_api.deps import Deps
 from batch_api.workflow.lines import split_lines
@@ -68,7 +74,6 @@ class _Scan:
     max_errors: int
     chunk_max_lines: int
     chunk_max_bytes: int
-    max_requests: int
     max_embedding_inputs: int
     errors: list[BatchErrorEntry] = field(default_factory=list)
     error_count: int = 0
@@ -235,7 +240,6 @@ def scan_file(deps: Deps, blob_key: str, endpoint: str) -> _Scan:
         max_errors=settings.max_batch_errors,
         chunk_max_lines=settings.chunk_max_lines,
         chunk_max_bytes=settings.chunk_max_bytes,
-        max_requests=max_requests,
         max_embedding_inputs=max_embedding_inputs,
     )
     size = deps.blobs.size(blob_key)
@@ -286,7 +290,7 @@ def validate_batch(event: BatchRef | Mapping[str, Any], deps: Deps) -> ValidateO
     input_file = deps.metadata.get_file(project_id, batch.input_file_id)
     try:
         if input_file is None:
-            raise KeyError(batch.input_file_id)
+            raise KeyError  # no record reads like no body
         scan = scan_file(deps, input_file.blob_key, batch.endpoint)
     except KeyError:  # the blob store's "absent"
         return _fail(
@@ -312,7 +316,7 @@ def validate_batch(event: BatchRef | Mapping[str, Any], deps: Deps) -> ValidateO
     write_manifest(deps, batch_id, scan.chunks)
     planned = {
         "model": scan.model,
-        "request_counts": {"total": scan.requests, "completed": 0, "failed": 0},
+        "request_counts": RequestCounts(total=scan.requests),
         "chunk_count": len(scan.chunks),
     }
     try:
