@@ -35,11 +35,20 @@ from tests.support.asgi_server import asgi_app, exchange, serving
 from tests.support.fake_upstream import FakeUpstreamServer
 from tests.support.server import free_port
 from tests.unit.api_events import proxy_event
-from tests.unit.conftest import FixedClock, LambdaContext
-from tests.unit.conftest import make_deps as make_api_deps
+from tests.unit.builders import (
+    PROJECT,
+    FakeClock,
+    add_batch,
+    file_lines,
+    get_batch,
+    ids,
+    jsonl,
+    make_deps,
+    request,
+)
+from tests.unit.builders import make_deps as make_step_deps
+from tests.unit.conftest import LambdaContext
 from tests.unit.fakes_upstream import FakeUpstream
-from tests.unit.workflow_support import PROJECT, add_batch, file_lines, get_batch, ids, jsonl, request
-from tests.unit.workflow_support import make_deps as make_step_deps
 
 pytestmark = pytest.mark.integration
 
@@ -99,8 +108,8 @@ class Observed:
 
 class Api:
     def __init__(self) -> None:
-        self.clock = FixedClock()
-        self.deps = make_api_deps(self.clock, api_keys=[KEY])
+        self.clock = FakeClock()
+        self.deps = make_deps(clock=self.clock, api_keys=[KEY])
         self.app = api.create_app(self.deps)
         self.project = api.authenticate({"authorization": f"Bearer {KEY}"}, self.deps.settings.api_keys)
 

@@ -41,6 +41,8 @@ class AtomicMotoServer(ThreadedMotoServer):
 
     def _server_entry(self) -> None:
         app = one_at_a_time(DomainDispatcherApplication(create_backend_app))
-        self._server = make_server(self._ip_address, self._port, app, True, request_handler=MotoRequestHandler)
+        self._server = make_server(
+            self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
+        )
         self._server_ready_event.set()
         self._server.serve_forever()

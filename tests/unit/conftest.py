@@ -6,57 +6,18 @@ from dataclasses import dataclass
 
 import pytest
 
-from batch_api.adapters.memory import (
-    MemoryBlobStore,
-    MemoryJournal,
-    MemoryMetadataStore,
-    RecordingEventSink,
-    RecordingWorkflow,
-)
-from batch_api.config import Settings
 from batch_api.deps import Deps
-
-T0 = 1_750_000_000
-
-
-class FixedClock:
-    """Time stands still until a test moves it."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def _no_upstream() -> object:
-    raise AssertionError("unit tests of the API never call the upstream")
-
-
-def make_deps(clock: FixedClock, **settings: object) -> Deps:
-    return Deps(
-        settings=Settings(**settings),  # type: ignore[arg-type]
-        metadata=MemoryMetadataStore(),
-        blobs=MemoryBlobStore(),
-        journal=MemoryJournal(),
-        events=RecordingEventSink(),
-        workflow=RecordingWorkflow(),
-        upstream_factory=_no_upstream,  # type: ignore[arg-type]
-        clock=clock,
-    )
+from tests.unit.builders import FakeClock, make_deps
 
 
 @pytest.fixture
-def clock() -> FixedClock:
-    return FixedClock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def deps(clock: FixedClock) -> Deps:
-    return make_deps(clock)
+def deps(clock: FakeClock) -> Deps:
+    return make_deps(clock=clock)
 
 
 @dataclass

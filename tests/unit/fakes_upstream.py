@@ -123,16 +123,3 @@ class FakeUpstream:
         """Use as `Deps.upstream_factory`: every "new client" is this recorder."""
         self.clients_created += 1
         return self
-
-
-class FakeClock:
-    """`Deps.clock` a test moves by hand."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds

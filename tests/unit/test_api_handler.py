@@ -28,7 +28,8 @@ from tests.unit.api_events import (
     proxy_event,
     sdk_transport,
 )
-from tests.unit.conftest import T0, FixedClock, LambdaContext, make_deps
+from tests.unit.builders import T0, FakeClock, make_deps
+from tests.unit.conftest import LambdaContext
 
 pytestmark = pytest.mark.unit
 
@@ -149,8 +150,8 @@ def _with_path(event: dict[str, Any], path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- health, routing, auth, errors
 
 
-def test_health_needs_no_key(clock: FixedClock, lambda_context: LambdaContext) -> None:
-    client = Client(make_deps(clock, api_keys="sk-a"), lambda_context)
+def test_health_needs_no_key(clock: FakeClock, lambda_context: LambdaContext) -> None:
+    client = Client(make_deps(clock=clock, api_keys="sk-a"), lambda_context)
     assert client.json(load_event("health.json")) == {"status": "ok"}
 
 
@@ -159,8 +160,8 @@ def test_unknown_route_is_a_404_envelope(client: Client) -> None:
     assert error["message"] == "Invalid URL (GET /v1/nothing)"
 
 
-def test_keys_scope_projects(clock: FixedClock, lambda_context: LambdaContext) -> None:
-    client = Client(make_deps(clock, api_keys="sk-a,sk-b"), lambda_context)
+def test_keys_scope_projects(clock: FakeClock, lambda_context: LambdaContext) -> None:
+    client = Client(make_deps(clock=clock, api_keys="sk-a,sk-b"), lambda_context)
     seed(client.deps, project_id=project_id_for_key("sk-a"))
 
     def as_key(event: dict[str, Any], key: str | None) -> dict[str, Any]:
@@ -192,7 +193,7 @@ def test_unexpected_errors_are_500_without_internals(client: Client, monkeypatch
 # ---------------------------------------------------------------- files
 
 
-def test_create_file_from_the_sdks_multipart(client: Client, clock: FixedClock) -> None:
+def test_create_file_from_the_sdks_multipart(client: Client, clock: FakeClock) -> None:
     body = client.json(load_event("files_create.json"))
     file = FileObject.model_validate(body)
     assert (file.purpose, file.filename, file.status) == ("batch", "requests.jsonl", "processed")
@@ -201,8 +202,8 @@ def test_create_file_from_the_sdks_multipart(client: Client, clock: FixedClock) 
     assert file.bytes == client.deps.blobs.size(object_keys.file_key(file.id))
 
 
-def test_create_file_too_large_points_at_uploads(clock: FixedClock, lambda_context: LambdaContext) -> None:
-    client = Client(make_deps(clock, max_request_bytes=2 * 1024 * 1024), lambda_context)
+def test_create_file_too_large_points_at_uploads(clock: FakeClock, lambda_context: LambdaContext) -> None:
+    client = Client(make_deps(clock=clock, max_request_bytes=2 * 1024 * 1024), lambda_context)
     event = _with_body(load_event("files_create.json"), b"x" * (2 * 1024 * 1024 + 1))
     error = client.error(event, 413)
     assert "upload_file_chunked" in error["message"]
@@ -210,8 +211,8 @@ def test_create_file_too_large_points_at_uploads(clock: FixedClock, lambda_conte
     assert resolver.suggested_part_size(client.deps.settings) == 1024 * 1024
 
 
-def test_too_large_upload_part_names_data(clock: FixedClock, lambda_context: LambdaContext) -> None:
-    client = Client(make_deps(clock, max_request_bytes=2 * 1024 * 1024), lambda_context)
+def test_too_large_upload_part_names_data(clock: FakeClock, lambda_context: LambdaContext) -> None:
+    client = Client(make_deps(clock=clock, max_request_bytes=2 * 1024 * 1024), lambda_context)
     seed(client.deps)
     event = _with_body(load_event("uploads_add_part.json"), b"x" * (2 * 1024 * 1024 + 1))
     error = client.error(event, 413)
@@ -234,7 +235,7 @@ def test_create_file_needs_purpose_and_file(client: Client) -> None:
     assert client.error(_with_body(event, b"not multipart at all"), 400)["type"] == "invalid_request_error"
 
 
-def test_list_files(client: Client, clock: FixedClock) -> None:
+def test_list_files(client: Client, clock: FakeClock) -> None:
     for i in range(2):
         clock.advance(1)
         files.create_file(client.deps, "local", f"{i}.jsonl", "batch", b"{}\n")
@@ -279,7 +280,7 @@ def test_small_file_content_is_inline(client: Client) -> None:
 
 
 def test_large_file_content_redirects_to_a_short_lived_url(
-    client: Client, clock: FixedClock, monkeypatch: pytest.MonkeyPatch
+    client: Client, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client.deps.settings.max_inline_download_bytes = 4
     calls: list[tuple[str, str, int]] = []
@@ -368,7 +369,7 @@ def test_complete_upload_bad_part_ids(client: Client) -> None:
 # ---------------------------------------------------------------- batches
 
 
-def test_create_batch_and_replay_with_idempotency_key(client: Client, clock: FixedClock) -> None:
+def test_create_batch_and_replay_with_idempotency_key(client: Client, clock: FakeClock) -> None:
     created = Batch.model_validate(client.json(load_event("batches_create.json")))
     assert (created.status, created.metadata, created.created_at) == ("validating", {"team": "search"}, T0)
     assert created.expires_at == T0 + 86400
@@ -450,7 +451,7 @@ def test_create_batch_bad_bodies_are_400_never_422(
     assert (error["param"], error["code"]) == (param, code)
 
 
-def test_list_and_retrieve_batches(client: Client, clock: FixedClock) -> None:
+def test_list_and_retrieve_batches(client: Client, clock: FakeClock) -> None:
     for _ in range(2):
         clock.advance(1)
         body = {
@@ -565,7 +566,7 @@ def test_a_resolver_keeps_its_own_request_while_another_resolves(
 def test_the_openapi_document_and_swagger_ui_are_public_and_valid(lambda_context: LambdaContext) -> None:
     from openapi_spec_validator import validate
 
-    deps = make_deps(FixedClock(), api_keys=["sk-only-this-key"])
+    deps = make_deps(clock=FakeClock(), api_keys=["sk-only-this-key"])
     app = api.create_app(deps)
 
     document = api.handle(app, proxy_event("GET", "/openapi.json"), lambda_context)  # no key

@@ -20,8 +20,7 @@ from batch_api.workflow.manifest import load_manifest
 from batch_api.workflow.process import process_chunk
 from batch_api.workflow.runner_local import LocalWorkflow
 from batch_api.workflow.validate import validate_batch
-from tests.unit.fakes_upstream import FakeUpstream
-from tests.unit.workflow_support import (
+from tests.unit.builders import (
     PROJECT,
     RecordingMetadata,
     SmallPieceBlobStore,
@@ -33,6 +32,7 @@ from tests.unit.workflow_support import (
     make_deps,
     request,
 )
+from tests.unit.fakes_upstream import FakeUpstream
 
 pytestmark = pytest.mark.unit
 

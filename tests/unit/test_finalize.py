@@ -25,9 +25,9 @@ from batch_api.workflow.finalize import (
 from batch_api.workflow.manifest import load_manifest
 from batch_api.workflow.process import process_chunk
 from batch_api.workflow.validate import validate_batch
-from tests.unit.fakes_upstream import DEFAULT_USAGE, FakeClock, FakeUpstream, http_error, transport_failure
-from tests.unit.workflow_support import (
+from tests.unit.builders import (
     PROJECT,
+    FakeClock,
     add_batch,
     file_lines,
     get_batch,
@@ -36,6 +36,7 @@ from tests.unit.workflow_support import (
     make_deps,
     request,
 )
+from tests.unit.fakes_upstream import DEFAULT_USAGE, FakeUpstream, http_error, transport_failure
 
 pytestmark = pytest.mark.unit
 

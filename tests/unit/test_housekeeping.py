@@ -11,7 +11,7 @@ from batch_api.contract.models import IDEMPOTENCY_KEY_TTL, BatchRecord
 from batch_api.deps import Deps
 from batch_api.service import files, housekeeping, uploads
 from batch_api.workflow.runner_local import LocalWorkflow
-from tests.unit.conftest import FixedClock, make_deps
+from tests.unit.builders import FakeClock, make_deps
 
 pytestmark = pytest.mark.unit
 
@@ -24,7 +24,7 @@ def _expiring_things(deps: Deps) -> None:
     deps.metadata.claim_idempotency_key("p1", "key-1", "batch_1", deps.now())
 
 
-def test_one_pass_sweeps_files_uploads_and_idempotency_keys(deps: Deps, clock: FixedClock) -> None:
+def test_one_pass_sweeps_files_uploads_and_idempotency_keys(deps: Deps, clock: FakeClock) -> None:
     _expiring_things(deps)
     assert housekeeping.sweep(deps) == {
         "files": 0,
@@ -51,7 +51,7 @@ def test_one_pass_sweeps_files_uploads_and_idempotency_keys(deps: Deps, clock: F
 
 
 def test_a_failing_kind_does_not_stop_the_others(
-    deps: Deps, clock: FixedClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    deps: Deps, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     _expiring_things(deps)
     clock.advance(IDEMPOTENCY_KEY_TTL)
@@ -66,8 +66,8 @@ def test_a_failing_kind_does_not_stop_the_others(
     assert "uploads: 1, idempotency_keys: 1" in caplog.text
 
 
-def test_the_local_runner_sweeps_periodically_and_survives_a_failing_pass(clock: FixedClock) -> None:
-    deps = make_deps(clock, file_sweep_interval_seconds=0.01)
+def test_the_local_runner_sweeps_periodically_and_survives_a_failing_pass(clock: FakeClock) -> None:
+    deps = make_deps(clock=clock, file_sweep_interval_seconds=0.01)
     _expiring_things(deps)
     clock.advance(IDEMPOTENCY_KEY_TTL)
     passes: list[dict[str, int]] = []
@@ -118,7 +118,7 @@ def test_a_pass_announces_an_ended_batch_whose_event_a_crash_left_unpublished(de
     assert housekeeping.sweep(deps)["unannounced_events"] == 0
 
 
-def test_a_pass_takes_at_most_its_limit_of_each_kind(deps: Deps, clock: FixedClock) -> None:
+def test_a_pass_takes_at_most_its_limit_of_each_kind(deps: Deps, clock: FakeClock) -> None:
     for _ in range(2):
         _expiring_things(deps)
     clock.advance(IDEMPOTENCY_KEY_TTL)

@@ -26,8 +26,8 @@ from batch_api.workflow.process import (
     stop_reason,
 )
 from batch_api.workflow.validate import validate_batch
-from tests.unit.fakes_upstream import DEFAULT_USAGE, FakeClock, FakeUpstream, http_error, transport_failure
-from tests.unit.workflow_support import PROJECT, add_batch, get_batch, ids, jsonl, make_deps, request
+from tests.unit.builders import PROJECT, FakeClock, add_batch, get_batch, ids, jsonl, make_deps, request
+from tests.unit.fakes_upstream import DEFAULT_USAGE, FakeUpstream, http_error, transport_failure
 
 pytestmark = pytest.mark.unit
 

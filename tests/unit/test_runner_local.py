@@ -15,8 +15,8 @@ from batch_api.adapters.memory import MemoryJournal
 from batch_api.contract.models import ChunkProgress
 from batch_api.workflow import runner_local
 from batch_api.workflow.runner_local import LocalWorkflow
+from tests.unit.builders import PROJECT, add_batch, file_lines, get_batch, jsonl, make_deps, request
 from tests.unit.fakes_upstream import FakeUpstream
-from tests.unit.workflow_support import PROJECT, add_batch, file_lines, get_batch, jsonl, make_deps, request
 
 pytestmark = pytest.mark.unit
 

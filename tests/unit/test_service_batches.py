@@ -24,7 +24,7 @@ from batch_api.contract.models import (
 )
 from batch_api.deps import Deps
 from batch_api.service import batches, files
-from tests.unit.conftest import T0, FixedClock, make_deps
+from tests.unit.builders import T0, FakeClock, make_deps
 
 pytestmark = pytest.mark.unit
 
@@ -68,8 +68,8 @@ def test_create_writes_validating_batch_and_starts_workflow(deps: Deps, input_fi
     assert _workflow(deps).started == [("p1", batch.id)]
 
 
-def test_window_length_comes_from_settings(clock: FixedClock) -> None:
-    deps = make_deps(clock, completion_window_seconds=60)
+def test_window_length_comes_from_settings(clock: FakeClock) -> None:
+    deps = make_deps(clock=clock, completion_window_seconds=60)
     file_id = files.create_file(deps, "p1", "in.jsonl", "batch", b"{}\n").id
     assert _create(deps, file_id).expires_at == T0 + 60
 
@@ -111,7 +111,7 @@ def test_metadata_at_the_limits_is_accepted(deps: Deps, input_file_id: str) -> N
     assert _create(deps, input_file_id, metadata=metadata).metadata == metadata
 
 
-def test_input_file_must_be_the_projects_live_batch_file(deps: Deps, clock: FixedClock) -> None:
+def test_input_file_must_be_the_projects_live_batch_file(deps: Deps, clock: FakeClock) -> None:
     other = files.create_file(deps, "p2", "in.jsonl", "batch", b"{}\n")
     with pytest.raises(InvalidRequest, match="Could not find"):
         _create(deps, other.id)
@@ -127,7 +127,7 @@ def test_input_file_must_be_the_projects_live_batch_file(deps: Deps, clock: Fixe
         _create(deps, deleted.id)
 
 
-def test_idempotency_key_replays_the_same_batch(deps: Deps, input_file_id: str, clock: FixedClock) -> None:
+def test_idempotency_key_replays_the_same_batch(deps: Deps, input_file_id: str, clock: FakeClock) -> None:
     first = _create(deps, input_file_id, idempotency_key="key-1")
     clock.advance(5)
     again = _create(deps, input_file_id, idempotency_key="key-1")
@@ -182,7 +182,7 @@ def test_idempotency_key_with_the_default_spelled_out_is_the_same_request(
 
 
 def test_idempotency_key_expires_a_day_after_the_first_request(
-    deps: Deps, input_file_id: str, clock: FixedClock
+    deps: Deps, input_file_id: str, clock: FakeClock
 ) -> None:
     first = _create(deps, input_file_id, idempotency_key="key-1")
     clock.advance(IDEMPOTENCY_KEY_TTL - 1)
@@ -280,7 +280,7 @@ def test_a_terminal_batch_is_reported_without_reading_chunk_progress(
         assert batches.cancel_batch(deps, "p1", batch.id).status == "cancelled"
 
 
-def test_list_is_newest_first_with_pages(deps: Deps, input_file_id: str, clock: FixedClock) -> None:
+def test_list_is_newest_first_with_pages(deps: Deps, input_file_id: str, clock: FakeClock) -> None:
     made = []
     for _ in range(5):
         made.append(_create(deps, input_file_id).id)
@@ -303,7 +303,7 @@ def test_list_limit_range(deps: Deps, limit: int) -> None:
 
 
 def test_cancel_moves_to_cancelling_and_repeats_harmlessly(
-    deps: Deps, input_file_id: str, clock: FixedClock
+    deps: Deps, input_file_id: str, clock: FakeClock
 ) -> None:
     batch = _create(deps, input_file_id)
     clock.advance(3)

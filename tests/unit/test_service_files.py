@@ -12,7 +12,7 @@ from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL, BatchRecord, File
 from batch_api.deps import Deps
 from batch_api.service import files
 from batch_api.service.housekeeping import SWEEP_LIMIT
-from tests.unit.conftest import T0, FixedClock
+from tests.unit.builders import T0, FakeClock
 
 pytestmark = pytest.mark.unit
 
@@ -76,7 +76,7 @@ def test_failed_record_write_leaves_no_blob(deps: Deps, monkeypatch: pytest.Monk
     assert deps.blobs.list_keys("") == []
 
 
-def test_retrieve_hides_other_projects_deleted_and_expired_files(deps: Deps, clock: FixedClock) -> None:
+def test_retrieve_hides_other_projects_deleted_and_expired_files(deps: Deps, clock: FakeClock) -> None:
     record = files.create_file(
         deps, "p1", "a.txt", "user_data", DATA, {"anchor": "created_at", "seconds": 3600}
     )
@@ -121,7 +121,7 @@ def test_content_returns_record_and_key(deps: Deps) -> None:
     assert files.file_content(deps, "p1", record.id) == (record, object_keys.file_key(record.id))
 
 
-def test_list_pages_with_has_more(deps: Deps, clock: FixedClock) -> None:
+def test_list_pages_with_has_more(deps: Deps, clock: FakeClock) -> None:
     made = []
     for i in range(5):
         made.append(files.create_file(deps, "p1", f"{i}.jsonl", "batch" if i % 2 == 0 else "user_data", DATA))
@@ -153,7 +153,7 @@ def test_list_rejects_bad_query(deps: Deps, kwargs: dict[str, object], param: st
     assert raised.value.param == param
 
 
-def test_sweep_deletes_expired_bodies_and_marks_them(deps: Deps, clock: FixedClock) -> None:
+def test_sweep_deletes_expired_bodies_and_marks_them(deps: Deps, clock: FakeClock) -> None:
     short = files.create_file(
         deps, "p1", "a.txt", "user_data", DATA, {"anchor": "created_at", "seconds": 3600}
     )
@@ -211,7 +211,7 @@ def test_a_batch_of_another_project_does_not_keep_a_body(deps: Deps) -> None:
     assert not deps.blobs.exists(record.blob_key)
 
 
-def test_sweep_marks_a_running_batchs_expired_input_but_keeps_its_body(deps: Deps, clock: FixedClock) -> None:
+def test_sweep_marks_a_running_batchs_expired_input_but_keeps_its_body(deps: Deps, clock: FakeClock) -> None:
     record = files.create_file(
         deps, "p1", "a.jsonl", "batch", DATA, {"anchor": "created_at", "seconds": 3600}
     )
@@ -289,7 +289,7 @@ def test_expires_after_that_is_not_an_object_is_refused(deps: Deps, policy: obje
     assert deps.blobs.list_keys("files/") == []
 
 
-def test_list_limit_of_one_is_accepted(deps: Deps, clock: FixedClock) -> None:
+def test_list_limit_of_one_is_accepted(deps: Deps, clock: FakeClock) -> None:
     older = files.create_file(deps, "p1", "a.txt", "user_data", DATA)
     clock.advance(1)
     newer = files.create_file(deps, "p1", "b.txt", "user_data", DATA)
@@ -298,7 +298,7 @@ def test_list_limit_of_one_is_accepted(deps: Deps, clock: FixedClock) -> None:
     assert files.list_files(deps, "p1", limit=1, after=newer.id) == ([older], False)
 
 
-def test_list_with_exactly_limit_files_has_no_more(deps: Deps, clock: FixedClock) -> None:
+def test_list_with_exactly_limit_files_has_no_more(deps: Deps, clock: FakeClock) -> None:
     made = []
     for name in ("a.txt", "b.txt"):
         made.append(files.create_file(deps, "p1", name, "user_data", DATA))
@@ -347,7 +347,7 @@ def test_reading_a_body_removed_since_is_a_404(deps: Deps) -> None:
     assert raised.value.message == f"No such File object: {record.id}"
 
 
-def _expired_files(deps: Deps, clock: FixedClock, count: int) -> list[FileRecord]:
+def _expired_files(deps: Deps, clock: FakeClock, count: int) -> list[FileRecord]:
     made = [
         files.create_file(
             deps, "p1", f"{i}.txt", "user_data", DATA, {"anchor": "created_at", "seconds": 3600}
@@ -359,7 +359,7 @@ def _expired_files(deps: Deps, clock: FixedClock, count: int) -> list[FileRecord
 
 
 def test_a_sweep_handles_at_most_limit_files_and_the_next_takes_the_rest(
-    deps: Deps, clock: FixedClock
+    deps: Deps, clock: FakeClock
 ) -> None:
     made = _expired_files(deps, clock, 3)
     assert files.sweep_expired_files(deps, limit=2) == 2
@@ -368,7 +368,7 @@ def test_a_sweep_handles_at_most_limit_files_and_the_next_takes_the_rest(
     assert not any(deps.blobs.exists(r.blob_key) for r in made)
 
 
-def test_a_sweep_by_default_handles_a_housekeeping_pass_worth_of_files(deps: Deps, clock: FixedClock) -> None:
+def test_a_sweep_by_default_handles_a_housekeeping_pass_worth_of_files(deps: Deps, clock: FakeClock) -> None:
     _expired_files(deps, clock, SWEEP_LIMIT + 1)
     assert files.sweep_expired_files(deps) == SWEEP_LIMIT
     assert files.sweep_expired_files(deps) == 1

@@ -13,7 +13,7 @@ from batch_api.contract.errors import ConditionFailed, InvalidRequest, NotFound,
 from batch_api.contract.models import BATCH_INPUT_DEFAULT_TTL, MIME_TYPES_BY_PURPOSE, UPLOAD_TTL, FileRecord
 from batch_api.deps import Deps
 from batch_api.service import files, uploads
-from tests.unit.conftest import T0, FixedClock
+from tests.unit.builders import T0, FakeClock
 
 pytestmark = pytest.mark.unit
 
@@ -76,7 +76,7 @@ def test_add_part_refuses_oversized_parts(deps: Deps, monkeypatch: pytest.Monkey
     assert deps.blobs.list_keys("uploads/") == []
 
 
-def test_add_part_needs_a_pending_live_upload_of_the_project(deps: Deps, clock: FixedClock) -> None:
+def test_add_part_needs_a_pending_live_upload_of_the_project(deps: Deps, clock: FakeClock) -> None:
     upload = uploads.create_upload(deps, "p1", "f.jsonl", "batch", 10, "text/plain")
     with pytest.raises(NotFound):
         uploads.add_part(deps, "p2", upload.id, b"x")
@@ -124,7 +124,8 @@ def test_complete_streams_parts_through_write_stream(deps: Deps, monkeypatch: py
 
     monkeypatch.setattr(deps.blobs, "write_stream", recording_write_stream)
     uploads.complete_upload(deps, "p1", upload_id, part_ids)
-    assert seen == CHUNKS
+    assert b"".join(seen) == b"".join(CHUNKS)
+    assert len(seen) >= len(CHUNKS)  # piece by piece, never one joined body
 
 
 def test_complete_keeps_the_file_expiry_policy(deps: Deps) -> None:
@@ -225,7 +226,7 @@ def test_a_complete_that_finds_the_upload_completed_keeps_the_winners_file(
     assert deps.blobs.get(file.blob_key) == b"".join(CHUNKS)
 
 
-def test_expired_upload_cannot_complete_and_shows_expired(deps: Deps, clock: FixedClock) -> None:
+def test_expired_upload_cannot_complete_and_shows_expired(deps: Deps, clock: FakeClock) -> None:
     upload_id, part_ids = _upload_with_parts(deps)
     clock.advance(UPLOAD_TTL)
     with pytest.raises(InvalidRequest, match="expired"):
@@ -261,7 +262,7 @@ def _stored_status(deps: Deps, upload_id: str) -> str:
     return upload.status
 
 
-def test_sweep_marks_expired_pending_uploads_and_drops_their_parts(deps: Deps, clock: FixedClock) -> None:
+def test_sweep_marks_expired_pending_uploads_and_drops_their_parts(deps: Deps, clock: FakeClock) -> None:
     expired_id, _ = _upload_with_parts(deps)
     completed_id, completed_parts = _upload_with_parts(deps)
     uploads.complete_upload(deps, "p1", completed_id, completed_parts)
@@ -293,7 +294,7 @@ def test_sweep_marks_expired_pending_uploads_and_drops_their_parts(deps: Deps, c
     assert deps.blobs.list_keys("uploads/") == []
 
 
-def test_sweep_respects_its_limit(deps: Deps, clock: FixedClock) -> None:
+def test_sweep_respects_its_limit(deps: Deps, clock: FakeClock) -> None:
     for _ in range(3):
         _upload_with_parts(deps)
     clock.advance(UPLOAD_TTL + uploads.SWEEP_GRACE_SECONDS)
@@ -303,7 +304,7 @@ def test_sweep_respects_its_limit(deps: Deps, clock: FixedClock) -> None:
 
 
 def test_sweep_leaves_an_upload_completed_meanwhile_completed_and_goes_on(
-    deps: Deps, clock: FixedClock, monkeypatch: pytest.MonkeyPatch
+    deps: Deps, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     upload_id, part_ids = _upload_with_parts(deps)
     stale = deps.metadata.get_upload("p1", upload_id)
@@ -321,7 +322,7 @@ def test_sweep_leaves_an_upload_completed_meanwhile_completed_and_goes_on(
 
 
 def test_a_crash_between_dropping_parts_and_marking_is_finished_by_the_next_sweep(
-    deps: Deps, clock: FixedClock, monkeypatch: pytest.MonkeyPatch
+    deps: Deps, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     upload_id, _ = _upload_with_parts(deps)
     clock.advance(UPLOAD_TTL + uploads.SWEEP_GRACE_SECONDS)
@@ -340,7 +341,7 @@ def test_a_crash_between_dropping_parts_and_marking_is_finished_by_the_next_swee
     assert _stored_status(deps, upload_id) == "expired"
 
 
-def test_an_expired_upload_answers_the_same_before_and_after_the_sweep(deps: Deps, clock: FixedClock) -> None:
+def test_an_expired_upload_answers_the_same_before_and_after_the_sweep(deps: Deps, clock: FakeClock) -> None:
     upload_id, part_ids = _upload_with_parts(deps)
     clock.advance(UPLOAD_TTL + uploads.SWEEP_GRACE_SECONDS)
 
@@ -367,7 +368,7 @@ def test_an_expired_upload_answers_the_same_before_and_after_the_sweep(deps: Dep
     assert _stored_status(deps, upload_id) == "cancelled"
 
 
-def test_an_expired_upload_cancelled_before_the_sweep_stays_cancelled(deps: Deps, clock: FixedClock) -> None:
+def test_an_expired_upload_cancelled_before_the_sweep_stays_cancelled(deps: Deps, clock: FakeClock) -> None:
     upload_id, _ = _upload_with_parts(deps)
     clock.advance(UPLOAD_TTL + uploads.SWEEP_GRACE_SECONDS)
     assert uploads.cancel_upload(deps, "p1", upload_id).status == "cancelled"

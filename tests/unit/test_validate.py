@@ -16,7 +16,7 @@ from batch_api.contract.errors import NotFound
 from batch_api.workflow.lines import split_lines
 from batch_api.workflow.manifest import load_manifest
 from batch_api.workflow.validate import embedding_input_count, validate_batch
-from tests.unit.workflow_support import (
+from tests.unit.builders import (
     PROJECT,
     RecordingMetadata,
     add_batch,

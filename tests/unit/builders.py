@@ -1,4 +1,4 @@
-"""Building Deps, input files and batches for the workflow step tests."""
+"""Building the unit tests' Deps (the one fake clock, the in-memory fakes), input files and batches."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from batch_api.adapters.memory import (
 from batch_api.config import Settings
 from batch_api.contract.models import BatchRecord, FileRecord
 from batch_api.deps import Deps
-from tests.unit.fakes_upstream import FakeClock, FakeUpstream
+from tests.unit.fakes_upstream import FakeUpstream
 
 PROJECT = "proj_test"
+T0 = 1_750_000_000
 ENDPOINT_BODY_FIELD = {
     "/v1/chat/completions": "messages",
     "/v1/completions": "prompt",
@@ -29,6 +30,19 @@ ENDPOINT_BODY_FIELD = {
     "/v1/responses": "input",
     "/v1/moderations": "input",
 }
+
+
+class FakeClock:
+    """`Deps.clock`: time stands still until a test moves it."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class SmallPieceBlobStore(MemoryBlobStore):
