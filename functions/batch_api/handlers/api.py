@@ -170,6 +170,8 @@ def _public_routes(app: BatchApiResolver) -> None:
 
 
 def _file_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
+    """The Files routes. A route table: long only because each route declares its OpenAPI
+    parameters and answers; every handler is a few lines that call the service."""
     settings = deps.settings
 
     @app.post(
@@ -281,6 +283,9 @@ def _file_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
 
 
 def _upload_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
+    """The Uploads routes. A route table: long only because each route declares its OpenAPI
+    parameters and answers; every handler is a few lines that call the service."""
+
     @app.post(
         "/v1/uploads",
         summary="Create an upload",
@@ -332,6 +337,9 @@ def _upload_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
 
 
 def _batch_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
+    """The Batches routes. A route table: long only because each route declares its OpenAPI
+    parameters and answers; every handler is a few lines that call the service."""
+
     @app.post(
         "/v1/batches",
         summary="Create a batch",
