@@ -61,15 +61,22 @@ def build_aws_deps(
 
 def aws_upstream_factory(settings: Settings) -> UpstreamFactory:
     """`make_upstream_factory`, with the API key looked up (through a cache) each time a client is
-    made, so a rotated secret is picked up without a cold start."""
+    made, so a rotated secret is picked up without a cold start. One pool per key value, so the
+    clients of one container share their upstream's capacity gate."""
     checked = make_upstream_factory(settings)  # fails now on a bad URL, not in the first chunk
     if settings.upstream_kind == "mock" or not settings.upstream_secret_name:
         return checked
+    pools: dict[str, UpstreamFactory] = {}
 
-    def make() -> Upstream:
+    def make(*, model: str | None = None, batch_id: str | None = None) -> Upstream:
         from batch_api.adapters.aws.secrets import upstream_api_key
 
-        keyed = settings.model_copy(update={"upstream_api_key": upstream_api_key(settings)})
-        return make_upstream_factory(keyed)()
+        key = upstream_api_key(settings)
+        value = key.get_secret_value() if key is not None else ""
+        pool = pools.get(value)
+        if pool is None:
+            pools.clear()  # a rotated key: the old pool is done with
+            pool = pools[value] = make_upstream_factory(settings.model_copy(update={"upstream_api_key": key}))
+        return pool(model=model, batch_id=batch_id)
 
     return make

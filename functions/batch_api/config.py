@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     upstream: Literal["http", "mock"] | None = None  # None: "http" when upstream_url is set, else "mock"
     upstream_url: str | None = None  # an OpenAI-compatible base URL, e.g. http://localhost:8001/v1
     upstream_api_key: SecretStr | None = None
+    upstream_max_in_flight: int = Field(default=128, ge=1, le=10_000)  # attempts in flight, all batches
+    upstreams_file: Path | None = None  # TOML: several upstreams, routed by model (upstreams/routing.py)
     upstream_timeout_seconds: float = Field(default=600.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
     upstream_max_retries: int = Field(default=5, ge=0, le=20)
@@ -48,7 +50,7 @@ class Settings(BaseSettings):
     # workflow
     chunk_max_lines: int = Field(default=1000, ge=1)
     chunk_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    chunk_concurrency: int = Field(default=4, ge=1, le=1000)  # chunks processed at once
+    chunk_concurrency: int = Field(default=4, ge=1, le=1000)  # chunks of one batch processed at once
     requests_per_chunk: int = Field(default=32, ge=1, le=1024)  # requests in flight per chunk
     completion_window_seconds: int = Field(default=86400, ge=1)  # the length of the "24h" window
     progress_interval_seconds: float = Field(default=1.0, gt=0)  # how often counts and cancel are checked

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batch_api.config import Settings
@@ -28,6 +29,8 @@ class Deps:
     workflow: Workflow
     upstream_factory: UpstreamFactory
     clock: Clock = field(default=time.time)
+    # whether some upstream serves a model (validation fails a batch whose model none serves)
+    serves_model: Callable[[str], bool] = field(default=lambda _model: True)
 
     def now(self) -> int:
         return int(self.clock())

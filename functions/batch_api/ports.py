@@ -178,8 +178,9 @@ class Upstream(Protocol):
 
 
 class UpstreamFactory(Protocol):
-    def __call__(self) -> Upstream:
-        """A fresh client bound to the running event loop."""
+    def __call__(self, *, model: str | None = None, batch_id: str | None = None) -> Upstream:
+        """A fresh client bound to the running event loop, for requests of `batch_id` to `model` (the
+        upstream serving that model; the batch shares its capacity fairly with the others)."""
 
 
 class Clock(Protocol):

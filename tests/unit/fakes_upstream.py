@@ -86,6 +86,7 @@ class FakeUpstream:
         self.max_in_flight = 0
         self.clients_created = 0
         self.clients_closed = 0
+        self.routes: list[tuple[str | None, str | None]] = []  # (model, batch_id) of each client made
 
     def sent_contents(self) -> list[str]:
         return [content_of(body) for _, body in self.calls]
@@ -119,7 +120,8 @@ class FakeUpstream:
     async def aclose(self) -> None:
         self.clients_closed += 1
 
-    def factory(self) -> FakeUpstream:
+    def factory(self, *, model: str | None = None, batch_id: str | None = None) -> FakeUpstream:
         """Use as `Deps.upstream_factory`: every "new client" is this recorder."""
         self.clients_created += 1
+        self.routes.append((model, batch_id))
         return self

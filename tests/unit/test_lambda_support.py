@@ -60,8 +60,9 @@ def test_without_a_secret_name_the_settings_key_is_used() -> None:
 
 
 def test_the_upstream_key_is_looked_up_for_every_client(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A rotated secret reaches the next chunk invocation without a cold start (the lookup is cached)."""
-    keys = iter(["sk-first", "sk-rotated"])
+    """A rotated secret reaches the next chunk invocation without a cold start (the lookup is cached);
+    clients made with the same key share one pool, so one capacity gate."""
+    keys = iter(["sk-first", "sk-first", "sk-rotated"])
     monkeypatch.setattr(secrets, "upstream_api_key", lambda settings: SecretStr(next(keys)))
     keyed_with: list[str | None] = []
     real_factory = bootstrap_aws.make_upstream_factory
@@ -76,9 +77,11 @@ def test_the_upstream_key_is_looked_up_for_every_client(monkeypatch: pytest.Monk
         Settings(upstream_url="http://127.0.0.1:9/v1", upstream_secret_name="team/upstream")
     )
     assert keyed_with == [None]  # wiring checks the URL without reading the secret
-    first, second = factory(), factory()
-    assert isinstance(first, OpenAIHttpUpstream) and isinstance(second, OpenAIHttpUpstream)
+    first, again, rotated = factory(), factory(), factory()
+    assert isinstance(first, OpenAIHttpUpstream) and isinstance(rotated, OpenAIHttpUpstream)
+    assert isinstance(again, OpenAIHttpUpstream)
     assert keyed_with == [None, "sk-first", "sk-rotated"]
+    assert first._gate is again._gate and rotated._gate is not first._gate
 
 
 def test_a_bad_upstream_url_fails_at_wiring_time() -> None:
@@ -148,7 +151,7 @@ def test_requests_are_counted_per_client_and_timed_per_request() -> None:
         RuntimeError("client bug"),
     )
     sink = RecordingMetrics()
-    client = metered(lambda: inner, sink)()
+    client = metered(lambda **_route: inner, sink)()
     assert isinstance(client, MeteredUpstream)
 
     async def run() -> None:

@@ -742,3 +742,10 @@ def test_the_async_step_leaves_no_task_running_when_it_returns() -> None:
 
     assert result.done is True
     assert left_running == set()
+
+
+def test_the_client_is_made_for_the_batch_and_its_model() -> None:
+    """Routing and fair share need both: the upstream serving the model, the batch taking its turns."""
+    deps, upstream, [chunk] = _setup(2)
+    _run(deps, chunk)
+    assert upstream.routes == [("gpt-test", "batch_test")]

@@ -285,7 +285,7 @@ def test_stopping_a_workflow_that_was_never_bound_is_harmless() -> None:
     assert workflow.wait_idle(1)
 
 
-def test_a_batch_runs_on_a_daemon_thread_named_for_it_and_its_chunks_on_the_chunk_pool(
+def test_a_batch_runs_on_a_daemon_thread_named_for_it_and_its_chunks_on_a_pool_of_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from batch_api.workflow import process, validate
@@ -312,7 +312,7 @@ def test_a_batch_runs_on_a_daemon_thread_named_for_it_and_its_chunks_on_the_chun
     assert get_batch(deps, batch_id).status == "completed"
     assert seen["validate"].name == "batch-89abcdef"  # the id's last 8 characters
     assert seen["validate"].daemon  # a stuck batch never keeps the process from exiting
-    assert seen["process"].name.startswith("chunk_")
+    assert seen["process"].name.startswith("chunk-89abcdef_")  # the batch's own chunk pool
 
 
 def test_the_sweeper_runs_on_a_daemon_thread_named_sweeper() -> None:

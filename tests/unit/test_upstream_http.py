@@ -14,6 +14,7 @@ from pydantic import SecretStr, ValidationError
 from batch_api.config import Settings
 from batch_api.local.cli import describe
 from batch_api.upstreams import MockUpstream, OpenAIHttpUpstream, make_upstream_factory
+from batch_api.upstreams.gated import GatedUpstream
 from batch_api.upstreams.openai_http import join_url, retry_after_seconds
 from tests.support.fake_upstream import FakeUpstreamServer, free_port
 
@@ -302,8 +303,9 @@ def test_factory_builds_the_mock_by_default() -> None:
     factory = make_upstream_factory(Settings(upstream=None, upstream_url=None, mock_latency_seconds=0.25))
     client = factory()
 
-    assert isinstance(client, MockUpstream)
-    assert client.latency_seconds == 0.25
+    assert isinstance(client, GatedUpstream) and isinstance(client.inner, MockUpstream)
+    assert client.inner.latency_seconds == 0.25
+    assert client.gate is factory.gates["default"]  # every client shares the upstream's capacity
     assert factory() is not client
 
 

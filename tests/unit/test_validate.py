@@ -736,3 +736,31 @@ def test_validation_streams_instead_of_loading_the_file() -> None:
 
     assert result.next == "process"
     assert peak < len(data) / 4, f"peak {peak} for a {len(data)} byte file"
+
+
+# ---------------------------------------------------------------- routing by model
+
+
+def test_a_model_no_upstream_serves_fails_the_batch_as_openai_words_it() -> None:
+    deps = make_deps()
+    asked: list[str] = []
+    deps.serves_model = lambda model: asked.append(model) or model == "served-model"
+    add_batch(deps, jsonl(["", request("a", model="gpt-unknown"), request("b", model="gpt-unknown")]))
+    result = validate_batch(ids(), deps)
+    assert result.state() == {**ids(), "next": "done", "status": "failed"}
+    assert asked == ["gpt-unknown"]  # asked once, for the file's one model
+    assert [(e["code"], e["param"], e["line"], e["message"]) for e in _errors(deps)] == [
+        (
+            "model_not_found",
+            "body.model",
+            2,  # the line of its first use
+            "The provided model 'gpt-unknown' is not supported by the Batch API.",
+        )
+    ]
+
+
+def test_a_served_model_plans_the_batch() -> None:
+    deps = make_deps()
+    deps.serves_model = lambda model: model == "gpt-test"
+    add_batch(deps, jsonl([request("a")]))
+    assert validate_batch(ids(), deps).next == "process"

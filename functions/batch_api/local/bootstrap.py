@@ -71,6 +71,7 @@ def _lock(data_dir: Path) -> IO[str]:
 def build_local_app(settings: Settings) -> LocalApp:
     from batch_api.handlers.api import create_app
 
+    upstreams = make_upstream_factory(settings)  # a bad upstream URL or file fails now, before the lock
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     lock_handle = _lock(data_dir)
@@ -83,7 +84,10 @@ def build_local_app(settings: Settings) -> LocalApp:
         # workflow steps run in-process: the API and steps of the Lambda deployment, on one machine.
         from batch_api.bootstrap_aws import build_aws_deps
 
-        deps = build_aws_deps(settings, workflow=workflow)
+        # with an upstream key in Secrets Manager, the AWS factory looks it up (and follows rotation)
+        deps = build_aws_deps(
+            settings, workflow=workflow, upstream_factory=None if settings.upstream_secret_name else upstreams
+        )
     else:
         deps = Deps(
             settings=settings,
@@ -92,8 +96,9 @@ def build_local_app(settings: Settings) -> LocalApp:
             journal=FilesystemJournal(data_dir / "journal"),
             events=LogEventSink(data_dir / "events.jsonl"),
             workflow=workflow,
-            upstream_factory=make_upstream_factory(settings),
+            upstream_factory=upstreams,
         )
+    deps.serves_model = upstreams.serves
     workflow.bind(deps)
     return LocalApp(
         settings=settings,

@@ -36,10 +36,22 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
         "retries on 429/5xx/timeouts/connection errors (5)",
     ),
     ("--upstream-backoff-base", "upstream_backoff_base_seconds", float, "first retry delay in seconds (0.5)"),
+    (
+        "--upstream-max-in-flight",
+        "upstream_max_in_flight",
+        int,
+        "requests in flight to the upstream at most, across every batch (128)",
+    ),
+    (
+        "--upstreams-file",
+        "upstreams_file",
+        str,
+        "TOML file of several upstreams, routed by model (docs/capacity.md); replaces --upstream-url",
+    ),
     ("--mock-latency", "mock_latency_seconds", float, "seconds the built-in mock waits per request (0)"),
     ("--chunk-max-lines", "chunk_max_lines", int, "requests per chunk (1000)"),
     ("--chunk-max-bytes", "chunk_max_bytes", int, "bytes of input per chunk (16 MiB)"),
-    ("--chunk-concurrency", "chunk_concurrency", int, "chunks processed at once, across batches (4)"),
+    ("--chunk-concurrency", "chunk_concurrency", int, "chunks of one batch processed at once (4)"),
     ("--requests-per-chunk", "requests_per_chunk", int, "requests in flight per chunk (32)"),
     ("--completion-window-seconds", "completion_window_seconds", int, "length of the '24h' window (86400)"),
     ("--max-request-bytes", "max_request_bytes", int, "largest HTTP request body (80 MiB)"),
@@ -124,13 +136,16 @@ def serve(settings: Settings) -> int:
     from batch_api.local.server import ApiAsgiApp, ResolverPool, build_server, listen
     from batch_api.service.housekeeping import sweep
 
-    if settings.upstream_kind == "http" and not settings.upstream_url:
+    if settings.upstreams_file is None and settings.upstream_kind == "http" and not settings.upstream_url:
         logger.error("--upstream http needs --upstream-url (or BATCH_API_UPSTREAM_URL)")
         return 2
     try:
         app = build_local_app(settings)
     except DataDirLocked as exc:
         logger.error("%s; stop it first or use another --data-dir", exc)
+        return 2
+    except ValueError as exc:  # the upstreams: a bad file, URL or missing key variable
+        logger.error("%s", exc)
         return 2
     try:
         sock = listen(settings.host, settings.port)
@@ -139,7 +154,10 @@ def serve(settings: Settings) -> int:
         app.close()
         return 2
 
-    if settings.upstream_kind == "mock":
+    if settings.upstreams_file is not None:
+        for spec in app.deps.upstream_factory.specs:  # type: ignore[attr-defined]
+            logger.info("upstream %s", spec.describe())
+    elif settings.upstream_kind == "mock":
         logger.warning(
             "No upstream model server configured: using the built-in deterministic mock. "
             "Results are SYNTHETIC. Pass --upstream-url http://host:port/v1 to run real requests."

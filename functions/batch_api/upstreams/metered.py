@@ -70,7 +70,7 @@ class MeteredUpstream:
 def metered(factory: UpstreamFactory, metrics: MetricsSink) -> UpstreamFactory:
     """A factory whose clients report their requests to `metrics`."""
 
-    def make() -> Upstream:
-        return MeteredUpstream(factory(), metrics)
+    def make(*, model: str | None = None, batch_id: str | None = None) -> Upstream:
+        return MeteredUpstream(factory(model=model, batch_id=batch_id), metrics)
 
     return make

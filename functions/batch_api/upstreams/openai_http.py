@@ -28,6 +28,7 @@ import orjson
 from batch_api.config import redact_url
 from batch_api.contract.ids import new_request_id
 from batch_api.ports import UpstreamResponse
+from batch_api.upstreams.capacity import CapacityGate
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class OpenAIHttpUpstream:
         max_connections: int = 64,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
+        gate: CapacityGate | None = None,
+        batch_id: str = "",
     ) -> None:
         self._host = check_base_url(base_url)
         base_url, basic_auth = split_credentials(base_url)
@@ -152,6 +155,8 @@ class OpenAIHttpUpstream:
         self.max_connections = max_connections
         self._sleep = sleep
         self._rng = rng
+        self._gate = gate  # the upstream's shared capacity: one slot per attempt
+        self._batch_id = batch_id
         self._headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
@@ -202,29 +207,45 @@ class OpenAIHttpUpstream:
         while True:
             attempt += 1
             retries_left = attempt <= self.max_retries
-            try:
-                async with session.post(url, data=body) as response:
-                    status = response.status
-                    headers = response.headers  # case-insensitive, and no copy per answer
-                    raw = await response.read()
-            except TimeoutError as exc:
-                if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                    failure = ("upstream_timeout", f"could not connect within {self.connect_timeout:g} s")
-                else:
-                    failure = ("upstream_timeout", f"no complete answer within {self.timeout:g} s")
-            except aiohttp.InvalidURL as exc:  # retrying cannot fix the URL
-                return self._transport_failure("upstream_connection_error", f"invalid URL: {exc}", attempt)
-            except (aiohttp.ClientError, OSError) as exc:
-                failure = ("upstream_connection_error", f"{type(exc).__name__}: {exc}")
-            else:
+            answer, failure = await self._attempt(session, url, body)
+            if answer is not None:
+                status, headers, raw = answer
                 if _should_retry(status, headers) and retries_left:
                     await self._pause(attempt, f"HTTP {status}", headers)
                     continue
                 return self._http_answer(status, headers, raw, attempt)
-
+            code, detail = failure
+            if code == "invalid_url":  # retrying cannot fix the URL
+                return self._transport_failure("upstream_connection_error", detail, attempt)
             if not retries_left:
-                return self._transport_failure(*failure, attempt)
-            await self._pause(attempt, failure[0], None)
+                return self._transport_failure(code, detail, attempt)
+            await self._pause(attempt, code, None)
+
+    async def _attempt(
+        self, session: aiohttp.ClientSession, url: str, body: bytes
+    ) -> tuple[tuple[int, Mapping[str, str], bytes] | None, tuple[str, str]]:
+        """One POST, holding a slot of the upstream's gate (if any) only while it is on the wire:
+        (status, headers, body) of the answer, or None and (error code, detail)."""
+        admitted = await self._gate.acquire(self._batch_id) if self._gate is not None else 0.0
+        status: int | None = None
+        headers: Mapping[str, str] | None = None
+        try:
+            async with session.post(url, data=body) as response:
+                status = response.status
+                headers = response.headers  # case-insensitive, and no copy per answer
+                raw = await response.read()
+            return (status, headers, raw), ("", "")
+        except TimeoutError as exc:
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                return None, ("upstream_timeout", f"could not connect within {self.connect_timeout:g} s")
+            return None, ("upstream_timeout", f"no complete answer within {self.timeout:g} s")
+        except aiohttp.InvalidURL as exc:
+            return None, ("invalid_url", f"invalid URL: {exc}")
+        except (aiohttp.ClientError, OSError) as exc:
+            return None, ("upstream_connection_error", f"{type(exc).__name__}: {exc}")
+        finally:
+            if self._gate is not None:
+                self._gate.release(admitted, status, headers)
 
     async def _pause(self, attempt: int, reason: str, headers: Mapping[str, str] | None) -> None:
         delay = self.backoff(attempt - 1, headers)

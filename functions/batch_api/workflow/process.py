@@ -167,7 +167,7 @@ class _ChunkRun:
     async def run(self) -> str | None:
         settings = self.deps.settings
         slots = asyncio.Semaphore(settings.requests_per_chunk)
-        upstream = self.deps.upstream_factory()
+        upstream = self.deps.upstream_factory(model=self.batch.model, batch_id=self.batch.id)
         ticker = asyncio.create_task(self._tick(settings.progress_interval_seconds))
         try:
             for custom_id, body in self.requests():

@@ -49,15 +49,14 @@ class LocalWorkflow:
         self._lock = threading.Lock()
         self._running: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()
-        self._chunk_pool: ThreadPoolExecutor | None = None
+        # each batch runs its chunks on a pool of its own, so one big batch cannot hold every thread; the
+        # upstream's capacity gate shares the requests in flight fairly between the batches
+        self._chunk_pools: set[ThreadPoolExecutor] = set()
         self._step_attempts = step_attempts
         self._step_backoff = step_backoff_seconds
 
     def bind(self, deps: Deps) -> None:
         self._deps = deps
-        self._chunk_pool = ThreadPoolExecutor(
-            max_workers=deps.settings.chunk_concurrency, thread_name_prefix="chunk"
-        )
 
     @property
     def deps(self) -> Deps:
@@ -133,8 +132,10 @@ class LocalWorkflow:
         no new request and abandon those in flight at their next progress tick; the journal keeps what
         finished."""
         self._stopping.set()
-        if self._chunk_pool is not None:
-            self._chunk_pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            pools = list(self._chunk_pools)
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def stop(self, timeout: float = 5.0) -> None:
         """`begin_stop`, then wait up to `timeout` seconds for the batches being driven to let go."""
@@ -190,14 +191,29 @@ class LocalWorkflow:
                 del self._running[batch_id]
 
     def _process_all(self, ref: BatchRef, chunks: list[ChunkPlan]) -> None:
+        pool = ThreadPoolExecutor(
+            max_workers=max(1, min(self.deps.settings.chunk_concurrency, len(chunks))),
+            thread_name_prefix=f"chunk-{ref.batch_id[-8:]}",
+        )
+        with self._lock:
+            if self._stopping.is_set():
+                raise _Stopping()
+            self._chunk_pools.add(pool)
+        try:
+            self._run_chunks(pool, ref, chunks)
+        finally:
+            with self._lock:
+                self._chunk_pools.discard(pool)
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run_chunks(self, pool: ThreadPoolExecutor, ref: BatchRef, chunks: list[ChunkPlan]) -> None:
         from batch_api.workflow.process import process_chunk
 
-        assert self._chunk_pool is not None
         pending: list[Future[ProcessOutput]] = []
         try:
             for chunk in chunks:
                 pending.append(
-                    self._chunk_pool.submit(
+                    pool.submit(
                         self._step,
                         "process",
                         partial(process_chunk, time_left=self._time_left),

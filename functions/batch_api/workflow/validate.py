@@ -266,6 +266,13 @@ def scan_file(deps: Deps, blob_key: str, endpoint: str) -> _Scan:
             )
         scan.plan(start, end, line_no)
         scan.check_line(raw, line_no)
+    if scan.model is not None and not deps.serves_model(scan.model):
+        scan.error(  # OpenAI's words for a model it does not batch
+            "model_not_found",
+            f"The provided model '{scan.model}' is not supported by the Batch API.",
+            param="body.model",
+            line=scan.model_line,
+        )
     if scan.requests == 0:
         scan.error("empty_file", "The input file has no requests.", param="input_file_id")
     elif scan.chunk_lines:

@@ -1,0 +1,190 @@
+"""The capacity of one upstream, shared by every batch, chunk and event loop of the process.
+
+`CapacityGate` admits one request attempt at a time:
+
+- **A global ceiling.** At most `limit` attempts are in flight across all batches (the configured
+  `max_in_flight` is the most it will ever be).
+- **Adaptive (AIMD).** The effective limit starts low and doubles each round trip until the upstream
+  first pushes back (slow start); then it grows by one per round trip and is cut to `DECREASE` of
+  itself when an attempt is answered 429 or 503. Only attempts started after the last cut can cut it
+  again, so one burst of refusals counts once. A `Retry-After` on such an answer also holds new
+  attempts back until it has passed.
+- **Fair share.** Waiting attempts are queued per batch and the batches take turns (round robin) as
+  slots free up, so a small batch behind a large one waits for a few slots, not for the large batch.
+
+Thread-safe: chunks run on their own threads, each with its own event loop; a waiter is woken on
+its own loop (`call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+THROTTLE_STATUSES = frozenset({429, 503})
+INITIAL_LIMIT = 8.0  # slow start begins here (or at max_in_flight if that is lower)
+DECREASE = 0.9  # the limit after a push back, as a fraction of what it was
+MAX_HOLD_SECONDS = 60.0  # the longest Retry-After the gate honours for new attempts
+
+
+@dataclass
+class _Waiter:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    admitted: bool = False  # set under the gate's lock when a slot is handed over
+
+
+@dataclass
+class GateStats:
+    """What the gate reports (logs, metrics)."""
+
+    in_flight: int
+    limit: float
+    waiting: int
+    waiting_batches: int
+    throttled: int
+    admitted: int
+
+
+@dataclass
+class CapacityGate:
+    name: str
+    max_in_flight: int
+    clock: Callable[[], float] = time.monotonic
+    limit: float = field(init=False)
+    in_flight: int = field(default=0, init=False)
+    throttled: int = field(default=0, init=False)  # attempts answered 429/503
+    admitted: int = field(default=0, init=False)
+    _slow_start: bool = field(default=True, init=False)
+    _last_cut: float = field(default=float("-inf"), init=False)
+    _hold_until: float = field(default=float("-inf"), init=False)
+    _waiting: dict[str, deque[_Waiter]] = field(default_factory=dict, init=False)
+    _turns: deque[str] = field(default_factory=deque, init=False)  # batches with waiters, in turn order
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"upstream {self.name}: max_in_flight must be at least 1")
+        self.limit = min(float(self.max_in_flight), INITIAL_LIMIT)
+
+    # ---------------------------------------------------------------- admission
+
+    async def acquire(self, batch_id: str) -> float:
+        """Wait for a slot for one attempt of `batch_id`; returns the admission time (pass it to
+        `release`). Cancelling the wait gives up the place in the queue."""
+        hold = self._hold_until - self.clock()
+        if hold > 0:
+            await asyncio.sleep(hold)
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if not self._turns and self.in_flight < int(self.limit):
+                return self._admit()
+            waiter = _Waiter(loop, loop.create_future())
+            queue = self._waiting.get(batch_id)
+            if queue is None:
+                queue = self._waiting[batch_id] = deque()
+                self._turns.append(batch_id)
+            queue.append(waiter)
+        try:
+            await waiter.future
+        except asyncio.CancelledError:
+            with self._lock:
+                if waiter.admitted:
+                    self._finish()  # admitted just as it was cancelled: give the slot back
+                else:
+                    self._forget(batch_id, waiter)
+            raise
+        return self.clock()
+
+    def release(
+        self, admitted_at: float, status: int | None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """One attempt admitted at `admitted_at` ended with HTTP `status` (None: no answer)."""
+        now = self.clock()
+        with self._lock:
+            if status in THROTTLE_STATUSES:
+                self.throttled += 1
+                if admitted_at > self._last_cut:
+                    self.limit = max(1.0, min(self.limit, float(self.in_flight)) * DECREASE)
+                    self._last_cut = now
+                    self._slow_start = False
+                    logger.info(
+                        "upstream %s pushed back (HTTP %s): limit now %.1f", self.name, status, self.limit
+                    )
+                hold = _retry_after(headers)
+                if hold:
+                    self._hold_until = max(self._hold_until, now + min(hold, MAX_HOLD_SECONDS))
+            elif status is not None and status < 500:
+                # a round trip's worth of answers adds one (or doubles the limit in slow start)
+                self.limit = min(
+                    float(self.max_in_flight), self.limit + (1.0 if self._slow_start else 1.0 / self.limit)
+                )
+            self._finish()
+
+    def stats(self) -> GateStats:
+        with self._lock:
+            return GateStats(
+                in_flight=self.in_flight,
+                limit=self.limit,
+                waiting=sum(len(q) for q in self._waiting.values()),
+                waiting_batches=len(self._turns),
+                throttled=self.throttled,
+                admitted=self.admitted,
+            )
+
+    # ---------------------------------------------------------------- under the lock
+
+    def _admit(self) -> float:
+        self.in_flight += 1
+        self.admitted += 1
+        return self.clock()
+
+    def _finish(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        """Hand free slots to waiting batches, one per batch in turn."""
+        while self._turns and self.in_flight < int(self.limit):
+            batch_id = self._turns.popleft()
+            queue = self._waiting[batch_id]
+            waiter = queue.popleft()
+            if queue:
+                self._turns.append(batch_id)
+            else:
+                del self._waiting[batch_id]
+            if waiter.future.done():  # cancelled meanwhile; its waiter leaves the queue
+                continue
+            waiter.admitted = True
+            self.in_flight += 1
+            self.admitted += 1
+            waiter.loop.call_soon_threadsafe(_grant, waiter.future)
+
+    def _forget(self, batch_id: str, waiter: _Waiter) -> None:
+        queue = self._waiting.get(batch_id)
+        if queue is None or waiter not in queue:
+            return
+        queue.remove(waiter)
+        if not queue:
+            del self._waiting[batch_id]
+            self._turns.remove(batch_id)
+
+
+def _grant(future: asyncio.Future[None]) -> None:
+    if not future.done():  # cancelled since: its waiter gives the slot back (`admitted`)
+        future.set_result(None)
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    if not headers:
+        return None
+    from batch_api.upstreams.openai_http import retry_after_seconds
+
+    return retry_after_seconds(headers)

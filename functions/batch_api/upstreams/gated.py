@@ -1,0 +1,31 @@
+"""An Upstream that takes a slot of its upstream's `CapacityGate` for each request it forwards.
+
+For clients without retries of their own (the built-in mock); the HTTP client takes a slot per
+attempt itself, so that each retry waits for capacity too.
+"""
+
+from __future__ import annotations
+
+from batch_api.ports import Upstream, UpstreamResponse
+from batch_api.upstreams.capacity import CapacityGate
+
+
+class GatedUpstream:
+    def __init__(self, inner: Upstream, gate: CapacityGate, batch_id: str) -> None:
+        self.inner = inner
+        self.gate = gate
+        self.batch_id = batch_id
+
+    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+        admitted = await self.gate.acquire(self.batch_id)
+        status: int | None = None
+        headers = None
+        try:
+            response = await self.inner.send(endpoint, body)
+            status, headers = response.status_code, response.headers
+            return response
+        finally:
+            self.gate.release(admitted, status, headers)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -1,0 +1,177 @@
+"""Which upstream serves a batch: named upstreams, each with the models it serves and its capacity.
+
+Without a file, the settings' single upstream (`--upstream-url`, or the built-in mock) serves every
+model. With `upstreams_file` (TOML), each `[[upstreams]]` table is one upstream:
+
+    [[upstreams]]
+    name = "vllm-a"
+    base_url = "http://gpu-a:8000/v1"
+    api_key_env = "VLLM_A_KEY"        # optional: the environment variable holding its API key
+    models = ["meta-llama/Llama-3.1-8B-Instruct"]   # omitted or ["*"]: any model
+    max_in_flight = 64                # attempts in flight at most, across every batch
+
+    [[upstreams]]
+    name = "mock"
+    kind = "mock"                     # the built-in deterministic mock
+    models = ["gpt-4o-mini"]
+
+A batch goes to the first upstream that lists its model, else to the first one that serves any model;
+a model none of them serves fails the batch at validation (`model_not_found`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from batch_api.config import Settings, redact_url
+from batch_api.ports import Upstream
+from batch_api.upstreams.capacity import CapacityGate
+from batch_api.upstreams.gated import GatedUpstream
+from batch_api.upstreams.mock import MockUpstream
+from batch_api.upstreams.openai_http import OpenAIHttpUpstream, check_base_url
+
+ANY_MODEL = "*"
+
+
+class UpstreamSpec(BaseModel):
+    """One upstream of the file (or the one the settings describe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    kind: Literal["http", "mock"] = "http"
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    api_key_env: str | None = None
+    models: list[str] = Field(default_factory=lambda: [ANY_MODEL], min_length=1)
+    max_in_flight: int = Field(default=128, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _complete(self) -> UpstreamSpec:
+        if self.kind == "http":
+            if not self.base_url:
+                raise ValueError(f"upstream {self.name!r} needs a base_url")
+            check_base_url(self.base_url)
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError(f"upstream {self.name!r}: give api_key or api_key_env, not both")
+        return self
+
+    def key(self, environ: Mapping[str, str]) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env is not None:
+            value = environ.get(self.api_key_env)
+            if not value:
+                raise ValueError(
+                    f"upstream {self.name!r}: environment variable {self.api_key_env} is not set"
+                )
+            return value
+        return None
+
+    def serves(self, model: str) -> bool:
+        return ANY_MODEL in self.models or model in self.models
+
+    def describe(self) -> str:
+        where = "the built-in mock" if self.kind == "mock" else redact_url(self.base_url)
+        models = "any model" if ANY_MODEL in self.models else ", ".join(self.models)
+        return f"{self.name} ({where}; {models}; at most {self.max_in_flight} in flight)"
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    upstreams: list[UpstreamSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> _File:
+        names = [spec.name for spec in self.upstreams]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"upstream names must be unique: {', '.join(duplicates)}")
+        return self
+
+
+def load_specs(settings: Settings) -> list[UpstreamSpec]:
+    """The upstreams `settings` describe: its `upstreams_file`, else its single upstream. A bad file
+    raises `ValueError` naming the file and the problem."""
+    if settings.upstreams_file is None:
+        return [
+            UpstreamSpec(
+                name="default",
+                kind=settings.upstream_kind,
+                base_url=settings.upstream_url,
+                api_key=settings.upstream_api_key,
+                max_in_flight=settings.upstream_max_in_flight,
+            )
+        ]
+    path = Path(settings.upstreams_file)
+    try:
+        data: Any = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read the upstreams file {path}: {exc}") from exc
+    try:
+        return _File.model_validate(data).upstreams
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'file'}: {error['msg']}" for error in exc.errors()
+        )
+        raise ValueError(f"the upstreams file {path} is not valid: {problems}") from exc
+
+
+class UpstreamPool:
+    """`ports.UpstreamFactory` over several upstreams: routes by model, and every client of one upstream
+    shares that upstream's `CapacityGate`."""
+
+    def __init__(
+        self, specs: list[UpstreamSpec], settings: Settings, environ: Mapping[str, str] | None = None
+    ) -> None:
+        self.specs = specs
+        self.settings = settings
+        environ = os.environ if environ is None else environ
+        self._keys = {spec.name: spec.key(environ) for spec in specs}  # a missing variable fails now
+        self.gates = {spec.name: CapacityGate(spec.name, spec.max_in_flight) for spec in specs}
+
+    def route(self, model: str | None) -> UpstreamSpec | None:
+        """The upstream for `model`: the first that lists it, else the first that serves any model."""
+        if model is not None:
+            for spec in self.specs:
+                if model in spec.models:
+                    return spec
+        for spec in self.specs:
+            if ANY_MODEL in spec.models:
+                return spec
+        return None
+
+    def serves(self, model: str) -> bool:
+        return self.route(model) is not None
+
+    def __call__(self, *, model: str | None = None, batch_id: str | None = None) -> Upstream:
+        spec = self.route(model)
+        if spec is None:  # validation refuses such batches; a batch planned before a config change
+            raise LookupError(f"no upstream serves model {model!r}")
+        gate = self.gates[spec.name]
+        inner: Upstream
+        if spec.kind == "mock":
+            inner = MockUpstream(latency_seconds=self.settings.mock_latency_seconds)
+            return GatedUpstream(inner, gate, batch_id or "")
+        assert spec.base_url is not None  # the spec's validator
+        settings = self.settings
+        return OpenAIHttpUpstream(
+            spec.base_url,
+            self._keys[spec.name],
+            timeout=settings.upstream_timeout_seconds,
+            connect_timeout=settings.upstream_connect_timeout_seconds,
+            max_retries=settings.upstream_max_retries,
+            backoff_base=settings.upstream_backoff_base_seconds,
+            backoff_max=settings.upstream_backoff_max_seconds,
+            # a chunk keeps at most `requests_per_chunk` in flight on its own client: one connection each
+            max_connections=settings.requests_per_chunk,
+            gate=gate,
+            batch_id=batch_id or "",
+        )

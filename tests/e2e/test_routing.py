@@ -1,0 +1,64 @@
+"""Upstreams by model (`--upstreams-file`): a batch goes to the upstream serving its model; a model
+none serves fails at validation as OpenAI words it; a bad file stops the server at start."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.e2e.conftest import read_lines, request_line, upload, wait_for
+from tests.support.server import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "/v1/chat/completions"
+
+UPSTREAMS = """
+[[upstreams]]
+name = "small-models"
+kind = "mock"
+models = ["gpt-4o-mini"]
+max_in_flight = 4
+"""
+
+
+def test_batches_are_routed_by_model(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    config = tmp_path / "upstreams.toml"
+    config.write_text(UPSTREAMS)
+    client: openai.OpenAI = start_server("--upstreams-file", str(config)).client()
+
+    served = upload(client, [request_line(CHAT, i) for i in range(6)])  # gpt-4o-mini
+    batch = client.batches.create(input_file_id=served.id, endpoint=CHAT, completion_window="24h")
+    batch = wait_for(client, batch.id)
+    assert batch.status == "completed" and batch.request_counts is not None
+    assert batch.request_counts.completed == 6
+    assert len(read_lines(client, batch.output_file_id)) == 6
+
+    lines = [request_line(CHAT, i) for i in range(3)]
+    for line in lines:
+        line["body"]["model"] = "llama-3.1-8b"
+    unserved = upload(client, lines)
+    batch = client.batches.create(input_file_id=unserved.id, endpoint=CHAT, completion_window="24h")
+    batch = wait_for(client, batch.id)
+    assert batch.status == "failed" and batch.errors is not None
+    assert [(e.code, e.param, e.line, e.message) for e in batch.errors.data] == [
+        (
+            "model_not_found",
+            "body.model",
+            1,
+            "The provided model 'llama-3.1-8b' is not supported by the Batch API.",
+        )
+    ]
+
+
+def test_a_bad_upstreams_file_stops_the_server_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "upstreams.toml"
+    config.write_text("[[upstreams]]\nname = 'a'\n")  # an http upstream without base_url
+    server = ServerProcess(tmp_path / "data", "--upstreams-file", str(config))
+    with pytest.raises(RuntimeError, match="needs a base_url") as caught:
+        server.start()
+    assert "exited with 2" in str(caught.value)
+    assert "Traceback" not in server.log()

@@ -1,0 +1,208 @@
+"""The upstream capacity gate: a global ceiling, fair turns between batches, AIMD on push back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from batch_api.upstreams.capacity import DECREASE, INITIAL_LIMIT, CapacityGate
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def full_gate(limit: int, clock: Clock | None = None) -> CapacityGate:
+    """A gate past slow start, at its full `limit`."""
+    gate = CapacityGate("up", limit, clock=clock or Clock())
+    gate.limit = float(limit)
+    return gate
+
+
+async def _hold(gate: CapacityGate, batch_id: str, order: list[str], release: asyncio.Event) -> None:
+    admitted = await gate.acquire(batch_id)
+    order.append(batch_id)
+    await release.wait()
+    gate.release(admitted, 200)
+
+
+def test_slow_start_begins_low_and_never_passes_the_configured_ceiling() -> None:
+    assert CapacityGate("up", 1000).limit == INITIAL_LIMIT
+    assert CapacityGate("up", 3).limit == 3
+    gate = CapacityGate("up", 10, clock=Clock())
+    for _ in range(50):
+        gate.in_flight += 1
+        gate.release(gate.clock(), 200)
+    assert gate.limit == 10
+    with pytest.raises(ValueError, match="at least 1"):
+        CapacityGate("up", 0)
+
+
+def test_slow_start_adds_one_per_answer_then_one_per_round_trip() -> None:
+    clock = Clock()
+    gate = CapacityGate("up", 100, clock=clock)
+    gate.in_flight = 1
+    gate.release(clock(), 200)
+    assert gate.limit == INITIAL_LIMIT + 1  # slow start: +1 per answer, so doubling per round trip
+    gate.in_flight = 9
+    gate.release(clock(), 429)
+    assert gate.limit == pytest.approx(9 * DECREASE)  # cut from what was in flight
+    cut = gate.limit
+    gate.in_flight = 1
+    clock.now += 1
+    gate.release(clock(), 200)
+    assert gate.limit == pytest.approx(cut + 1 / cut)  # congestion avoidance: +1 per round trip
+
+
+def test_one_burst_of_push_back_cuts_once() -> None:
+    clock = Clock()
+    gate = full_gate(40, clock)
+    before = clock()
+    clock.now += 1
+    gate.in_flight = 3
+    gate.release(before, 429)
+    gate.release(before, 503)  # admitted before the cut: the same congestion
+    assert gate.limit == pytest.approx(3 * DECREASE)
+    assert gate.throttled == 2
+    clock.now += 1
+    gate.in_flight = 2
+    gate.release(clock(), 429)  # admitted after the cut: cuts again
+    assert gate.limit == pytest.approx(max(1.0, min(3 * DECREASE, 2) * DECREASE))
+
+
+def test_the_limit_never_drops_below_one_and_server_errors_do_not_grow_it() -> None:
+    clock = Clock()
+    gate = full_gate(4, clock)
+    for _ in range(30):
+        clock.now += 1
+        gate.in_flight = 1
+        gate.release(clock(), 429)
+    assert gate.limit == 1.0
+    gate.in_flight = 2
+    gate.release(clock(), 500)
+    gate.release(clock(), None)  # no answer at all
+    assert gate.limit == 1.0 and gate.in_flight == 0
+
+
+def test_never_more_than_the_limit_in_flight_and_every_slot_comes_back() -> None:
+    gate = full_gate(3)
+    peak = 0
+    lock = threading.Lock()
+
+    async def one(batch_id: str) -> None:
+        nonlocal peak
+        admitted = await gate.acquire(batch_id)
+        with lock:
+            peak = max(peak, gate.in_flight)
+        await asyncio.sleep(0.001)
+        gate.release(admitted, 200)
+
+    async def many(batch_id: str) -> None:
+        await asyncio.gather(*(one(batch_id) for _ in range(60)))
+
+    threads = [threading.Thread(target=asyncio.run, args=(many(f"batch_{i}"),)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert peak == 3
+    stats = gate.stats()
+    assert (stats.in_flight, stats.waiting, stats.waiting_batches, stats.admitted) == (0, 0, 0, 180)
+
+
+def test_batches_take_turns_so_a_small_one_is_not_stuck_behind_a_big_one() -> None:
+    async def scenario() -> list[str]:
+        gate = full_gate(2)
+        order: list[str] = []
+        release = asyncio.Event()
+        tasks = [asyncio.create_task(_hold(gate, "big", order, release)) for _ in range(20)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(_hold(gate, "small", order, release)) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert order == ["big", "big"]  # the first two took the slots
+        release.set()
+        await asyncio.gather(*tasks)
+        return order
+
+    order = asyncio.run(scenario())
+    # after the first two, turns alternate while both wait: the small batch is done within 4 grants
+    assert order[2:6] == ["big", "small", "big", "small"]
+    assert order.count("big") == 20 and order.count("small") == 2
+
+
+def test_a_cancelled_waiter_leaves_the_queue_and_leaks_no_slot() -> None:
+    async def scenario() -> Any:
+        gate = full_gate(1)
+        first = await gate.acquire("a")
+        waiter = asyncio.create_task(gate.acquire("b"))
+        await asyncio.sleep(0)
+        assert gate.stats().waiting == 1
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert gate.stats().waiting == 0 and gate.stats().waiting_batches == 0
+        gate.release(first, 200)
+        again = await asyncio.wait_for(gate.acquire("c"), 1)
+        gate.release(again, 200)
+        return gate.stats()
+
+    stats = asyncio.run(scenario())
+    assert stats.in_flight == 0
+
+
+def test_a_waiter_cancelled_after_its_grant_gives_the_slot_back() -> None:
+    async def scenario() -> Any:
+        gate = full_gate(1)
+        first = await gate.acquire("a")
+        waiter = asyncio.create_task(gate.acquire("b"))
+        await asyncio.sleep(0)
+        gate.release(first, 200)  # hands the slot to b; b has not run yet
+        assert gate.in_flight == 1
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        return gate.stats()
+
+    assert asyncio.run(scenario()).in_flight == 0
+
+
+def test_retry_after_holds_new_attempts_back() -> None:
+    clock = Clock()
+    gate = full_gate(5, clock)
+    slept: list[float] = []
+
+    async def scenario() -> None:
+        admitted = await gate.acquire("a")
+        gate.release(admitted, 429, {"retry-after": "7"})
+        real_sleep = asyncio.sleep
+
+        async def fake_sleep(seconds: float) -> None:
+            slept.append(seconds)
+            await real_sleep(0)
+
+        asyncio.sleep = fake_sleep  # type: ignore[assignment]
+        try:
+            second = await gate.acquire("a")
+        finally:
+            asyncio.sleep = real_sleep  # type: ignore[assignment]
+        gate.release(second, 200)
+
+    asyncio.run(scenario())
+    assert slept == [7.0]
+    clock.now += 8
+    assert asyncio.run(_no_wait(gate)) == 0
+
+
+async def _no_wait(gate: CapacityGate) -> int:
+    admitted = await gate.acquire("a")
+    gate.release(admitted, 200)
+    return gate.in_flight

@@ -1,0 +1,109 @@
+"""Upstreams by model: the TOML file, routing, and the checks made at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batch_api.config import Settings
+from batch_api.upstreams import OpenAIHttpUpstream, make_upstream_factory
+from batch_api.upstreams.gated import GatedUpstream
+from batch_api.upstreams.routing import UpstreamPool, load_specs
+
+pytestmark = pytest.mark.unit
+
+FILE = """
+[[upstreams]]
+name = "llama"
+base_url = "http://gpu-a:8000/v1"
+api_key_env = "LLAMA_KEY"
+models = ["llama-3.1-8b", "llama-3.1-70b"]
+max_in_flight = 16
+
+[[upstreams]]
+name = "catch-all"
+kind = "mock"
+max_in_flight = 4
+"""
+
+
+def pool_from(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> UpstreamPool:
+    path = tmp_path / "upstreams.toml"
+    path.write_text(text)
+    settings = Settings(upstreams_file=path)
+    return UpstreamPool(
+        load_specs(settings), settings, environ if environ is not None else {"LLAMA_KEY": "k"}
+    )
+
+
+def test_a_batch_goes_to_the_upstream_that_lists_its_model_else_to_one_that_serves_any(
+    tmp_path: Path,
+) -> None:
+    pool = pool_from(tmp_path, FILE)
+    assert pool.route("llama-3.1-70b").name == "llama"  # type: ignore[union-attr]
+    assert pool.route("gpt-4o-mini").name == "catch-all"  # type: ignore[union-attr]
+    client = pool(model="llama-3.1-8b", batch_id="batch_1")
+    assert isinstance(client, OpenAIHttpUpstream)
+    assert client._gate is pool.gates["llama"] and client._batch_id == "batch_1"
+    assert client._headers["Authorization"] == "Bearer k"
+    other = pool(model="anything", batch_id="batch_2")
+    assert isinstance(other, GatedUpstream) and other.gate is pool.gates["catch-all"]
+    assert pool.gates["llama"].max_in_flight == 16 and pool.gates["catch-all"].max_in_flight == 4
+
+
+def test_without_a_catch_all_an_unlisted_model_is_not_served(tmp_path: Path) -> None:
+    pool = pool_from(tmp_path, FILE.split('[[upstreams]]\nname = "catch-all"')[0])
+    assert pool.serves("llama-3.1-8b")
+    assert not pool.serves("gpt-4o-mini")
+    with pytest.raises(LookupError, match="gpt-4o-mini"):
+        pool(model="gpt-4o-mini", batch_id="b")
+
+
+def test_the_settings_single_upstream_serves_every_model() -> None:
+    pool = make_upstream_factory(Settings(upstream_url="http://model:8001/v1", upstream_max_in_flight=7))
+    assert [spec.name for spec in pool.specs] == ["default"]
+    assert pool.serves("whatever-model")
+    assert pool.gates["default"].max_in_flight == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[upstreams]]\nname = 'a'\n", "needs a base_url"),
+        ("[[upstreams]]\nname = 'a'\nkind = 'mock'\n[[upstreams]]\nname = 'a'\nkind = 'mock'\n", "unique: a"),
+        ("[[upstreams]]\nname = 'a'\nbase_url = 'ftp://x'\n", "http\\(s\\) URL"),
+        ("[[upstreams]]\nname = 'a'\nkind = 'mock'\nmax_in_flight = 0\n", "max_in_flight"),
+        ("[[upstreams]]\nname = 'a'\nkind = 'mock'\ncolour = 'red'\n", "colour"),
+        ("upstreams = []\n", "upstreams"),
+        ("[[upstreams]\n", "cannot read"),
+        ("[[upstreams]]\nname = 'a'\nkind = 'mock'\napi_key = 'x'\napi_key_env = 'Y'\n", "not both"),
+    ],
+)
+def test_a_bad_file_fails_at_start_naming_the_file_and_the_problem(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as caught:
+        make_upstream_factory(Settings(upstreams_file=path))
+    assert str(path) in str(caught.value)
+
+
+def test_a_missing_file_and_a_missing_key_variable_fail_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read the upstreams file"):
+        make_upstream_factory(Settings(upstreams_file=tmp_path / "absent.toml"))
+    with pytest.raises(ValueError, match="LLAMA_KEY is not set"):
+        pool_from(tmp_path, FILE, environ={})
+
+
+def test_descriptions_never_show_credentials(tmp_path: Path) -> None:
+    pool = pool_from(
+        tmp_path,
+        FILE.replace("http://gpu-a:8000/v1", "http://u:secret@gpu-a:8000/v1").replace(
+            'api_key_env = "LLAMA_KEY"\n', ""
+        ),
+    )
+    text = " ".join(spec.describe() for spec in pool.specs)
+    assert "secret" not in text and "***@gpu-a:8000" in text
+    assert "any model" in text and "llama-3.1-8b, llama-3.1-70b" in text
