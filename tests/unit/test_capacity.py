@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from batch_api.upstreams.capacity import DECREASE, INITIAL_LIMIT, CapacityGate
+from batch_api.upstreams.capacity import DECREASE, INITIAL_LIMIT, PROBE, CapacityGate
 
 pytestmark = pytest.mark.unit
 
@@ -47,7 +47,7 @@ def test_slow_start_begins_low_and_never_passes_the_configured_ceiling() -> None
         CapacityGate("up", 0)
 
 
-def test_slow_start_adds_one_per_answer_then_one_per_round_trip() -> None:
+def test_slow_start_adds_one_per_answer_until_the_first_push_back() -> None:
     clock = Clock()
     gate = CapacityGate("up", 100, clock=clock)
     gate.in_flight = 1
@@ -60,7 +60,7 @@ def test_slow_start_adds_one_per_answer_then_one_per_round_trip() -> None:
     gate.in_flight = 1
     clock.now += 1
     gate.release(clock(), 200)
-    assert gate.limit == pytest.approx(cut + 1 / cut)  # congestion avoidance: +1 per round trip
+    assert gate.limit == pytest.approx(cut + PROBE / cut)  # 8.1 is within one of 9: probing slowly
 
 
 def test_one_burst_of_push_back_cuts_once() -> None:
@@ -206,3 +206,19 @@ async def _no_wait(gate: CapacityGate) -> int:
     admitted = await gate.acquire("a")
     gate.release(admitted, 200)
     return gate.in_flight
+
+
+def test_near_the_level_pushed_back_last_the_limit_grows_slowly() -> None:
+    clock = Clock()
+    gate = full_gate(100, clock)
+    gate.in_flight = 20
+    gate.release(clock(), 429)  # pushed back with 20 in flight: the limit drops to 18
+    assert gate.limit == pytest.approx(20 * DECREASE)
+    clock.now += 1
+    gate.in_flight = 1
+    gate.release(clock(), 200)  # 18 < 20 - 1: a full step
+    assert gate.limit == pytest.approx(18 + 1 / 18)
+    gate.limit = 19.0  # within one of 20: probing
+    gate.in_flight = 1
+    gate.release(clock(), 200)
+    assert gate.limit == pytest.approx(19 + PROBE / 19)

@@ -5,8 +5,9 @@
 - **A global ceiling.** At most `limit` attempts are in flight across all batches (the configured
   `max_in_flight` is the most it will ever be).
 - **Adaptive (AIMD).** The effective limit starts low and doubles each round trip until the upstream
-  first pushes back (slow start); then it grows by one per round trip and is cut to `DECREASE` of
-  itself when an attempt is answered 429 or 503. Only attempts started after the last cut can cut it
+  first pushes back (slow start); then it grows by one per round trip (by `PROBE` within one of the
+  level that was pushed back last) and is cut to `DECREASE` of itself when an attempt is answered 429
+  or 503. Only attempts started after the last cut can cut it
   again, so one burst of refusals counts once. A `Retry-After` on such an answer also holds new
   attempts back until it has passed.
 - **Fair share.** Waiting attempts are queued per batch and the batches take turns (round robin) as
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 THROTTLE_STATUSES = frozenset({429, 503})
 INITIAL_LIMIT = 8.0  # slow start begins here (or at max_in_flight if that is lower)
 DECREASE = 0.9  # the limit after a push back, as a fraction of what it was
+PROBE = 0.25  # near the level that was pushed back last, grow this much per round trip instead of 1
 MAX_HOLD_SECONDS = 60.0  # the longest Retry-After the gate honours for new attempts
 
 
@@ -64,6 +66,7 @@ class CapacityGate:
     admitted: int = field(default=0, init=False)
     _slow_start: bool = field(default=True, init=False)
     _last_cut: float = field(default=float("-inf"), init=False)
+    _pushed_back_at: float = field(default=float("inf"), init=False)  # in flight at the last push back
     _hold_until: float = field(default=float("-inf"), init=False)
     _waiting: dict[str, deque[_Waiter]] = field(default_factory=dict, init=False)
     _turns: deque[str] = field(default_factory=deque, init=False)  # batches with waiters, in turn order
@@ -112,7 +115,8 @@ class CapacityGate:
             if status in THROTTLE_STATUSES:
                 self.throttled += 1
                 if admitted_at > self._last_cut:
-                    self.limit = max(1.0, min(self.limit, float(self.in_flight)) * DECREASE)
+                    self._pushed_back_at = min(self.limit, float(self.in_flight))
+                    self.limit = max(1.0, self._pushed_back_at * DECREASE)
                     self._last_cut = now
                     self._slow_start = False
                     logger.info(
@@ -122,10 +126,15 @@ class CapacityGate:
                 if hold:
                     self._hold_until = max(self._hold_until, now + min(hold, MAX_HOLD_SECONDS))
             elif status is not None and status < 500:
-                # a round trip's worth of answers adds one (or doubles the limit in slow start)
-                self.limit = min(
-                    float(self.max_in_flight), self.limit + (1.0 if self._slow_start else 1.0 / self.limit)
-                )
+                # slow start: +1 per answer (doubling per round trip); then +1 per round trip, and only
+                # +PROBE within one of where the upstream pushed back last (the limit stays near it longer)
+                if self._slow_start:
+                    step = 1.0
+                elif self.limit >= self._pushed_back_at - 1:
+                    step = PROBE / self.limit
+                else:
+                    step = 1.0 / self.limit
+                self.limit = min(float(self.max_in_flight), self.limit + step)
             self._finish()
 
     def stats(self) -> GateStats:
