@@ -59,6 +59,13 @@ class EnvConfig(BaseModel):
     map_max_concurrency: int = Field(default=10, ge=1, le=10_000)  # Distributed Map MaxConcurrency
     chunk_max_lines: int = Field(default=1000, ge=1, le=50_000)
     requests_per_chunk: int = Field(default=32, ge=1, le=1024)  # requests in flight per worker
+    # Lambda reserved concurrency. The API's is kept for it, so workers can never starve it of slots
+    # (and caps it); the workers' caps the chunks running at once across every batch, so the requests
+    # in flight to the upstream stay at most worker_reserved_concurrency x requests_per_chunk. Both come
+    # out of the account's concurrency, which must keep at least 100 unreserved (a new account's quota
+    # of 10 cannot reserve anything: ask for an increase first, or leave these unset).
+    api_reserved_concurrency: int | None = Field(default=None, ge=1, le=10_000)
+    worker_reserved_concurrency: int | None = Field(default=None, ge=1, le=10_000)
 
     api_memory_mb: int = Field(default=1024, ge=128, le=10_240)
     worker_memory_mb: int = Field(default=1769, ge=128, le=10_240)  # 1769 MB = one full vCPU

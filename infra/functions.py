@@ -41,6 +41,7 @@ class FunctionFactory:
         timeout: Duration,
         memory_mb: int,
         environment: Mapping[str, str] | None = None,
+        reserved_concurrency: int | None = None,
     ) -> lambda_.Function:
         log_group = logs.LogGroup(
             scope,
@@ -70,4 +71,5 @@ class FunctionFactory:
             log_group=log_group,
             tracing=lambda_.Tracing.ACTIVE,
             environment={**self.environment, **(environment or {})},
+            reserved_concurrent_executions=reserved_concurrency,
         )

@@ -57,6 +57,7 @@ class Api(Construct):
             description="batch-api: the OpenAI-compatible Files, Uploads and Batches API",
             timeout=API_TIMEOUT,
             memory_mb=config.api_memory_mb,
+            reserved_concurrency=config.api_reserved_concurrency,
             environment={
                 "BATCH_API_STATE_MACHINE_ARN": state_machine.state_machine_arn,
                 "BATCH_API_API_KEYS_SECRET_NAME": config.api_keys_secret,

@@ -31,14 +31,25 @@ LAMBDA_SERVICE_ERRORS = [
     "Lambda.ServiceException",
     "Lambda.AWSLambdaException",
     "Lambda.SdkClientException",
-    "Lambda.TooManyRequestsException",
     "Lambda.ClientExecutionTimeoutException",
 ]
+# Throttling means "wait for a slot" (the workers' reserved concurrency is the fleet's ceiling), never
+# "fail": retried every minute at most for a whole completion window; the batch's expiry ends it.
+THROTTLED = "Lambda.TooManyRequestsException"
+THROTTLE_MAX_ATTEMPTS = 24 * 60
 
 
 def add_retries(task: sfn.TaskStateBase) -> None:
     """Throttling and Lambda service errors retry patiently; a failing step a few times, like the
     local runner (STEP_ATTEMPTS, STEP_BACKOFF_SECONDS), before the catch marks the batch failed."""
+    task.add_retry(
+        errors=[THROTTLED],
+        interval=Duration.seconds(2),
+        max_attempts=THROTTLE_MAX_ATTEMPTS,
+        backoff_rate=2,
+        max_delay=Duration.seconds(60),
+        jitter_strategy=sfn.JitterType.FULL,
+    )
     task.add_retry(
         errors=LAMBDA_SERVICE_ERRORS,
         interval=Duration.seconds(2),
@@ -97,6 +108,7 @@ class Workflow(Construct):
             timeout=STEP_TIMEOUT,
             memory_mb=config.worker_memory_mb,
             environment=upstream_env,
+            reserved_concurrency=config.worker_reserved_concurrency,
         )
         self.finalize_function = functions.create(
             steps,

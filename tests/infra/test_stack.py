@@ -470,6 +470,23 @@ def test_every_task_retries_lambda_errors_and_throttling(template: dict[str, Any
         assert retried >= LAMBDA_RETRY_ERRORS, name
         for retry in task["Retry"]:
             assert retry["BackoffRate"] >= 2 and retry["MaxAttempts"] >= 2, name
+        [throttled] = [r for r in task["Retry"] if "Lambda.TooManyRequestsException" in r["ErrorEquals"]]
+        # throttling waits for a slot for a whole completion window (at most a minute apart), never fails
+        assert throttled["ErrorEquals"] == ["Lambda.TooManyRequestsException"], name
+        assert throttled["MaxAttempts"] * throttled["MaxDelaySeconds"] >= 24 * 3600, name
+
+
+def test_reserved_concurrency_keeps_the_api_served_and_bounds_the_workers(
+    template: dict[str, Any], functions: dict[str, str], env_settings: dict[str, Any]
+) -> None:
+    reserved = {
+        handler: template["Resources"][logical_id]["Properties"].get("ReservedConcurrentExecutions")
+        for handler, logical_id in functions.items()
+    }
+    assert reserved[API_HANDLER] == env_settings["api_reserved_concurrency"]
+    assert reserved[f"{WORKFLOW}.process_handler"] == env_settings["worker_reserved_concurrency"]
+    others = {h: r for h, r in reserved.items() if h not in (API_HANDLER, f"{WORKFLOW}.process_handler")}
+    assert set(others.values()) == {None}  # the short steps share the account's unreserved pool
 
 
 def test_every_failure_ends_the_batch_failed(template: dict[str, Any], functions: dict[str, str]) -> None:
