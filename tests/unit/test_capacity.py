@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from batch_api.upstreams.capacity import DECREASE, INITIAL_LIMIT, PROBE, CapacityGate
+from batch_api.upstreams.capacity import (
+    DECREASE,
+    INITIAL_LIMIT,
+    PROBE,
+    CapacityGate,
+    RateLimit,
+    answer_tokens,
+    estimate_tokens,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -222,3 +230,55 @@ def test_near_the_level_pushed_back_last_the_limit_grows_slowly() -> None:
     gate.in_flight = 1
     gate.release(clock(), 200)
     assert gate.limit == pytest.approx(19 + PROBE / 19)
+
+
+# ---------------------------------------------------------------- per-minute rates
+
+
+def test_a_rate_lets_a_second_worth_through_then_paces() -> None:
+    clock = Clock()
+    rate = RateLimit(60, clock)  # one a second
+    assert [rate.reserve(1) for _ in range(2)] == [0.0, 1.0]  # the first second's worth at once
+    assert rate.reserve(1) == pytest.approx(2.0)
+    clock.now += 10  # idle time does not bank more than the burst
+    assert rate.reserve(1) == 0.0 and rate.reserve(1) == pytest.approx(1.0)
+    rate.adjust(-2)  # two fewer used than reserved
+    assert rate.reserve(1) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        RateLimit(0)
+
+
+def test_tokens_are_estimated_from_the_request_and_read_from_the_answer() -> None:
+    body = b'{"model": "m", "messages": [], "max_tokens": 100}'
+    assert estimate_tokens(body) == len(body) // 4 + 100
+    assert estimate_tokens(b'{"max_completion_tokens": 7}') == 28 // 4 + 7
+    assert estimate_tokens(b'{"max_tokens": true}') == 20 // 4
+    assert estimate_tokens(b"not json") == 2
+    assert answer_tokens({"usage": {"total_tokens": 42, "prompt_tokens": 1}}) == 42
+    assert answer_tokens({"usage": {"input_tokens": 3, "output_tokens": 4}}) == 7
+    assert answer_tokens({"usage": "n/a"}) == 0 and answer_tokens(None) == 0
+
+
+def test_the_gate_paces_requests_and_tokens_per_minute() -> None:
+    clock = Clock()
+    waits: list[float] = []
+    gate = CapacityGate("up", 10, clock=clock, requests_per_minute=600, tokens_per_minute=600)
+    assert gate.counts_tokens and not CapacityGate("up", 10).counts_tokens
+
+    async def scenario() -> None:
+        await gate.pace(5)  # 10 requests/s and 10 tokens/s, a burst of one second's worth of each
+        await gate.pace(5)
+        await gate.pace(5)  # 15 tokens: half a second past the burst
+        gate.used_tokens(5, 1)  # that request used 1, not 5: 4 tokens come back
+        await gate.pace(5)  # tokens at 2.0 s - 0.4 s corrected - 1 s burst
+
+    async def fake_sleep(seconds: float) -> None:
+        waits.append(round(seconds, 3))
+
+    original = asyncio.sleep
+    asyncio.sleep = fake_sleep  # type: ignore[assignment]
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.sleep = original  # type: ignore[assignment]
+    assert waits == [0.5, 0.6]  # without the correction the last would wait 1.0

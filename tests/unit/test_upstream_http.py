@@ -360,3 +360,67 @@ def test_credentials_in_the_base_url_become_basic_auth_and_appear_in_no_message(
         Settings(upstream_url=url, upstream_api_key="sk-key")  # type: ignore[arg-type]
     assert "give one of them" in describe(raised.value)
     assert "s3cr3t" not in describe(raised.value)
+
+
+class RecordingGate:
+    """Stands in for a CapacityGate: records what the client asks of it."""
+
+    counts_tokens = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def pace(self, tokens: int = 0) -> None:
+        self.calls.append(("pace", tokens))
+
+    async def acquire(self, batch_id: str) -> float:
+        self.calls.append(("acquire", batch_id))
+        return 1.5
+
+    def release(self, admitted_at: float, status: int | None, headers: Any = None) -> None:
+        self.calls.append(("release", admitted_at, status, headers.get("retry-after") if headers else None))
+
+    def used_tokens(self, estimated: int, actual: int) -> None:
+        self.calls.append(("used", estimated, actual))
+
+
+def test_every_attempt_takes_and_returns_a_slot_and_tokens_are_reserved_once(
+    fake: FakeUpstreamServer,
+) -> None:
+    gate = RecordingGate()
+    body = chat_body("id=gated;status=429;times=1;retry_after=0")
+    response, _sleep = send_one(fake.base_url, body, gate=gate, batch_id="batch_7")
+    assert response.status_code == 200
+    estimate = len(body) // 4
+    actual = response.body["usage"]["total_tokens"]
+    assert gate.calls == [
+        ("pace", estimate),
+        ("acquire", "batch_7"),
+        ("release", 1.5, 429, "0"),  # the slot is back before the retry's pause
+        ("pace", 0),  # the retry counts as a request, its tokens were reserved already
+        ("acquire", "batch_7"),
+        ("release", 1.5, 200, None),
+        ("used", estimate, actual),
+    ]
+
+
+def test_an_attempt_that_gets_no_answer_still_returns_its_slot() -> None:
+    gate = RecordingGate()
+    response, _sleep = send_one(f"http://127.0.0.1:{free_port()}/v1", chat_body(""), gate=gate, max_retries=0)
+    assert response.status_code is None
+    assert [c[0] for c in gate.calls] == ["pace", "acquire", "release"]
+    assert gate.calls[2][2] is None
+
+
+def test_the_gated_mock_takes_a_slot_per_request_and_reports_its_tokens() -> None:
+    gate = RecordingGate()
+    body = chat_body("")
+    client = GatedUpstream(MockUpstream(), gate, "batch_9")  # type: ignore[arg-type]
+    response = asyncio.run(client.send(CHAT, body))
+    assert response.status_code == 200
+    assert gate.calls == [
+        ("pace", len(body) // 4),
+        ("acquire", "batch_9"),
+        ("release", 1.5, 200, None),
+        ("used", len(body) // 4, response.body["usage"]["total_tokens"]),
+    ]

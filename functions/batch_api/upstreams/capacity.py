@@ -12,6 +12,8 @@
   attempts back until it has passed.
 - **Fair share.** Waiting attempts are queued per batch and the batches take turns (round robin) as
   slots free up, so a small batch behind a large one waits for a few slots, not for the large batch.
+- **Rates (optional).** Requests and tokens per minute (`RateLimit`), paced before an attempt queues
+  for a slot; tokens are estimated from the request and corrected from the answer's `usage`.
 
 Thread-safe: chunks run on their own threads, each with its own event loop; a waiter is woken on
 its own loop (`call_soon_threadsafe`).
@@ -26,6 +28,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +39,69 @@ INITIAL_LIMIT = 8.0  # slow start begins here (or at max_in_flight if that is lo
 DECREASE = 0.9  # the limit after a push back, as a fraction of what it was
 PROBE = 0.25  # near the level that was pushed back last, grow this much per round trip instead of 1
 MAX_HOLD_SECONDS = 60.0  # the longest Retry-After the gate honours for new attempts
+BURST_SECONDS = 1.0  # a rate limit lets this many seconds' worth of units through at once
+BYTES_PER_TOKEN = 4  # the usual rough estimate for English text and JSON
+MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def estimate_tokens(body: bytes) -> int:
+    """Tokens a request may take, before it runs: its size / 4, plus the output it allows (the
+    answer's `usage` corrects the estimate)."""
+    estimate = len(body) // BYTES_PER_TOKEN
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return estimate
+    if isinstance(parsed, dict):
+        for name in MAX_OUTPUT_FIELDS:
+            value = parsed.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return estimate + value
+    return estimate
+
+
+def answer_tokens(body: Any) -> int:
+    """The tokens an answer's `usage` reports (0 when it reports none)."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return 0
+    total = usage.get("total_tokens")
+    if isinstance(total, int):
+        return total
+    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")]
+    return sum(p for p in parts if isinstance(p, int))
+
+
+@dataclass
+class RateLimit:
+    """At most `per_minute` units a minute, as GCRA: every unit moves a theoretical time on by
+    60 / per_minute seconds, and a use may start once that time is less than `BURST_SECONDS` ahead of
+    now. Reservations are made under a lock, so callers on any thread share one budget."""
+
+    per_minute: int
+    clock: Callable[[], float] = time.monotonic
+    _theoretical: float = field(default=float("-inf"), init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        if self.per_minute < 1:
+            raise ValueError("a rate must allow at least 1 a minute")
+
+    @property
+    def interval(self) -> float:
+        return 60.0 / self.per_minute
+
+    def reserve(self, units: float) -> float:
+        """Take `units` now; returns the seconds to wait before using them."""
+        with self._lock:
+            now = self.clock()
+            self._theoretical = max(self._theoretical, now) + units * self.interval
+            return max(0.0, self._theoretical - now - BURST_SECONDS)
+
+    def adjust(self, units: float) -> None:
+        """Correct an earlier reservation by `units` (negative: fewer were used than reserved)."""
+        with self._lock:
+            self._theoretical += units * self.interval
 
 
 @dataclass
@@ -60,6 +128,8 @@ class CapacityGate:
     name: str
     max_in_flight: int
     clock: Callable[[], float] = time.monotonic
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
     limit: float = field(init=False)
     in_flight: int = field(default=0, init=False)
     throttled: int = field(default=0, init=False)  # attempts answered 429/503
@@ -71,11 +141,36 @@ class CapacityGate:
     _waiting: dict[str, deque[_Waiter]] = field(default_factory=dict, init=False)
     _turns: deque[str] = field(default_factory=deque, init=False)  # batches with waiters, in turn order
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _requests: RateLimit | None = field(default=None, init=False)
+    _tokens: RateLimit | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
             raise ValueError(f"upstream {self.name}: max_in_flight must be at least 1")
         self.limit = min(float(self.max_in_flight), INITIAL_LIMIT)
+        if self.requests_per_minute is not None:
+            self._requests = RateLimit(self.requests_per_minute, self.clock)
+        if self.tokens_per_minute is not None:
+            self._tokens = RateLimit(self.tokens_per_minute, self.clock)
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self._tokens is not None
+
+    async def pace(self, tokens: int = 0) -> None:
+        """Wait until one more request (of about `tokens` tokens) fits the per-minute rates."""
+        wait = 0.0
+        if self._requests is not None:
+            wait = self._requests.reserve(1)
+        if self._tokens is not None and tokens > 0:
+            wait = max(wait, self._tokens.reserve(tokens))
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def used_tokens(self, estimated: int, actual: int) -> None:
+        """The answer's `usage` says how many tokens the request really took."""
+        if self._tokens is not None and actual > 0:
+            self._tokens.adjust(actual - estimated)
 
     # ---------------------------------------------------------------- admission
 

@@ -7,7 +7,7 @@ attempt itself, so that each retry waits for capacity too.
 from __future__ import annotations
 
 from batch_api.ports import Upstream, UpstreamResponse
-from batch_api.upstreams.capacity import CapacityGate
+from batch_api.upstreams.capacity import CapacityGate, answer_tokens, estimate_tokens
 
 
 class GatedUpstream:
@@ -17,15 +17,19 @@ class GatedUpstream:
         self.batch_id = batch_id
 
     async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+        tokens = estimate_tokens(body) if self.gate.counts_tokens else 0
+        await self.gate.pace(tokens)
         admitted = await self.gate.acquire(self.batch_id)
         status: int | None = None
         headers = None
         try:
             response = await self.inner.send(endpoint, body)
             status, headers = response.status_code, response.headers
-            return response
         finally:
             self.gate.release(admitted, status, headers)
+        if tokens:
+            self.gate.used_tokens(tokens, answer_tokens(response.body))
+        return response
 
     async def aclose(self) -> None:
         await self.inner.aclose()

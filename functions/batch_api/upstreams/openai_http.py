@@ -28,7 +28,7 @@ import orjson
 from batch_api.config import redact_url
 from batch_api.contract.ids import new_request_id
 from batch_api.ports import UpstreamResponse
-from batch_api.upstreams.capacity import CapacityGate
+from batch_api.upstreams.capacity import CapacityGate, answer_tokens, estimate_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -203,17 +203,22 @@ class OpenAIHttpUpstream:
     async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
         url = self._url(endpoint)
         session = self._client()
+        tokens = estimate_tokens(body) if self._gate is not None and self._gate.counts_tokens else 0
         attempt = 0
         while True:
             attempt += 1
             retries_left = attempt <= self.max_retries
-            answer, failure = await self._attempt(session, url, body)
+            # tokens are reserved once per request; every attempt counts as a request
+            answer, failure = await self._attempt(session, url, body, tokens if attempt == 1 else 0)
             if answer is not None:
                 status, headers, raw = answer
                 if _should_retry(status, headers) and retries_left:
                     await self._pause(attempt, f"HTTP {status}", headers)
                     continue
-                return self._http_answer(status, headers, raw, attempt)
+                response = self._http_answer(status, headers, raw, attempt)
+                if tokens and self._gate is not None:
+                    self._gate.used_tokens(tokens, answer_tokens(response.body))
+                return response
             code, detail = failure
             if code == "invalid_url":  # retrying cannot fix the URL
                 return self._transport_failure("upstream_connection_error", detail, attempt)
@@ -222,11 +227,14 @@ class OpenAIHttpUpstream:
             await self._pause(attempt, code, None)
 
     async def _attempt(
-        self, session: aiohttp.ClientSession, url: str, body: bytes
+        self, session: aiohttp.ClientSession, url: str, body: bytes, tokens: int
     ) -> tuple[tuple[int, Mapping[str, str], bytes] | None, tuple[str, str]]:
-        """One POST, holding a slot of the upstream's gate (if any) only while it is on the wire:
-        (status, headers, body) of the answer, or None and (error code, detail)."""
-        admitted = await self._gate.acquire(self._batch_id) if self._gate is not None else 0.0
+        """One POST, paced by the upstream's rates and holding a slot of its gate (if any) only while
+        it is on the wire: (status, headers, body) of the answer, or None and (error code, detail)."""
+        admitted = 0.0
+        if self._gate is not None:
+            await self._gate.pace(tokens)
+            admitted = await self._gate.acquire(self._batch_id)
         status: int | None = None
         headers: Mapping[str, str] | None = None
         try:

@@ -9,6 +9,8 @@ model. With `upstreams_file` (TOML), each `[[upstreams]]` table is one upstream:
     api_key_env = "VLLM_A_KEY"        # optional: the environment variable holding its API key
     models = ["meta-llama/Llama-3.1-8B-Instruct"]   # omitted or ["*"]: any model
     max_in_flight = 64                # attempts in flight at most, across every batch
+    requests_per_minute = 6000        # optional
+    tokens_per_minute = 2000000       # optional: estimated from each request, corrected from `usage`
 
     [[upstreams]]
     name = "mock"
@@ -51,6 +53,8 @@ class UpstreamSpec(BaseModel):
     api_key_env: str | None = None
     models: list[str] = Field(default_factory=lambda: [ANY_MODEL], min_length=1)
     max_in_flight: int = Field(default=128, ge=1, le=10_000)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _complete(self) -> UpstreamSpec:
@@ -135,7 +139,15 @@ class UpstreamPool:
         self.settings = settings
         environ = os.environ if environ is None else environ
         self._keys = {spec.name: spec.key(environ) for spec in specs}  # a missing variable fails now
-        self.gates = {spec.name: CapacityGate(spec.name, spec.max_in_flight) for spec in specs}
+        self.gates = {
+            spec.name: CapacityGate(
+                spec.name,
+                spec.max_in_flight,
+                requests_per_minute=spec.requests_per_minute,
+                tokens_per_minute=spec.tokens_per_minute,
+            )
+            for spec in specs
+        }
 
     def route(self, model: str | None) -> UpstreamSpec | None:
         """The upstream for `model`: the first that lists it, else the first that serves any model."""
