@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     upstream_url: str | None = None  # an OpenAI-compatible base URL, e.g. http://localhost:8001/v1
     upstream_api_key: SecretStr | None = None
     upstream_max_in_flight: int = Field(default=128, ge=1, le=10_000)  # attempts in flight, all batches
+    capacity_log_interval_seconds: float = Field(default=30.0, gt=0)  # how often upstream load is logged
     upstreams_file: Path | None = None  # TOML: several upstreams, routed by model (upstreams/routing.py)
     upstream_timeout_seconds: float = Field(default=600.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -3,6 +3,7 @@ none serves fails at validation as OpenAI words it; a bad file stops the server 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,11 @@ max_in_flight = 4
 def test_batches_are_routed_by_model(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     config = tmp_path / "upstreams.toml"
     config.write_text(UPSTREAMS)
-    client: openai.OpenAI = start_server("--upstreams-file", str(config)).client()
+    server = start_server(
+        "--upstreams-file", str(config), env={"BATCH_API_CAPACITY_LOG_INTERVAL_SECONDS": "0.2"}
+    )
+    client: openai.OpenAI = server.client()
+    assert "upstream small-models (the built-in mock; gpt-4o-mini; at most 4 in flight)" in server.log()
 
     served = upload(client, [request_line(CHAT, i) for i in range(6)])  # gpt-4o-mini
     batch = client.batches.create(input_file_id=served.id, endpoint=CHAT, completion_window="24h")
@@ -36,6 +41,11 @@ def test_batches_are_routed_by_model(start_server: Callable[..., ServerProcess],
     assert batch.status == "completed" and batch.request_counts is not None
     assert batch.request_counts.completed == 6
     assert len(read_lines(client, batch.output_file_id)) == 6
+    deadline = time.monotonic() + 10
+    done = "upstream small-models: 0 in flight, limit 4.0 of 4, 0 waiting in 0 batch(es), 6 attempts"
+    while done not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the load line comes within one log interval of the work
+    assert done + " and 0 answered 429/503 since start" in server.log()
 
     lines = [request_line(CHAT, i) for i in range(3)]
     for line in lines:

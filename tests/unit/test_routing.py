@@ -107,3 +107,19 @@ def test_descriptions_never_show_credentials(tmp_path: Path) -> None:
     text = " ".join(spec.describe() for spec in pool.specs)
     assert "secret" not in text and "***@gpu-a:8000" in text
     assert "any model" in text and "llama-3.1-8b, llama-3.1-70b" in text
+
+
+def test_the_load_report_names_each_busy_upstream_once_per_change(tmp_path: Path) -> None:
+    pool = pool_from(tmp_path, FILE)
+    seen: dict[str, int] = {}
+    assert pool.load_report(seen) == []  # nothing happened yet
+    gate = pool.gates["llama"]
+    gate.in_flight, gate.admitted, gate.throttled = 3, 10, 2
+    [line] = pool.load_report(seen)
+    assert line == (
+        f"upstream llama: 3 in flight, limit {gate.limit:.1f} of 16, 0 waiting in 0 batch(es), "
+        "10 attempts and 2 answered 429/503 since start"
+    )
+    assert pool.load_report(seen) == []  # unchanged since the last report
+    gate.admitted = 11
+    assert len(pool.load_report(seen)) == 1

@@ -135,6 +135,7 @@ def serve(settings: Settings) -> int:
     from batch_api.local.bootstrap import DataDirLocked, build_local_app
     from batch_api.local.server import ApiAsgiApp, ResolverPool, build_server, listen
     from batch_api.service.housekeeping import sweep
+    from batch_api.upstreams import UpstreamPool
 
     if settings.upstreams_file is None and settings.upstream_kind == "http" and not settings.upstream_url:
         logger.error("--upstream http needs --upstream-url (or BATCH_API_UPSTREAM_URL)")
@@ -182,6 +183,15 @@ def serve(settings: Settings) -> int:
     if resumed:
         logger.info("resumed %d unfinished batch(es)", resumed)
     app.workflow.start_sweeper(lambda: sweep(app.deps))
+    pool = app.deps.upstream_factory
+    if isinstance(pool, UpstreamPool):
+        seen: dict[str, int] = {}
+
+        def log_load() -> None:
+            for line in pool.load_report(seen):
+                logger.info("%s", line)
+
+        app.workflow.every(settings.capacity_log_interval_seconds, log_load, name="capacity-log")
 
     resolvers = ResolverPool(app.api_factory, settings.http_concurrency)
     server = build_server(

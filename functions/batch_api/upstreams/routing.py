@@ -163,6 +163,22 @@ class UpstreamPool:
     def serves(self, model: str) -> bool:
         return self.route(model) is not None
 
+    def load_report(self, since: dict[str, int]) -> list[str]:
+        """One line per upstream that admitted attempts since the last report (`since`: admitted count
+        per upstream at that report, updated here): in flight, the effective limit, waiting, 429s."""
+        lines = []
+        for name, gate in self.gates.items():
+            stats = gate.stats()
+            if stats.admitted == since.get(name, 0) and not stats.waiting:
+                continue
+            since[name] = stats.admitted
+            lines.append(
+                f"upstream {name}: {stats.in_flight} in flight, limit {stats.limit:.1f} of "
+                f"{gate.max_in_flight}, {stats.waiting} waiting in {stats.waiting_batches} batch(es), "
+                f"{stats.admitted} attempts and {stats.throttled} answered 429/503 since start"
+            )
+        return lines
+
     def __call__(self, *, model: str | None = None, batch_id: str | None = None) -> Upstream:
         spec = self.route(model)
         if spec is None:  # validation refuses such batches; a batch planned before a config change

@@ -115,17 +115,21 @@ class LocalWorkflow:
     def start_sweeper(self, sweep: Callable[[], object]) -> None:
         """Run `sweep` (`service.housekeeping.sweep`: expired files, uploads and idempotency keys) now and
         every `file_sweep_interval_seconds`; it logs what it did."""
-        interval = self.deps.settings.file_sweep_interval_seconds
+        self.every(self.deps.settings.file_sweep_interval_seconds, sweep, name="sweeper")
+
+    def every(self, interval: float, task: Callable[[], object], *, name: str) -> None:
+        """Run `task` now and every `interval` seconds on a daemon thread `name`, until the stop; a
+        failing run is logged and the next one comes as usual."""
 
         def loop() -> None:
             while not self._stopping.is_set():
                 try:
-                    sweep()
+                    task()
                 except Exception:
-                    logger.exception("sweep failed; will try again")
+                    logger.exception("%s failed; will try again", name)
                 self._stopping.wait(interval)
 
-        threading.Thread(target=loop, name="sweeper", daemon=True).start()
+        threading.Thread(target=loop, name=name, daemon=True).start()
 
     def begin_stop(self) -> None:
         """Stop taking work, without waiting. Running chunks see no time left (`_time_left`): they start
