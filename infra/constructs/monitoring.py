@@ -145,5 +145,11 @@ class Monitoring(Construct):
                 ],
                 width=8,
             ),
+            cloudwatch.GraphWidget(
+                title="Upstream capacity (per worker: effective limit, attempts answered 429/503)",
+                left=[app_metric("UpstreamLimit", "Average", "limit (average)")],
+                right=[app_metric("UpstreamThrottled", "Sum", "429/503")],
+                width=24,
+            ),
             cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=24),
         )

@@ -608,6 +608,8 @@ def test_dashboard_graphs_batches_requests_upstream_and_api(template: dict[str, 
         "RequestsSucceeded",
         "RequestsFailed",
         "UpstreamLatency",
+        "UpstreamLimit",  # batch_api.upstreams.metered's names
+        "UpstreamThrottled",
         "BatchApi",
         "4XXError",
         "5XXError",

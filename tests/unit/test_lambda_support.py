@@ -201,3 +201,28 @@ def test_s3_addressing_follows_the_endpoint() -> None:
     config = client_config(Settings())
     assert config.retries == {"mode": "standard", "max_attempts": 6}
     assert config.max_pool_connections == 32
+
+
+def test_a_gated_client_reports_its_upstreams_push_back_and_limit_when_it_closes() -> None:
+    from batch_api.upstreams.capacity import CapacityGate
+    from batch_api.upstreams.gated import GatedUpstream
+    from batch_api.upstreams.metered import UPSTREAM_LIMIT, UPSTREAM_THROTTLED
+
+    gate = CapacityGate("up", 16)
+    gate.throttled = 5  # before this client
+    inner = GatedUpstream(
+        ScriptedUpstream(UpstreamResponse(status_code=429), UpstreamResponse(status_code=200)), gate, "b"
+    )
+    sink = RecordingMetrics()
+    client = metered(lambda **_route: inner, sink)()
+
+    async def run() -> None:
+        await client.send("/v1/chat/completions", b"{}")
+        await client.send("/v1/chat/completions", b"{}")
+        await client.aclose()
+
+    asyncio.run(run())
+    reported = {
+        name: value for name, _unit, value in sink.added if name in (UPSTREAM_THROTTLED, UPSTREAM_LIMIT)
+    }
+    assert reported == {UPSTREAM_THROTTLED: 1, UPSTREAM_LIMIT: gate.limit}

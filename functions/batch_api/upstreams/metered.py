@@ -17,10 +17,13 @@ from typing import Protocol
 from aws_lambda_powertools.metrics import MetricUnit
 
 from batch_api.ports import Upstream, UpstreamFactory, UpstreamResponse
+from batch_api.upstreams.capacity import CapacityGate
 
 REQUESTS_SUCCEEDED = "RequestsSucceeded"
 REQUESTS_FAILED = "RequestsFailed"
 UPSTREAM_LATENCY = "UpstreamLatency"
+UPSTREAM_THROTTLED = "UpstreamThrottled"  # attempts answered 429/503 while this client was open
+UPSTREAM_LIMIT = "UpstreamLimit"  # the gate's effective limit when the client closed
 
 
 class MetricsSink(Protocol):
@@ -37,6 +40,8 @@ class MeteredUpstream:
         self.metrics = metrics
         self.succeeded = 0
         self.failed = 0
+        self.gate: CapacityGate | None = getattr(inner, "gate", None)  # the upstream's, when it has one
+        self._throttled_before = self.gate.throttled if self.gate is not None else 0
 
     async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
         began = time.perf_counter()
@@ -65,6 +70,11 @@ class MeteredUpstream:
             if self.failed:
                 self.metrics.add_metric(name=REQUESTS_FAILED, unit=MetricUnit.Count, value=self.failed)
             self.succeeded = self.failed = 0
+            if self.gate is not None:
+                throttled = self.gate.throttled - self._throttled_before
+                self._throttled_before = self.gate.throttled
+                self.metrics.add_metric(name=UPSTREAM_THROTTLED, unit=MetricUnit.Count, value=throttled)
+                self.metrics.add_metric(name=UPSTREAM_LIMIT, unit=MetricUnit.Count, value=self.gate.limit)
 
 
 def metered(factory: UpstreamFactory, metrics: MetricsSink) -> UpstreamFactory:

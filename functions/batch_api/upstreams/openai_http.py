@@ -169,6 +169,11 @@ class OpenAIHttpUpstream:
         self._urls: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def gate(self) -> CapacityGate | None:
+        """The upstream's capacity gate this client takes its slots from."""
+        return self._gate
+
     def __repr__(self) -> str:  # the default repr would show the headers, key included
         return f"OpenAIHttpUpstream(base_url={self.base_url!r}, max_retries={self.max_retries})"
 
