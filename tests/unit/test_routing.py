@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from batch_api.config import Settings
 from batch_api.upstreams import OpenAIHttpUpstream, make_upstream_factory
 from batch_api.upstreams.gated import GatedUpstream
-from batch_api.upstreams.routing import UpstreamPool, load_specs
+from batch_api.upstreams.routing import DISCOVERY_MAX_AGE_SECONDS, UpstreamPool, load_specs
+from tests.support.fake_upstream import FakeUpstreamServer, free_port
 
 pytestmark = pytest.mark.unit
 
@@ -123,3 +125,47 @@ def test_the_load_report_names_each_busy_upstream_once_per_change(tmp_path: Path
     assert pool.load_report(seen) == []  # unchanged since the last report
     gate.admitted = 11
     assert len(pool.load_report(seen)) == 1
+
+
+# ---------------------------------------------------------------- models discovered from the upstream
+
+
+def discovering(tmp_path: Path, base_url: str) -> UpstreamPool:
+    return pool_from(
+        tmp_path, f'[[upstreams]]\nname = "vllm"\nbase_url = "{base_url}"\nmodels = "discover"\n', environ={}
+    )
+
+
+def test_discovered_models_route_and_are_refreshed_when_stale(tmp_path: Path) -> None:
+    with FakeUpstreamServer() as server:
+        pool = discovering(tmp_path, server.base_url)
+        assert pool.serves("mock-chat")  # what its GET /v1/models lists
+        assert not pool.serves("gpt-4o-mini")
+        assert "models discovered from it" in pool.specs[0].describe()
+        now = [1_000_000.0]
+        pool.clock = lambda: now[0]
+        pool._discovered["vllm"] = (now[0], ["old-model"])
+        assert pool.serves("old-model")  # fresh enough: no request
+        now[0] += DISCOVERY_MAX_AGE_SECONDS + 1
+        assert pool.serves("mock-chat") and not pool.serves("old-model")  # stale: asked again
+
+
+def test_a_failed_listing_keeps_what_was_known_and_an_unknown_upstream_serves_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    with caplog.at_level(logging.WARNING):
+        pool = discovering(tmp_path, dead)
+    assert not pool.serves("mock-chat")
+    assert "serves no model until it answers" in caplog.text
+    now = [2_000_000.0]
+    pool.clock = lambda: now[0]
+    pool._discovered["vllm"] = (now[0] - DISCOVERY_MAX_AGE_SECONDS - 1, ["known-model"])
+    assert pool.serves("known-model")  # the refresh failed: the last list stands
+    stamp, _models = pool._discovered["vllm"]
+    assert now[0] - DISCOVERY_MAX_AGE_SECONDS < stamp < now[0]  # retried sooner than a full age
+
+
+def test_the_mock_asked_to_discover_serves_any_model(tmp_path: Path) -> None:
+    pool = pool_from(tmp_path, '[[upstreams]]\nname = "m"\nkind = "mock"\nmodels = "discover"\n')
+    assert pool.serves("anything")

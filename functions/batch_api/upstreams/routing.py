@@ -7,7 +7,7 @@ model. With `upstreams_file` (TOML), each `[[upstreams]]` table is one upstream:
     name = "vllm-a"
     base_url = "http://gpu-a:8000/v1"
     api_key_env = "VLLM_A_KEY"        # optional: the environment variable holding its API key
-    models = ["meta-llama/Llama-3.1-8B-Instruct"]   # omitted or ["*"]: any model
+    models = ["meta-llama/Llama-3.1-8B-Instruct"]   # omitted or ["*"]: any model; "discover": ask it
     max_in_flight = 64                # attempts in flight at most, across every batch
     requests_per_minute = 6000        # optional
     tokens_per_minute = 2000000       # optional: estimated from each request, corrected from `usage`
@@ -19,16 +19,25 @@ model. With `upstreams_file` (TOML), each `[[upstreams]]` table is one upstream:
 
 A batch goes to the first upstream that lists its model, else to the first one that serves any model;
 a model none of them serves fails the batch at validation (`model_not_found`).
+
+`models = "discover"` asks the upstream (`GET <base_url>/models`) at start and again when the list is
+older than `DISCOVERY_MAX_AGE_SECONDS`; a failed refresh keeps the last list (an upstream that never
+answered serves no model, and says so in the log).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 import tomllib
-from collections.abc import Mapping
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from batch_api.config import Settings, redact_url
@@ -36,9 +45,14 @@ from batch_api.ports import Upstream
 from batch_api.upstreams.capacity import CapacityGate
 from batch_api.upstreams.gated import GatedUpstream
 from batch_api.upstreams.mock import MockUpstream
-from batch_api.upstreams.openai_http import OpenAIHttpUpstream, check_base_url
+from batch_api.upstreams.openai_http import OpenAIHttpUpstream, check_base_url, join_url, split_credentials
 
 ANY_MODEL = "*"
+DISCOVER = "discover"
+DISCOVERY_MAX_AGE_SECONDS = 300.0
+DISCOVERY_TIMEOUT_SECONDS = 10.0
+
+logger = logging.getLogger(__name__)
 
 
 class UpstreamSpec(BaseModel):
@@ -51,7 +65,7 @@ class UpstreamSpec(BaseModel):
     base_url: str | None = None
     api_key: SecretStr | None = None
     api_key_env: str | None = None
-    models: list[str] = Field(default_factory=lambda: [ANY_MODEL], min_length=1)
+    models: list[str] | Literal["discover"] = Field(default_factory=lambda: [ANY_MODEL], min_length=1)
     max_in_flight: int = Field(default=128, ge=1, le=10_000)
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
@@ -64,6 +78,8 @@ class UpstreamSpec(BaseModel):
             check_base_url(self.base_url)
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError(f"upstream {self.name!r}: give api_key or api_key_env, not both")
+        if self.models == DISCOVER and self.kind == "mock":
+            self.models = [ANY_MODEL]  # the mock answers any model
         return self
 
     def key(self, environ: Mapping[str, str]) -> str | None:
@@ -78,13 +94,29 @@ class UpstreamSpec(BaseModel):
             return value
         return None
 
-    def serves(self, model: str) -> bool:
-        return ANY_MODEL in self.models or model in self.models
-
     def describe(self) -> str:
         where = "the built-in mock" if self.kind == "mock" else redact_url(self.base_url)
-        models = "any model" if ANY_MODEL in self.models else ", ".join(self.models)
+        if self.models == DISCOVER:
+            models = "models discovered from it"
+        else:
+            models = "any model" if ANY_MODEL in self.models else ", ".join(self.models)
         return f"{self.name} ({where}; {models}; at most {self.max_in_flight} in flight)"
+
+
+def discover_models(base_url: str, api_key: str | None) -> list[str]:
+    """The model ids an OpenAI-compatible server lists (`GET <base_url>/models`)."""
+    bare, basic_auth = split_credentials(base_url)
+    request = urllib.request.Request(join_url(bare, "/v1/models"), headers={"Accept": "application/json"})
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    elif basic_auth:
+        request.add_header("Authorization", basic_auth)
+    with urllib.request.urlopen(request, timeout=DISCOVERY_TIMEOUT_SECONDS) as answer:
+        payload = orjson.loads(answer.read())
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise ValueError("the answer has no 'data' list")
+    return [item["id"] for item in data if isinstance(item, dict) and isinstance(item.get("id"), str)]
 
 
 class _File(BaseModel):
@@ -139,6 +171,12 @@ class UpstreamPool:
         self.settings = settings
         environ = os.environ if environ is None else environ
         self._keys = {spec.name: spec.key(environ) for spec in specs}  # a missing variable fails now
+        self._discovered: dict[str, tuple[float, list[str]]] = {}  # name -> (when, models)
+        self._discovery_lock = threading.Lock()
+        self.clock: Callable[[], float] = time.monotonic
+        for spec in specs:
+            if spec.models == DISCOVER:
+                self._refresh(spec)
         self.gates = {
             spec.name: CapacityGate(
                 spec.name,
@@ -149,14 +187,45 @@ class UpstreamPool:
             for spec in specs
         }
 
+    def models_of(self, spec: UpstreamSpec) -> list[str]:
+        """The models `spec` serves: as listed, or as it last said (refreshed when stale)."""
+        if isinstance(spec.models, list):
+            return spec.models
+        when, models = self._discovered.get(spec.name, (float("-inf"), []))
+        if self.clock() - when > DISCOVERY_MAX_AGE_SECONDS:
+            models = self._refresh(spec)
+        return models
+
+    def _refresh(self, spec: UpstreamSpec) -> list[str]:
+        with self._discovery_lock:
+            when, known = self._discovered.get(spec.name, (float("-inf"), []))
+            if self.clock() - when <= DISCOVERY_MAX_AGE_SECONDS:
+                return known  # another thread refreshed it meanwhile
+            try:
+                models = discover_models(spec.base_url or "", self._keys[spec.name])
+            except (OSError, ValueError) as exc:
+                logger.warning(
+                    "upstream %s: listing its models failed (%s); %s",
+                    spec.name,
+                    exc,
+                    f"keeping the {len(known)} known" if known else "it serves no model until it answers",
+                )
+                models = known
+            else:
+                logger.info("upstream %s serves %d model(s): %s", spec.name, len(models), ", ".join(models))
+            # a failure is retried after a tenth of the age, not at every batch
+            stamp = self.clock() if models is not known else self.clock() - DISCOVERY_MAX_AGE_SECONDS * 0.9
+            self._discovered[spec.name] = (stamp, models)
+            return models
+
     def route(self, model: str | None) -> UpstreamSpec | None:
         """The upstream for `model`: the first that lists it, else the first that serves any model."""
         if model is not None:
             for spec in self.specs:
-                if model in spec.models:
+                if model in self.models_of(spec):
                     return spec
         for spec in self.specs:
-            if ANY_MODEL in spec.models:
+            if isinstance(spec.models, list) and ANY_MODEL in spec.models:
                 return spec
         return None
 
