@@ -183,6 +183,21 @@ class UpstreamFactory(Protocol):
         upstream serving that model; the batch shares its capacity fairly with the others)."""
 
 
+class CapacityLeases(Protocol):
+    """Slots of an upstream's capacity shared by workers in several processes (`upstreams/leases.py`
+    decides how many a worker gets). A lease expires unless renewed, so a dead worker's come back."""
+
+    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> int:
+        """Grant `holder` (one chunk invocation of `batch_id`) up to `want` slots of `upstream`, never
+        letting the live leases pass `limit`; 0 when none is free (the batch then counts as waiting)."""
+
+    def renew(self, upstream: str, holder: str) -> None:
+        """Push the holder's lease expiry on (while it works)."""
+
+    def release(self, upstream: str, holder: str) -> None:
+        """Give the holder's slots back."""
+
+
 class Clock(Protocol):
     def __call__(self) -> float:
         """Unix time in seconds."""

@@ -4,7 +4,9 @@ contract suite holds the local and AWS adapters to."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from batch_api.contract.errors import AlreadyExists, ConditionFailed
@@ -17,6 +19,7 @@ from batch_api.contract.models import (
     UploadPartRecord,
     UploadRecord,
 )
+from batch_api.upstreams.leases import LEASE_SECONDS, WAITING_SECONDS, Lease, grant
 
 
 def _apply(record: Any, changes: Mapping[str, Any]) -> Any:
@@ -285,3 +288,49 @@ class RecordingWorkflow:
     def start(self, project_id: str, batch_id: str) -> None:
         if (project_id, batch_id) not in self.started:
             self.started.append((project_id, batch_id))
+
+
+class MemoryCapacityLeases:
+    """`ports.CapacityLeases` in one process (tests; the local server shares one gate instead)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.leases: dict[str, dict[str, Lease]] = {}  # upstream -> holder -> lease
+        self.waiting: dict[str, dict[str, float]] = {}  # upstream -> batch id -> until
+        self._lock = threading.Lock()
+
+    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> int:
+        with self._lock:
+            now = self.clock()
+            leases = self.leases.setdefault(upstream, {})
+            for name in [n for n, lease in leases.items() if lease.expires_at <= now]:
+                del leases[name]
+            waiting = self.waiting.setdefault(upstream, {})
+            live_waiting = [b for b, until in waiting.items() if until > now and b != batch_id]
+            others = [lease for name, lease in leases.items() if name != holder]
+            slots = grant(want, limit, batch_id, others, live_waiting)
+            if slots == 0:
+                waiting[batch_id] = now + WAITING_SECONDS
+                leases.pop(holder, None)
+                return 0
+            waiting.pop(batch_id, None)
+            leases[holder] = Lease(holder, batch_id, slots, now + LEASE_SECONDS)
+            return slots
+
+    def renew(self, upstream: str, holder: str) -> None:
+        with self._lock:
+            lease = self.leases.get(upstream, {}).get(holder)
+            if lease is not None:
+                self.leases[upstream][holder] = replace(lease, expires_at=self.clock() + LEASE_SECONDS)
+
+    def release(self, upstream: str, holder: str) -> None:
+        with self._lock:
+            self.leases.get(upstream, {}).pop(holder, None)
+
+    def held(self, upstream: str) -> int:
+        """Slots held by live leases (for tests)."""
+        with self._lock:
+            now = self.clock()
+            return sum(
+                lease.slots for lease in self.leases.get(upstream, {}).values() if lease.expires_at > now
+            )
