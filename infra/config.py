@@ -64,6 +64,8 @@ class EnvConfig(BaseModel):
     # in flight to the upstream stay at most worker_reserved_concurrency x requests_per_chunk. Both come
     # out of the account's concurrency, which must keep at least 100 unreserved (a new account's quota
     # of 10 cannot reserve anything: ask for an increase first, or leave these unset).
+    # requests in flight to the upstream at most, across every worker (capacity leases on the table)
+    upstream_max_in_flight: int = Field(default=128, ge=1, le=100_000)
     api_reserved_concurrency: int | None = Field(default=None, ge=1, le=10_000)
     worker_reserved_concurrency: int | None = Field(default=None, ge=1, le=10_000)
 

@@ -26,10 +26,12 @@ def build_aws_deps(
     session: boto3.session.Session | None = None,
     upstream_factory: UpstreamFactory | None = None,
     clock: Clock | None = None,
+    shared_capacity: bool = False,
 ) -> Deps:
     """Deps on the AWS adapters. `workflow` None: Step Functions on `settings.state_machine_arn`
     (required then). `upstream_factory` None: from the settings, keyed from Secrets Manager when
-    `settings.upstream_secret_name` is set."""
+    `settings.upstream_secret_name` is set. `shared_capacity`: the upstream's capacity is shared with
+    other processes through leases on the table (the Lambda workers)."""
     from batch_api.adapters.aws.clients import aws_clients
     from batch_api.adapters.aws.dynamodb import DynamoMetadataStore
     from batch_api.adapters.aws.eventbridge import EventBridgeSink
@@ -45,14 +47,19 @@ def build_aws_deps(
                 "(or pass a workflow that runs them in-process)"
             )
         workflow = StepFunctionsWorkflow(clients.stepfunctions, settings.state_machine_arn)
+    from batch_api.adapters.aws.leases import DynamoCapacityLeases
+
+    metadata = DynamoMetadataStore(clients.dynamodb.Table(table))
     deps = Deps(
         settings=settings,
-        metadata=DynamoMetadataStore(clients.dynamodb.Table(table)),
+        metadata=metadata,
         blobs=S3BlobStore(clients.s3, bucket),
         journal=S3Journal(clients.s3, bucket),
         events=EventBridgeSink(clients.events, bus, source=settings.event_source),
         workflow=workflow,
         upstream_factory=upstream_factory or aws_upstream_factory(settings),
+        # the Lambda workers share the upstream through leases on the table; one process needs none
+        leases=DynamoCapacityLeases(metadata.table) if shared_capacity else None,
     )
     if clock is not None:
         deps.clock = clock

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from batch_api.config import Settings
 from batch_api.ports import (
     BlobStore,
+    CapacityLeases,
     Clock,
     EventSink,
     MetadataStore,
@@ -29,6 +30,9 @@ class Deps:
     workflow: Workflow
     upstream_factory: UpstreamFactory
     clock: Clock = field(default=time.time)
+    # upstream capacity shared with workers in other processes (the Lambda workers); None: this
+    # process's capacity gate is the whole story (the local server)
+    leases: CapacityLeases | None = None
     # whether some upstream serves a model (validation fails a batch whose model none serves)
     serves_model: Callable[[str], bool] = field(default=lambda _model: True)
 

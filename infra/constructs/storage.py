@@ -179,7 +179,8 @@ READ_ITEMS = frozenset({"dynamodb:GetItem", "dynamodb:Query"})
 PUT_ITEMS = frozenset({"dynamodb:PutItem"})  # new records, chunk progress, idempotency claims
 UPDATE_ITEMS = frozenset({"dynamodb:UpdateItem"})  # conditional status changes
 DELETE_PROGRESS = frozenset({"dynamodb:BatchWriteItem"})  # a batch's chunk progress, when it ends
-TABLE_ACTIONS = READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS
+LEASE_ITEMS = frozenset({"dynamodb:DeleteItem"})  # capacity leases given back (`adapters/aws/leases.py`)
+TABLE_ACTIONS = READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS | LEASE_ITEMS
 
 
 def _role(function: lambda_.Function) -> iam.IRole:

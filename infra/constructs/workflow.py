@@ -19,7 +19,14 @@ from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
 from infra.config import EnvConfig
-from infra.constructs.storage import DELETE_PROGRESS, PUT_ITEMS, READ_ITEMS, UPDATE_ITEMS, Storage
+from infra.constructs.storage import (
+    DELETE_PROGRESS,
+    LEASE_ITEMS,
+    PUT_ITEMS,
+    READ_ITEMS,
+    UPDATE_ITEMS,
+    Storage,
+)
 from infra.functions import FunctionFactory
 from infra.nag import XRAY_REASON, acknowledge, logical_id, wildcard
 
@@ -93,6 +100,8 @@ class Workflow(Construct):
         )
         upstream_env = {
             "BATCH_API_REQUESTS_PER_CHUNK": str(config.requests_per_chunk),
+            # the upstream's limit across every worker (leases on the table)
+            "BATCH_API_UPSTREAM_MAX_IN_FLIGHT": str(config.upstream_max_in_flight),
             # each journal append is an S3 PUT: batch a second of results per PUT
             "BATCH_API_JOURNAL_FLUSH_INTERVAL_SECONDS": "1",
         }
@@ -130,7 +139,9 @@ class Workflow(Construct):
         # Every step reads the batch; validate, finalize and fail end batches (status, then the
         # batch's chunk progress); process and finalize write records (progress, output files).
         storage.grant_table(self.validate_function, READ_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
-        storage.grant_table(self.process_function, frozenset({"dynamodb:GetItem"}) | PUT_ITEMS)
+        # capacity leases: read the upstream's partition, grant in a transaction (Update, Put, Delete),
+        # renew (Update), release (Delete)
+        storage.grant_table(self.process_function, READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS | LEASE_ITEMS)
         storage.grant_table(self.finalize_function, READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
         storage.grant_table(self.fail_function, READ_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
         # Every step that can end a batch (validate, finalize, fail) releases its input file: the body of
@@ -249,9 +260,14 @@ class Workflow(Construct):
         # one chunk: call Process until it says done. Its answer goes to $.result so the chunk
         # stays in the state for the next call.
         process = self._task("ProcessChunk", self.process_function, result_path="$.result")
+        # no capacity on the upstream for now: wait as long as the worker says, without a Lambda running
+        wait_for_capacity = sfn.Wait(
+            self, "WaitForCapacity", time=sfn.WaitTime.seconds_path("$.result.wait_seconds")
+        ).next(process)
         chunk_done = (
             sfn.Choice(self, "ChunkDone")
             .when(sfn.Condition.boolean_equals("$.result.done", True), sfn.Succeed(self, "ChunkFinished"))
+            .when(sfn.Condition.number_greater_than("$.result.wait_seconds", 0), wait_for_capacity)
             .otherwise(process)
         )
         process_chunks = sfn.DistributedMap(

@@ -426,8 +426,9 @@ def test_definition_follows_the_contract(
     assert {key.removesuffix(".$") for key in chunks["ItemSelector"]} == set(ProcessInput.model_fields)
     assert set(route) == set(typing.get_args(ValidateOutput.model_fields["next"].annotation))
     assert chunks["ItemReader"]["Parameters"]["Key.$"].removeprefix("$.") in ValidateOutput.model_fields
-    [loop] = chunks["ItemProcessor"]["States"]["ChunkDone"]["Choices"]
+    loop, wait = chunks["ItemProcessor"]["States"]["ChunkDone"]["Choices"]
     assert loop["Variable"] == "$.result.done" and "done" in ProcessOutput.model_fields
+    assert wait["Variable"] == "$.result.wait_seconds" and "wait_seconds" in ProcessOutput.model_fields
     failed = {key.removesuffix(".$") for key in states["MarkFailed"]["Parameters"]}
     assert failed <= set(FailInput.model_fields)
     assert chunks["ItemProcessor"]["ProcessorConfig"] == {"Mode": "DISTRIBUTED", "ExecutionType": "STANDARD"}
@@ -449,8 +450,17 @@ def test_each_chunk_loops_until_the_worker_says_done(
     assert process["ResultPath"] == "$.result"  # the chunk stays in the state for the next call
     assert process["Next"] == "ChunkDone"
     done = child["States"]["ChunkDone"]
-    assert done["Choices"] == [{"Variable": "$.result.done", "BooleanEquals": True, "Next": "ChunkFinished"}]
+    assert done["Choices"] == [
+        {"Variable": "$.result.done", "BooleanEquals": True, "Next": "ChunkFinished"},
+        # no capacity on the upstream: wait in the state machine, not in a running Lambda
+        {"Variable": "$.result.wait_seconds", "NumericGreaterThan": 0, "Next": "WaitForCapacity"},
+    ]
     assert done["Default"] == "ProcessChunk"
+    assert child["States"]["WaitForCapacity"] == {
+        "Type": "Wait",
+        "SecondsPath": "$.result.wait_seconds",
+        "Next": "ProcessChunk",
+    }
     assert child["States"]["ChunkFinished"]["Type"] == "Succeed"
 
 
@@ -655,7 +665,13 @@ def test_every_function_has_only_the_table_actions_its_code_calls(
             "dynamodb:UpdateItem",
             "dynamodb:BatchWriteItem",
         },
-        f"{WORKFLOW}.process_handler": {"dynamodb:GetItem", "dynamodb:PutItem"},
+        f"{WORKFLOW}.process_handler": {  # its own work, and the capacity leases
+            "dynamodb:GetItem",
+            "dynamodb:Query",
+            "dynamodb:PutItem",
+            "dynamodb:UpdateItem",
+            "dynamodb:DeleteItem",
+        },
         f"{WORKFLOW}.finalize_handler": {
             "dynamodb:GetItem",
             "dynamodb:Query",

@@ -11,10 +11,13 @@ import orjson
 import pytest
 
 from batch_api import object_keys
+from batch_api.adapters.memory import MemoryCapacityLeases
 from batch_api.contract.ids import batch_request_id
 from batch_api.contract.models import Usage
 from batch_api.contract.steps import ProcessOutput
 from batch_api.ports import UpstreamResponse
+from batch_api.upstreams.leases import LEASE_SECONDS, WAIT_SECONDS
+from batch_api.workflow import process
 from batch_api.workflow import process as process_module
 from batch_api.workflow.lines import result_line
 from batch_api.workflow.manifest import load_manifest
@@ -76,7 +79,7 @@ def test_a_chunk_runs_every_request_and_journals_its_line(endpoint: str) -> None
 
     result = _run(deps, chunk)
 
-    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": None}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": None, "wait_seconds": 0}
     assert upstream.sent_contents() == ["r0", "r1", "r2", "r3"]
     assert all(called == endpoint for called, _ in upstream.calls)
     assert upstream.calls[0][1] == request("r0", endpoint)["body"]  # the body goes upstream unchanged
@@ -256,7 +259,7 @@ def test_cancel_mid_run_stops_starting_requests() -> None:
 
     result = _run(deps, chunk)
 
-    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "cancelled"}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "cancelled", "wait_seconds": 0}
     assert 3 <= len(upstream.calls) < 40
     assert len(_journal(deps)) == len(upstream.calls)  # in-flight requests finished and were journaled
     [progress] = deps.metadata.list_chunk_progress("batch_test")
@@ -289,7 +292,7 @@ def test_nothing_starts_when_the_batch_is_already_stopped(status: str, stopped: 
 
     result = _run(deps, chunk)
 
-    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": stopped}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": stopped, "wait_seconds": 0}
     assert upstream.calls == []
 
 
@@ -314,7 +317,7 @@ def test_low_lambda_time_returns_not_done_and_the_next_call_continues() -> None:
 
     first = _run(deps, chunk, time_left=lambda: remaining["seconds"])
 
-    assert first.model_dump() == {**ids(), "index": 0, "done": False, "stopped": None}
+    assert first.model_dump() == {**ids(), "index": 0, "done": False, "stopped": None, "wait_seconds": 0}
     assert len(upstream.calls) == 5 and len(_journal(deps)) == 5
     [progress] = deps.metadata.list_chunk_progress("batch_test")
     assert (progress.completed, progress.done) == (5, False)
@@ -353,7 +356,7 @@ def test_no_time_left_at_all_starts_nothing() -> None:
 
     result = _run(deps, chunk, time_left=lambda: 0.0)
 
-    assert result.model_dump() == {**ids(), "index": 0, "done": False, "stopped": None}
+    assert result.model_dump() == {**ids(), "index": 0, "done": False, "stopped": None, "wait_seconds": 0}
     assert upstream.calls == [] and _journal(deps) == []
 
 
@@ -366,7 +369,7 @@ def test_a_vanished_input_body_stops_the_chunk_instead_of_failing_it() -> None:
 
     result = _run(deps, chunks[1])
 
-    assert result.model_dump() == {**ids(), "index": 1, "done": True, "stopped": "input_missing"}
+    assert result.model_dump() == {**ids(), "index": 1, "done": True, "stopped": "input_missing", "wait_seconds": 0}
     assert upstream.sent_contents() == ["r0", "r1"]
     assert len(_journal(deps, 0)) == 2
 
@@ -402,7 +405,7 @@ def test_a_batch_that_is_not_running_starts_nothing(
 
     result = _run(deps, chunk)
 
-    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": stopped}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": stopped, "wait_seconds": 0}
     assert upstream.calls == [] and upstream.clients_created == 0
     progress = deps.metadata.list_chunk_progress("batch_test")
     if progress_written:
@@ -418,7 +421,7 @@ def test_at_the_deadline_itself_nothing_starts_and_no_client_is_opened() -> None
 
     result = _run(deps, chunk)
 
-    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "expired"}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "expired", "wait_seconds": 0}
     assert upstream.calls == [] and upstream.clients_created == 0
     [progress] = deps.metadata.list_chunk_progress("batch_test")
     assert (progress.completed, progress.done) == (0, False)
@@ -440,7 +443,7 @@ def test_a_finished_chunk_reports_no_stop_reason_even_when_the_batch_is_cancelle
 
     result = _run(deps, chunk)
 
-    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": None}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": None, "wait_seconds": 0}
     assert len(upstream.calls) == 2
 
 
@@ -451,7 +454,7 @@ def test_a_vanished_input_file_record_stops_the_chunk_and_keeps_its_progress() -
 
     result = _run(deps, chunk)
 
-    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "input_missing"}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "input_missing", "wait_seconds": 0}
     assert upstream.calls == []
     [progress] = deps.metadata.list_chunk_progress("batch_test")
     assert (progress.index, progress.completed, progress.failed, progress.done) == (0, 1, 0, False)
@@ -606,7 +609,7 @@ def test_a_batch_moved_on_mid_run_stops_starting_requests(status: str, stopped: 
 
     result = _run(deps, chunk)
 
-    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": stopped}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": stopped, "wait_seconds": 0}
     assert 3 <= len(upstream.calls) < 40
     assert len(_journal(deps)) == len(upstream.calls)
 
@@ -631,7 +634,7 @@ def test_the_first_reason_to_stop_is_the_one_reported() -> None:
     result = _run(deps, chunk)
 
     assert get_batch(deps).status == "cancelling"  # the cancel did happen during the run
-    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "expired"}
+    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "expired", "wait_seconds": 0}
     assert len(upstream.calls) == 1 and len(_journal(deps)) == 1
 
 
@@ -749,3 +752,84 @@ def test_the_client_is_made_for_the_batch_and_its_model() -> None:
     deps, upstream, [chunk] = _setup(2)
     _run(deps, chunk)
     assert upstream.routes == [("gpt-test", "batch_test")]
+
+
+# ---------------------------------------------------------------- capacity shared with other workers
+
+
+class RecordingLeases(MemoryCapacityLeases):
+    def __init__(self, grant_at_most: int) -> None:
+        super().__init__()
+        self.grant_at_most = grant_at_most
+        self.calls: list[tuple[Any, ...]] = []
+
+    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> int:
+        self.calls.append(("acquire", upstream, holder, batch_id, want, limit))
+        return super().acquire(upstream, holder, batch_id, min(want, self.grant_at_most), limit)
+
+    def renew(self, upstream: str, holder: str) -> None:
+        self.calls.append(("renew", upstream, holder))
+        super().renew(upstream, holder)
+
+    def release(self, upstream: str, holder: str) -> None:
+        self.calls.append(("release", upstream, holder))
+        super().release(upstream, holder)
+
+
+def test_without_capacity_the_worker_sends_nothing_and_asks_to_wait() -> None:
+    deps, upstream, [chunk] = _setup(4, requests_per_chunk=8, upstream_max_in_flight=50)
+    deps.leases = RecordingLeases(grant_at_most=0)
+    result = _run(deps, chunk)
+    assert (result.done, result.stopped, result.wait_seconds) == (False, None, WAIT_SECONDS)
+    assert upstream.calls == []
+    [(_, name, holder, batch_id, want, limit)] = deps.leases.calls
+    assert (name, batch_id, want, limit) == ("default", "batch_test", 8, 50)
+    assert holder.startswith("batch_test/0/")
+    assert [p.index for p in deps.metadata.progress_writes] == [0]  # live counts stay published
+
+
+def test_a_lease_bounds_the_requests_in_flight_and_is_given_back() -> None:
+    deps, upstream, [chunk] = _setup(12, upstream=FakeUpstream(latency=0.01), requests_per_chunk=8)
+    deps.leases = RecordingLeases(grant_at_most=3)
+    result = _run(deps, chunk)
+    assert result.done and result.wait_seconds == 0
+    assert upstream.max_in_flight == 3
+    acquire, release = deps.leases.calls[0], deps.leases.calls[-1]
+    assert release == ("release", "default", acquire[2])
+    assert deps.leases.held("default") == 0
+
+
+def test_each_invocation_holds_its_own_lease() -> None:
+    deps, _upstream, [chunk] = _setup(2)
+    deps.leases = RecordingLeases(grant_at_most=4)
+    _run(deps, chunk, time_left=lambda: 0.0)  # no time: nothing is sent, the lease still comes back
+    _run(deps, chunk)
+    holders = [call[2] for call in deps.leases.calls if call[0] == "acquire"]
+    assert len(set(holders)) == 2
+    assert deps.leases.held("default") == 0
+
+
+def test_a_lease_is_renewed_once_a_quarter_of_its_time_has_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    deps, _upstream, _chunks = _setup(1)
+    deps.leases = RecordingLeases(grant_at_most=4)
+    now = [1000.0]
+    monkeypatch.setattr(process.time, "monotonic", lambda: now[0])
+    lease = process._Lease(deps, "batch_test", 0)
+    assert lease.acquire() == 4
+    lease.keep()
+    now[0] += LEASE_SECONDS / 4 - 1
+    lease.keep()
+    assert [c[0] for c in deps.leases.calls] == ["acquire"]
+    now[0] += 1
+    lease.keep()
+    assert [c[0] for c in deps.leases.calls] == ["acquire", "renew"]
+    lease.keep()  # just renewed
+    assert [c[0] for c in deps.leases.calls] == ["acquire", "renew"]
+
+
+def test_without_leases_a_chunk_keeps_its_own_requests_in_flight() -> None:
+    deps, _upstream, _chunks = _setup(1, requests_per_chunk=9)
+    lease = process._Lease(deps, "batch_test", 0)
+    assert lease.acquire() == 9
+    lease.keep()
+    lease.release()  # nothing to give back

@@ -80,6 +80,8 @@ class ProcessOutput(_Output):
     batch_id: str
     index: int
     done: bool  # false: call again (the invocation's time ran low); the journal is the cursor
+    # > 0: the upstream had no capacity for this chunk now; wait this long before calling again
+    wait_seconds: int = 0
     stopped: Literal["cancelled", "expired", "input_missing"] | None = None  # requests left unrun
 
     def state(self) -> dict[str, Any]:

@@ -52,7 +52,7 @@ class StepsDoNotStartBatches:
 def get_deps() -> Deps:
     """The container's Deps, built on the first invocation (settings of the aws backend: a missing
     resource name fails with its name) and kept; upstream clients report request metrics."""
-    built = build_aws_deps(Settings(backend="aws"), workflow=StepsDoNotStartBatches())
+    built = build_aws_deps(Settings(backend="aws"), workflow=StepsDoNotStartBatches(), shared_capacity=True)
     route_library_logs()
     return replace(built, upstream_factory=metered(built.upstream_factory, metrics))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from batch_api.contract.models import BatchRecord, ChunkPlan, Usage
 from batch_api.contract.steps import ProcessInput, ProcessOutput, parse_step
 from batch_api.deps import Deps
 from batch_api.ports import Upstream, UpstreamResponse
+from batch_api.upstreams.leases import LEASE_SECONDS, WAIT_SECONDS
 from batch_api.workflow.lines import result_line, split_lines, usage_of
 from batch_api.workflow.tally import ChunkTally, read_tally
 from batch_api.workflow.terminal import get_batch
@@ -43,6 +45,9 @@ RUNNABLE_STATUSES = frozenset({"in_progress", "validating"})
 TimeLeft = Callable[[], float]
 
 INPUT_MISSING = "input_missing"  # `stopped` when the input file's body vanished under a running batch
+
+# Leases of capacity across workers are taken on the one upstream the AWS deployment configures.
+SHARED_UPSTREAM = "default"
 
 
 def stop_reason(batch: BatchRecord, now: int) -> str | None:
@@ -76,7 +81,7 @@ async def process_chunk_async(
     batch = get_batch(deps, step.project_id, step.batch_id)
     tally = read_tally(deps, batch.id, plan.index, batch.endpoint)
 
-    def answer(done: bool, stopped: str | None) -> ProcessOutput:
+    def answer(done: bool, stopped: str | None, wait_seconds: int = 0) -> ProcessOutput:
         complete = len(tally.done_ids) >= plan.lines
         return ProcessOutput(
             project_id=batch.project_id,
@@ -84,6 +89,7 @@ async def process_chunk_async(
             index=plan.index,
             done=done or complete,
             stopped=None if complete else stopped,  # type: ignore[arg-type]
+            wait_seconds=0 if complete else wait_seconds,
         )
 
     reason = stop_reason(batch, deps.now())
@@ -100,7 +106,17 @@ async def process_chunk_async(
         _log_input_missing(batch, plan)
         deps.metadata.put_chunk_progress(batch.id, tally.progress(plan))
         return answer(True, INPUT_MISSING)
-    stopped = await _ChunkRun(deps, batch, plan, input_file.blob_key, tally, time_left).run()
+    lease = _Lease(deps, batch.id, plan.index)
+    slots = lease.acquire()
+    if slots == 0:  # the upstream is fully used by other workers: no Lambda idles waiting for it
+        deps.metadata.put_chunk_progress(batch.id, tally.progress(plan))
+        return answer(False, None, wait_seconds=WAIT_SECONDS)
+    try:
+        stopped = await _ChunkRun(
+            deps, batch, plan, input_file.blob_key, tally, time_left, slots, lease
+        ).run()
+    finally:
+        lease.release()
     if stopped in ("cancelled", "expired", INPUT_MISSING):
         return answer(True, stopped)
     return answer(False, None)  # complete, or the time ran low
@@ -116,6 +132,43 @@ def _log_input_missing(batch: BatchRecord, plan: ChunkPlan) -> None:
     )
 
 
+class _Lease:
+    """This invocation's share of the upstream's capacity across workers (`Deps.leases`); without
+    leases, the chunk's own `requests_per_chunk`."""
+
+    def __init__(self, deps: Deps, batch_id: str, index: int) -> None:
+        self.deps = deps
+        self.batch_id = batch_id
+        self.holder = f"{batch_id}/{index}/{uuid.uuid4().hex[:12]}"
+        self.renewed_at = 0.0
+
+    def acquire(self) -> int:
+        settings = self.deps.settings
+        if self.deps.leases is None:
+            return settings.requests_per_chunk
+        self.renewed_at = time.monotonic()
+        return self.deps.leases.acquire(
+            SHARED_UPSTREAM,
+            self.holder,
+            self.batch_id,
+            settings.requests_per_chunk,
+            settings.upstream_max_in_flight,
+        )
+
+    def keep(self) -> None:
+        """Renew the lease when a quarter of its time has gone."""
+        if self.deps.leases is not None and time.monotonic() - self.renewed_at >= LEASE_SECONDS / 4:
+            self.renewed_at = time.monotonic()
+            self.deps.leases.renew(SHARED_UPSTREAM, self.holder)
+
+    def release(self) -> None:
+        if self.deps.leases is not None:
+            try:
+                self.deps.leases.release(SHARED_UPSTREAM, self.holder)
+            except Exception:  # the lease expires by itself
+                logger.warning("releasing capacity lease %s failed", self.holder, exc_info=True)
+
+
 class _ChunkRun:
     """One invocation's work on a chunk: dispatch, journal, checkpoint."""
 
@@ -127,8 +180,12 @@ class _ChunkRun:
         blob_key: str,
         tally: ChunkTally,
         time_left: TimeLeft | None,
+        slots: int,
+        lease: _Lease,
     ) -> None:
         self.deps = deps
+        self.slots = slots  # requests in flight at most (the lease's share)
+        self.lease = lease
         self.batch = batch
         self.plan = plan
         self.blob_key = blob_key
@@ -166,7 +223,7 @@ class _ChunkRun:
 
     async def run(self) -> str | None:
         settings = self.deps.settings
-        slots = asyncio.Semaphore(settings.requests_per_chunk)
+        slots = asyncio.Semaphore(self.slots)
         upstream = self.deps.upstream_factory(model=self.batch.model, batch_id=self.batch.id)
         ticker = asyncio.create_task(self._tick(settings.progress_interval_seconds))
         try:
@@ -284,6 +341,7 @@ class _ChunkRun:
                 logger.warning("progress checkpoint failed for batch %s", self.batch.id, exc_info=True)
 
     def _checkpoint(self) -> None:
+        self.lease.keep()
         self.deps.metadata.put_chunk_progress(self.batch.id, self.tally.progress(self.plan))
         current = self.deps.metadata.get_batch(self.batch.project_id, self.batch.id)
         if current is None:

@@ -12,6 +12,7 @@ Items (record fields are stored as native attributes beside the keys):
                                                                or terminal with its event pending)
     chunk progress  pk BATCH#{id}            sk CHUNK#{index:05d}           (PutItem overwrite)
     idempotency     pk IDEMP#{project}       sk KEY#{key}                   ttl created_at + 24 h (DynamoDB TTL)
+    capacity lease  pk LEASES#{upstream}     sk VERSION | LEASE#{holder} | WAIT#{batch}  (adapters/aws/leases.py)
 
 An upload keeps its gsi2sk whatever its status; only gsi2pk comes and goes (a GSI holds an item only
 when both its keys are present), so the sort key is always at hand should an upload become pending
