@@ -48,9 +48,11 @@ from openai.types import Batch
 
 import batch_api.handlers.workflow as steps
 from batch_api.adapters.aws.dynamodb import DynamoMetadataStore
+from batch_api.adapters.aws.leases import DynamoCapacityLeases
 from batch_api.contract.steps import BatchRef
 from batch_api.deps import Deps
 from batch_api.handlers.auth import project_id_for_key
+from batch_api.workflow import process
 from batch_api.workflow.finalize import FinalizeError
 from tests.infra.helpers import (
     actions_of,
@@ -455,6 +457,47 @@ def test_a_chunk_that_runs_out_of_time_loops_until_done(
     assert done.status == "completed" and done.request_counts is not None
     assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
     assert len(upstream.requests) == 3  # nothing sent twice
+
+
+def test_a_worker_without_capacity_waits_in_the_state_machine_and_runs_when_slots_free(
+    deployment: Deployment, upstream: FakeUpstreamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another batch's workers hold the upstream's whole limit: this batch's workers get no lease,
+    answer wait_seconds, and the child's Wait state calls them again (no Lambda waits); once the
+    slots come back the batch completes, and every lease is given back."""
+    monkeypatch.setattr(process, "WAIT_SECONDS", 1)
+    [(_, deps)] = [f for f in deployment.functions.values() if f[0].endswith(".process_handler")]
+    leases = deps.leases
+    assert isinstance(leases, DynamoCapacityLeases)
+    limit = deps.settings.upstream_max_in_flight
+    assert leases.acquire("default", "squatter", "batch_other", limit, limit) == limit
+    real_acquire = DynamoCapacityLeases.acquire
+    refused: list[str] = []
+
+    def acquire(
+        self: DynamoCapacityLeases, upstream: str, holder: str, batch_id: str, want: int, cap: int
+    ) -> int:
+        granted = real_acquire(self, upstream, holder, batch_id, want, cap)
+        if granted == 0 and holder != "squatter":
+            refused.append(holder)
+            self.release(upstream, "squatter")  # the other batch finishes
+        return granted
+
+    monkeypatch.setattr(DynamoCapacityLeases, "acquire", acquire)
+    batch = deployment.create_batch(deployment.upload(INPUT_LINES))
+    execution = deployment.wait_for_execution(batch.id)
+    assert execution["status"] == "SUCCEEDED", (execution, deployment.invocations.errors)
+    assert refused  # at least one worker was told to wait
+    waited = [
+        e for e in deployment.invocations.of(".process_handler") if e.get("result", {}).get("wait_seconds")
+    ]
+    assert waited and all(e["result"]["wait_seconds"] == 1 and e["result"]["done"] is False for e in waited)
+    done = Batch.model_validate(deployment.call_api("GET", f"/v1/batches/{batch.id}"))
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
+    assert len(upstream.requests) == 3  # the refused calls sent nothing
+    _version, live, _waiting = leases._read("default", time.time())
+    assert live == []  # every worker gave its lease back
 
 
 def test_a_step_that_keeps_failing_ends_the_batch_failed(

@@ -259,7 +259,13 @@ def test_cancel_mid_run_stops_starting_requests() -> None:
 
     result = _run(deps, chunk)
 
-    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "cancelled", "wait_seconds": 0}
+    assert result.model_dump() == {
+        **ids(),
+        "index": 0,
+        "done": True,
+        "stopped": "cancelled",
+        "wait_seconds": 0,
+    }
     assert 3 <= len(upstream.calls) < 40
     assert len(_journal(deps)) == len(upstream.calls)  # in-flight requests finished and were journaled
     [progress] = deps.metadata.list_chunk_progress("batch_test")
@@ -369,7 +375,13 @@ def test_a_vanished_input_body_stops_the_chunk_instead_of_failing_it() -> None:
 
     result = _run(deps, chunks[1])
 
-    assert result.model_dump() == {**ids(), "index": 1, "done": True, "stopped": "input_missing", "wait_seconds": 0}
+    assert result.model_dump() == {
+        **ids(),
+        "index": 1,
+        "done": True,
+        "stopped": "input_missing",
+        "wait_seconds": 0,
+    }
     assert upstream.sent_contents() == ["r0", "r1"]
     assert len(_journal(deps, 0)) == 2
 
@@ -454,7 +466,13 @@ def test_a_vanished_input_file_record_stops_the_chunk_and_keeps_its_progress() -
 
     result = _run(deps, chunk)
 
-    assert result.model_dump() == {**ids(), "index": 0, "done": True, "stopped": "input_missing", "wait_seconds": 0}
+    assert result.model_dump() == {
+        **ids(),
+        "index": 0,
+        "done": True,
+        "stopped": "input_missing",
+        "wait_seconds": 0,
+    }
     assert upstream.calls == []
     [progress] = deps.metadata.list_chunk_progress("batch_test")
     assert (progress.index, progress.completed, progress.failed, progress.done) == (0, 1, 0, False)
