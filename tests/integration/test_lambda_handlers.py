@@ -125,6 +125,7 @@ def test_a_batch_driven_handler_by_handler_completes(
             "index": item["index"],
             "done": True,
             "stopped": None,
+            "wait_seconds": 0,
         }
 
     finalize_event = load_event("workflow/finalize.json")

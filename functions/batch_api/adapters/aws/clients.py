@@ -6,6 +6,8 @@ Creating a client makes no AWS call, so a Lambda's cold start stays offline; the
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +53,58 @@ def aws_client(settings: Settings, service: str, session: boto3.session.Session 
     )
 
 
+class PerThreadDynamoDB:
+    """The DynamoDB resource, one per thread: `Table(name)` gives a table whose calls each thread makes
+    on a resource of its own.
+
+    A boto3 resource is not thread-safe: its client turns `Key(...)`/`Attr(...)` conditions into
+    expressions with one shared builder that every call resets, so two threads querying at once can
+    send each other's placeholders (seen as "Query condition missed key schema element: pk" under the
+    local server's threads). Lambda runs one event at a time, but the local server and a worker's
+    overlapping calls do not.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._local = threading.local()
+        self._lock = threading.Lock()  # a boto3 session must not build two resources at once
+
+    def resource(self) -> Any:
+        resource = getattr(self._local, "resource", None)
+        if resource is None:
+            with self._lock:
+                resource = self._local.resource = self._make()
+        return resource
+
+    def table(self, name: str) -> Any:
+        """This thread's Table `name` (made once per thread)."""
+        tables = getattr(self._local, "tables", None)
+        if tables is None:
+            tables = self._local.tables = {}
+        table = tables.get(name)
+        if table is None:
+            table = tables[name] = self.resource().Table(name)
+        return table
+
+    def Table(self, name: str) -> _ThreadTable:  # the boto3 resource's spelling
+        return _ThreadTable(self, name)
+
+
+class _ThreadTable:
+    """A DynamoDB Table whose every attribute comes from the calling thread's resource."""
+
+    def __init__(self, resources: PerThreadDynamoDB, name: str) -> None:
+        self._resources = resources
+        self.name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._resources.table(self.name), attribute)
+
+
 @dataclass(frozen=True)
 class AwsClients:
-    """The clients the adapters take. `dynamodb` is the resource (tables are `dynamodb.Table(name)`)."""
+    """The clients the adapters take. `dynamodb` gives tables (`dynamodb.Table(name)`) that are safe to
+    use from several threads."""
 
     dynamodb: Any
     s3: Any
@@ -66,11 +117,13 @@ def aws_clients(settings: Settings, session: boto3.session.Session | None = None
     creating clients; the clients themselves are)."""
     session = session or boto3.session.Session()
     return AwsClients(
-        dynamodb=session.resource(
-            "dynamodb",
-            endpoint_url=settings.aws_endpoint_url,
-            region_name=settings.aws_region,
-            config=client_config(settings),
+        dynamodb=PerThreadDynamoDB(
+            lambda: session.resource(
+                "dynamodb",
+                endpoint_url=settings.aws_endpoint_url,
+                region_name=settings.aws_region,
+                config=client_config(settings),
+            )
         ),
         s3=aws_client(settings, "s3", session),
         stepfunctions=aws_client(settings, "stepfunctions", session),
