@@ -803,7 +803,15 @@ def test_without_capacity_the_worker_sends_nothing_and_asks_to_wait() -> None:
     [(_, name, holder, batch_id, want, limit)] = deps.leases.calls
     assert (name, batch_id, want, limit) == ("default", "batch_test", 8, 50)
     assert holder.startswith("batch_test/0/")
-    assert [p.index for p in deps.metadata.progress_writes] == [0]  # live counts stay published
+    assert [p.index for p in deps.metadata.list_chunk_progress("batch_test")] == [0]  # counts stay live
+
+
+def test_a_finished_chunk_never_asks_to_wait() -> None:
+    deps, _upstream, [chunk] = _setup(2)
+    assert _run(deps, chunk).done
+    deps.leases = RecordingLeases(grant_at_most=0)  # a retry of a finished chunk, the upstream full
+    result = _run(deps, chunk)
+    assert (result.done, result.wait_seconds) == (True, 0)
 
 
 def test_a_lease_bounds_the_requests_in_flight_and_is_given_back() -> None:
@@ -840,7 +848,7 @@ def test_a_lease_is_renewed_once_a_quarter_of_its_time_has_gone(monkeypatch: pyt
     assert [c[0] for c in deps.leases.calls] == ["acquire"]
     now[0] += 1
     lease.keep()
-    assert [c[0] for c in deps.leases.calls] == ["acquire", "renew"]
+    assert deps.leases.calls[1:] == [("renew", "default", lease.holder)]
     lease.keep()  # just renewed
     assert [c[0] for c in deps.leases.calls] == ["acquire", "renew"]
 
