@@ -6,10 +6,13 @@ field's name instead of deploying something half-configured.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from batch_api.upstreams.routing import DEFAULT_UPSTREAM, UpstreamFile, UpstreamSpec
 
 DEFAULT_ENV = "dev"
 
@@ -34,6 +37,7 @@ LOG_RETENTION_DAYS: dict[int, str] = {
     3653: "TEN_YEARS",
 }
 ENV_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,19}$"
+UPSTREAMS_JSON_MAX_CHARS = 2048  # Lambda's 4 KB of environment, shared with the other variables
 
 
 class ConfigError(ValueError):
@@ -49,8 +53,15 @@ class EnvConfig(BaseModel):
     account: str | None = Field(default=None, pattern=r"^\d{12}$")
     region: str | None = None
 
-    upstream_url: str | None = None  # None: the deterministic mock upstream (demos only)
-    upstream_secret_name: str | None = None  # an existing Secrets Manager secret holding the upstream key
+    # The model servers, routed by model: each the tables of the local upstreams file
+    # (batch_api.upstreams.routing.UpstreamSpec: name, base_url, models, max_in_flight,
+    # requests_per_minute, tokens_per_minute), its key in an existing Secrets Manager secret
+    # (`api_key_secret`; a key itself would land in the functions' environment, so none is taken).
+    upstreams: list[dict[str, Any]] | None = Field(default=None, min_length=1)
+    # or one upstream serving every model ("default"): its URL (None: the deterministic mock, for
+    # demos only), the secret holding its key, and its limit of requests in flight
+    upstream_url: str | None = None
+    upstream_secret_name: str | None = None
     # an existing Secrets Manager secret holding the client API keys (comma-separated, or JSON
     # {"api_keys": [...]}); None: batch-api/<env>/api-keys. There is no "off": without keys the API
     # would serve anyone on the internet as one project.
@@ -64,8 +75,7 @@ class EnvConfig(BaseModel):
     # in flight to the upstream stay at most worker_reserved_concurrency x requests_per_chunk. Both come
     # out of the account's concurrency, which must keep at least 100 unreserved (a new account's quota
     # of 10 cannot reserve anything: ask for an increase first, or leave these unset).
-    # requests in flight to the upstream at most, across every worker (capacity leases on the table)
-    upstream_max_in_flight: int = Field(default=128, ge=1, le=100_000)
+    upstream_max_in_flight: int | None = Field(default=None, ge=1, le=10_000)
     api_reserved_concurrency: int | None = Field(default=None, ge=1, le=10_000)
     worker_reserved_concurrency: int | None = Field(default=None, ge=1, le=10_000)
 
@@ -90,6 +100,59 @@ class EnvConfig(BaseModel):
         if value not in LOG_RETENTION_DAYS:
             raise ValueError(f"must be one of {sorted(LOG_RETENTION_DAYS)} (what CloudWatch Logs accepts)")
         return value
+
+    @field_validator("upstreams")
+    @classmethod
+    def _valid_upstreams(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value is None:
+            return None
+        for raw in value:
+            given = sorted({"api_key", "api_key_env"} & set(raw))
+            if given:
+                raise ValueError(
+                    f"upstream {raw.get('name')!r}: {', '.join(given)} is not taken on AWS (it would land "
+                    "in the functions' environment); put the key in a secret and name it in api_key_secret"
+                )
+        UpstreamFile.model_validate({"upstreams": value})  # what the functions will read, checked now
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_give_upstreams(self) -> EnvConfig:
+        single = [
+            name
+            for name in ("upstream_url", "upstream_secret_name", "upstream_max_in_flight")
+            if getattr(self, name) is not None
+        ]
+        if self.upstreams is not None and single:
+            raise ValueError(f"give the upstreams list or {', '.join(single)}, not both")
+        if len(self.upstreams_json) > UPSTREAMS_JSON_MAX_CHARS:
+            raise ValueError(
+                f"the upstreams take {len(self.upstreams_json):,} characters as JSON; the functions' "
+                f"environment (4 KB in all) leaves them {UPSTREAMS_JSON_MAX_CHARS:,}"
+            )
+        return self
+
+    @property
+    def upstream_specs(self) -> list[UpstreamSpec]:
+        """The upstreams, each checked as the functions will read it."""
+        if self.upstreams is not None:
+            return UpstreamFile.model_validate({"upstreams": self.upstreams}).upstreams
+        return [
+            UpstreamSpec(
+                name=DEFAULT_UPSTREAM,
+                kind="http" if self.upstream_url else "mock",
+                base_url=self.upstream_url,
+                api_key_secret=self.upstream_secret_name,
+                max_in_flight=self.upstream_max_in_flight
+                or UpstreamSpec.model_fields["max_in_flight"].default,
+            )
+        ]
+
+    @property
+    def upstreams_json(self) -> str:
+        """The upstreams as the functions read them (BATCH_API_UPSTREAMS_JSON)."""
+        specs = [spec.model_dump(mode="json", exclude_defaults=True) for spec in self.upstream_specs]
+        return json.dumps(specs, separators=(",", ":"))
 
     @property
     def log_retention_name(self) -> str:

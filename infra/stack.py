@@ -33,11 +33,14 @@ class BatchApiStack(Stack):
 
         storage = Storage(self, "Storage", config=config, removal_policy=removal_policy)
         events = Events(self, "Events", config=config, removal_policy=removal_policy)
-        upstream_secret = (
-            secretsmanager.Secret.from_secret_name_v2(self, "UpstreamSecret", config.upstream_secret_name)
-            if config.upstream_secret_name
-            else None
-        )
+        # one existing secret per upstream that has a key, by upstream name
+        upstream_secrets = {
+            spec.name: secretsmanager.Secret.from_secret_name_v2(
+                self, f"UpstreamSecret-{spec.name}", spec.api_key_secret
+            )
+            for spec in config.upstream_specs
+            if spec.api_key_secret
+        }
         functions = FunctionFactory(
             code=function_code(RUNTIME, architecture),
             architecture=architecture,
@@ -60,7 +63,7 @@ class BatchApiStack(Stack):
             functions=functions,
             storage=storage,
             bus=events.bus,
-            upstream_secret=upstream_secret,
+            upstream_secrets=upstream_secrets,
             log_retention=log_retention,
             removal_policy=removal_policy,
         )

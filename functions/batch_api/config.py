@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     upstream_max_in_flight: int = Field(default=128, ge=1, le=10_000)  # attempts in flight, all batches
     capacity_log_interval_seconds: float = Field(default=30.0, gt=0)  # how often upstream load is logged
     upstreams_file: Path | None = None  # TOML: several upstreams, routed by model (upstreams/routing.py)
+    upstreams_json: str | None = None  # the same upstreams as a JSON list (how the AWS stack passes them)
     upstream_timeout_seconds: float = Field(default=600.0, gt=0)
     upstream_connect_timeout_seconds: float = Field(default=10.0, gt=0)
     upstream_max_retries: int = Field(default=5, ge=0, le=20)

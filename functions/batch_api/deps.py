@@ -16,6 +16,7 @@ from batch_api.ports import (
     MetadataStore,
     ResultJournal,
     UpstreamFactory,
+    UpstreamRoute,
     Workflow,
 )
 
@@ -33,8 +34,21 @@ class Deps:
     # upstream capacity shared with workers in other processes (the Lambda workers); None: this
     # process's capacity gate is the whole story (the local server)
     leases: CapacityLeases | None = None
-    # whether some upstream serves a model (validation fails a batch whose model none serves)
-    serves_model: Callable[[str], bool] = field(default=lambda _model: True)
+    # the upstream serving a model, None when none does (validation then fails the batch); None here:
+    # one upstream serving every model, named "default", with the settings' limit
+    route: Callable[[str | None], UpstreamRoute | None] | None = None
 
     def now(self) -> int:
         return int(self.clock())
+
+    def upstream_for(self, model: str | None) -> UpstreamRoute | None:
+        """The upstream `model` is routed to (its name keys the capacity leases), or None."""
+        if self.route is None:
+            return _SingleUpstream("default", self.settings.upstream_max_in_flight)
+        return self.route(model)
+
+
+@dataclass(frozen=True)
+class _SingleUpstream:
+    name: str
+    max_in_flight: int

@@ -183,13 +183,33 @@ class UpstreamFactory(Protocol):
         upstream serving that model; the batch shares its capacity fairly with the others)."""
 
 
+class UpstreamRoute(Protocol):
+    """The upstream a batch's model is routed to, as the capacity leases need it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def max_in_flight(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a worker got of an upstream's capacity, and the upstream's state right after (metrics)."""
+
+    slots: int  # 0: none free, the batch now counts as waiting
+    held: int  # slots held by live leases on the upstream, this grant included
+    waiting: int  # batches waiting for slots, this one included when it got none
+
+
 class CapacityLeases(Protocol):
     """Slots of an upstream's capacity shared by workers in several processes (`upstreams/leases.py`
     decides how many a worker gets). A lease expires unless renewed, so a dead worker's come back."""
 
-    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> int:
+    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> Grant:
         """Grant `holder` (one chunk invocation of `batch_id`) up to `want` slots of `upstream`, never
-        letting the live leases pass `limit`; 0 when none is free (the batch then counts as waiting)."""
+        letting the live leases pass `limit`; 0 slots when none is free (the batch then counts as
+        waiting)."""
 
     def renew(self, upstream: str, holder: str) -> None:
         """Push the holder's lease expiry on (while it works)."""

@@ -22,11 +22,15 @@ SERVICE_NAME = "batch-api"
 PERIOD = Duration.minutes(5)
 
 
-def app_metric(name: str, statistic: str, label: str) -> cloudwatch.Metric:
+def app_metric(name: str, statistic: str, label: str, upstream: str | None = None) -> cloudwatch.Metric:
+    """One of the handlers' metrics; with `upstream`, that upstream's (dimension "Upstream")."""
+    dimensions = (
+        {"service": SERVICE_NAME} if upstream is None else {"service": SERVICE_NAME, "Upstream": upstream}
+    )
     return cloudwatch.Metric(
         namespace=METRICS_NAMESPACE,
         metric_name=name,
-        dimensions_map={"service": SERVICE_NAME},
+        dimensions_map=dimensions,
         statistic=statistic,
         period=PERIOD,
         label=label,
@@ -145,11 +149,24 @@ class Monitoring(Construct):
                 ],
                 width=8,
             ),
-            cloudwatch.GraphWidget(
-                title="Upstream capacity (per worker: effective limit, attempts answered 429/503)",
-                left=[app_metric("UpstreamLimit", "Average", "limit (average)")],
-                right=[app_metric("UpstreamThrottled", "Sum", "429/503")],
-                width=24,
-            ),
-            cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=24),
         )
+        # per upstream (batch_api.upstreams.metered): slots leased across the workers against its
+        # limit, each worker's adaptive limit, the queue of batches waiting for a slot, 429/503s
+        self.dashboard.add_widgets(
+            *(
+                cloudwatch.GraphWidget(
+                    title=f"Upstream {spec.name} (limit {spec.max_in_flight} in flight)",
+                    left=[
+                        app_metric("CapacityHeld", "Maximum", "slots leased", spec.name),
+                        app_metric("UpstreamLimit", "Average", "adaptive limit per worker", spec.name),
+                    ],
+                    right=[
+                        app_metric("CapacityWaitingBatches", "Maximum", "batches waiting", spec.name),
+                        app_metric("UpstreamThrottled", "Sum", "429/503", spec.name),
+                    ],
+                    width=12,
+                )
+                for spec in config.upstream_specs
+            )
+        )
+        self.dashboard.add_widgets(cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=24))

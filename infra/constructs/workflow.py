@@ -9,6 +9,8 @@ ends the batch `failed` with an error entry, and the execution fails: a batch is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_events as events
 from aws_cdk import aws_lambda as lambda_
@@ -18,6 +20,7 @@ from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
+from batch_api.upstreams.routing import DISCOVER
 from infra.config import EnvConfig
 from infra.constructs.storage import (
     DELETE_PROGRESS,
@@ -83,13 +86,16 @@ class Workflow(Construct):
         functions: FunctionFactory,
         storage: Storage,
         bus: events.IEventBus,
-        upstream_secret: secretsmanager.ISecret | None,
+        upstream_secrets: Mapping[str, secretsmanager.ISecret],
         log_retention: logs.RetentionDays,
         removal_policy: RemovalPolicy,
     ) -> None:
         super().__init__(scope, id)
         memory = config.step_memory_mb
         steps = Construct(self, "Functions")  # the states take the plain names (Validate, Finalize, ...)
+        # the upstreams, routed by model: validation refuses a model none serves (model_not_found), the
+        # workers send to the one serving theirs, within its limit across every worker (leases)
+        routes = {"BATCH_API_UPSTREAMS_JSON": config.upstreams_json}
         self.validate_function = functions.create(
             steps,
             "Validate",
@@ -97,18 +103,14 @@ class Workflow(Construct):
             description="batch-api: validate a batch's input file and write its chunk manifest",
             timeout=STEP_TIMEOUT,
             memory_mb=memory,
+            environment=routes,
         )
         upstream_env = {
+            **routes,
             "BATCH_API_REQUESTS_PER_CHUNK": str(config.requests_per_chunk),
-            # the upstream's limit across every worker (leases on the table)
-            "BATCH_API_UPSTREAM_MAX_IN_FLIGHT": str(config.upstream_max_in_flight),
             # each journal append is an S3 PUT: batch a second of results per PUT
             "BATCH_API_JOURNAL_FLUSH_INTERVAL_SECONDS": "1",
         }
-        if config.upstream_url:
-            upstream_env["BATCH_API_UPSTREAM_URL"] = config.upstream_url
-        if upstream_secret is not None and config.upstream_secret_name:
-            upstream_env["BATCH_API_UPSTREAM_SECRET_NAME"] = config.upstream_secret_name
         self.process_function = functions.create(
             steps,
             "Process",
@@ -163,8 +165,12 @@ class Workflow(Construct):
         storage.grant_objects(self.fail_function, delete=("files/", "batches/"))  # the journal, the input
         for publisher in (self.validate_function, self.finalize_function, self.fail_function):
             bus.grant_put_events_to(publisher)
-        if upstream_secret is not None:
-            upstream_secret.grant_read(self.process_function)
+        # the workers read every upstream's key; validation only those of upstreams asked for their models
+        discovered = {spec.name for spec in config.upstream_specs if spec.models == DISCOVER}
+        for name, secret in upstream_secrets.items():
+            secret.grant_read(self.process_function)
+            if name in discovered:
+                secret.grant_read(self.validate_function)
 
         self.log_group = logs.LogGroup(
             self,

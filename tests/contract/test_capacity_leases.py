@@ -12,6 +12,7 @@ import pytest
 
 from batch_api.adapters.aws.leases import DynamoCapacityLeases
 from batch_api.adapters.memory import MemoryCapacityLeases
+from batch_api.ports import Grant
 from batch_api.upstreams.leases import LEASE_SECONDS, WAITING_SECONDS
 from tests.contract.aws_backend import start_account
 
@@ -46,55 +47,70 @@ def held(leases: Any, upstream: str, clock: Clock) -> int:
 
 def test_grants_never_pass_the_limit(clock_and_leases: tuple[Clock, Any]) -> None:
     clock, leases = clock_and_leases
-    assert leases.acquire("up", "w1", "batch_a", 16, 20) == 16
-    assert leases.acquire("up", "w2", "batch_a", 16, 20) == 4
-    assert leases.acquire("up", "w3", "batch_a", 16, 20) == 0  # full
+    assert leases.acquire("up", "w1", "batch_a", 16, 20).slots == 16
+    assert leases.acquire("up", "w2", "batch_a", 16, 20).slots == 4
+    assert leases.acquire("up", "w3", "batch_a", 16, 20).slots == 0  # full
     assert held(leases, "up", clock) == 20
-    assert leases.acquire("other", "w4", "batch_a", 16, 20) == 16  # upstreams are separate
+    assert leases.acquire("other", "w4", "batch_a", 16, 20).slots == 16  # upstreams are separate
 
 
 def test_a_second_batch_gets_its_share_and_the_first_no_more(clock_and_leases: tuple[Clock, Any]) -> None:
     _clock, leases = clock_and_leases
-    assert leases.acquire("up", "w1", "big", 8, 16) == 8
-    assert leases.acquire("up", "w2", "big", 8, 16) == 8  # alone: the whole limit
-    assert leases.acquire("up", "w3", "small", 8, 16) == 0  # nothing free: small waits ...
+    assert leases.acquire("up", "w1", "big", 8, 16).slots == 8
+    assert leases.acquire("up", "w2", "big", 8, 16).slots == 8  # alone: the whole limit
+    assert leases.acquire("up", "w3", "small", 8, 16).slots == 0  # nothing free: small waits ...
     leases.release("up", "w1")
-    assert leases.acquire("up", "w4", "big", 8, 16) == 0  # ... so big, over its half, gets none of it
-    assert leases.acquire("up", "w3", "small", 8, 16) == 8  # and small gets its half
+    assert leases.acquire("up", "w4", "big", 8, 16).slots == 0  # ... so big, over its half, gets none of it
+    assert leases.acquire("up", "w3", "small", 8, 16).slots == 8  # and small gets its half
+
+
+def test_a_grant_says_what_the_upstream_holds_and_how_many_batches_wait(
+    clock_and_leases: tuple[Clock, Any],
+) -> None:
+    clock, leases = clock_and_leases
+    assert leases.acquire("up", "w1", "big", 6, 10) == Grant(6, 6, 0)
+    assert leases.acquire("up", "w2", "big", 6, 10) == Grant(4, 10, 0)
+    assert leases.acquire("up", "w3", "small", 6, 10) == Grant(0, 10, 1)  # the queue: small
+    assert leases.acquire("up", "w4", "third", 6, 10) == Grant(0, 10, 2)  # small and third
+    assert leases.acquire("up", "w4", "third", 6, 10) == Grant(0, 10, 2)  # asking again: still two
+    leases.release("up", "w1")
+    assert leases.acquire("up", "w3", "small", 6, 10) == Grant(4, 8, 1)  # a third of 10; third waits on
+    clock.now += WAITING_SECONDS + 1  # third stopped asking
+    assert leases.acquire("other", "w5", "x", 3, 10) == Grant(3, 3, 0)  # upstreams are separate
 
 
 def test_a_dead_workers_slots_come_back_after_the_lease_expires(clock_and_leases: tuple[Clock, Any]) -> None:
     clock, leases = clock_and_leases
-    assert leases.acquire("up", "dead", "batch_a", 10, 10) == 10
-    assert leases.acquire("up", "w2", "batch_b", 10, 10) == 0
+    assert leases.acquire("up", "dead", "batch_a", 10, 10).slots == 10
+    assert leases.acquire("up", "w2", "batch_b", 10, 10).slots == 0
     clock.now += LEASE_SECONDS - 1
     leases.renew("up", "nobody")  # renewing an unknown holder is harmless
-    assert leases.acquire("up", "w2", "batch_b", 10, 10) == 0
+    assert leases.acquire("up", "w2", "batch_b", 10, 10).slots == 0
     clock.now += 2  # the dead worker never renewed
-    assert leases.acquire("up", "w2", "batch_b", 10, 10) == 10
+    assert leases.acquire("up", "w2", "batch_b", 10, 10).slots == 10
 
 
 def test_renewing_keeps_a_lease_and_releasing_frees_it(clock_and_leases: tuple[Clock, Any]) -> None:
     clock, leases = clock_and_leases
-    assert leases.acquire("up", "w1", "batch_a", 10, 10) == 10
+    assert leases.acquire("up", "w1", "batch_a", 10, 10).slots == 10
     clock.now += LEASE_SECONDS - 1
     leases.renew("up", "w1")
     clock.now += LEASE_SECONDS - 1
-    assert leases.acquire("up", "w2", "batch_a", 10, 10) == 0  # still held
+    assert leases.acquire("up", "w2", "batch_a", 10, 10).slots == 0  # still held
     leases.release("up", "w1")
     leases.release("up", "w1")  # twice is harmless
-    assert leases.acquire("up", "w2", "batch_a", 10, 10) == 10
+    assert leases.acquire("up", "w2", "batch_a", 10, 10).slots == 10
 
 
 def test_a_waiting_batch_stops_counting_after_a_while(clock_and_leases: tuple[Clock, Any]) -> None:
     clock, leases = clock_and_leases
-    assert leases.acquire("up", "w1", "big", 10, 10) == 10
-    assert leases.acquire("up", "w2", "small", 10, 10) == 0  # small waits
+    assert leases.acquire("up", "w1", "big", 10, 10).slots == 10
+    assert leases.acquire("up", "w2", "small", 10, 10).slots == 0  # small waits
     leases.release("up", "w1")
-    assert leases.acquire("up", "w3", "big", 10, 10) == 5  # half: small still counts
+    assert leases.acquire("up", "w3", "big", 10, 10).slots == 5  # half: small still counts
     leases.release("up", "w3")
     clock.now += WAITING_SECONDS + 1
-    assert leases.acquire("up", "w4", "big", 10, 10) == 10  # small gave up asking: all of it
+    assert leases.acquire("up", "w4", "big", 10, 10).slots == 10  # small gave up asking: all of it
 
 
 def test_racing_workers_never_hold_more_than_the_limit(clock_and_leases: tuple[Clock, Any]) -> None:
@@ -103,7 +119,7 @@ def test_racing_workers_never_hold_more_than_the_limit(clock_and_leases: tuple[C
     lock = threading.Lock()
 
     def worker(i: int) -> None:
-        slots = leases.acquire("up", f"w{i}", f"batch_{i % 3}", 4, 10)
+        slots = leases.acquire("up", f"w{i}", f"batch_{i % 3}", 4, 10).slots
         with lock:
             granted.append(slots)
 

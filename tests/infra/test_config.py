@@ -93,3 +93,74 @@ def test_every_environment_has_an_api_keys_secret() -> None:
         assert config.api_keys_secret == CONTEXT["environments"][name]["api_keys_secret_name"]
     with pytest.raises(ConfigError, match="api_keys_secret_name"):
         load_env_config({"environments": {"test": {"api_keys_secret_name": ""}}}, "test")
+
+
+# ------------------------------------------------------------------ upstreams
+
+
+def _env(**settings: Any) -> dict[str, Any]:
+    return {"environments": {"test": settings}}
+
+
+def test_one_upstream_can_still_be_given_by_its_url_secret_and_limit() -> None:
+    config = load_env_config(
+        _env(
+            upstream_url="https://llm.internal/v1", upstream_secret_name="team/key", upstream_max_in_flight=9
+        ),
+        "test",
+    )
+    [spec] = config.upstream_specs
+    assert (spec.name, spec.kind, spec.base_url, spec.api_key_secret, spec.max_in_flight, spec.models) == (
+        "default",
+        "http",
+        "https://llm.internal/v1",
+        "team/key",
+        9,
+        ["*"],
+    )
+    [mock] = load_env_config(_env(), "test").upstream_specs  # nothing set: the demo mock
+    assert (mock.kind, mock.max_in_flight) == ("mock", 128)
+
+
+def test_the_upstreams_list_is_checked_as_the_functions_will_read_it() -> None:
+    fleet = [
+        {"name": "vllm", "base_url": "http://gpu:8000/v1", "api_key_secret": "s/vllm", "models": ["llama"]},
+        {"name": "rest", "base_url": "https://api.openai.com/v1", "requests_per_minute": 500},
+    ]
+    config = load_env_config(_env(upstreams=fleet), "test")
+    assert [(s.name, s.models, s.requests_per_minute) for s in config.upstream_specs] == [
+        ("vllm", ["llama"], None),
+        ("rest", ["*"], 500),
+    ]
+    assert json.loads(config.upstreams_json) == [
+        {"name": "vllm", "base_url": "http://gpu:8000/v1", "api_key_secret": "s/vllm", "models": ["llama"]},
+        {"name": "rest", "base_url": "https://api.openai.com/v1", "requests_per_minute": 500},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"upstreams": [{"name": "a", "base_url": "http://x/v1", "api_key": "sk-1"}]},
+            "api_key is not taken",
+        ),
+        (
+            {"upstreams": [{"name": "a", "base_url": "http://x/v1", "api_key_env": "K"}]},
+            "api_key_env is not taken",
+        ),
+        ({"upstreams": [{"name": "a"}]}, "needs a base_url"),
+        ({"upstreams": [{"name": "a", "kind": "mock"}, {"name": "a", "kind": "mock"}]}, "unique: a"),
+        ({"upstreams": [{"name": "a", "kind": "mock", "max_in_flight": 0}]}, "max_in_flight"),
+        ({"upstreams": []}, "upstreams"),
+        ({"upstreams": [{"name": "a", "kind": "mock"}], "upstream_url": "http://x/v1"}, "not both"),
+        ({"upstreams": [{"name": "a", "kind": "mock"}], "upstream_max_in_flight": 5}, "not both"),
+        (
+            {"upstreams": [{"name": f"u{i}", "kind": "mock", "models": ["m" * 60]} for i in range(30)]},
+            "4 KB",
+        ),
+    ],
+)
+def test_bad_upstreams_fail_the_synth_naming_the_problem(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_env_config(_env(**settings), "test")

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from batch_api.adapters.aws import schema
+from batch_api.config import Settings
 from batch_api.contract.steps import FailInput, ProcessInput, ProcessOutput, ValidateOutput
+from batch_api.upstreams.routing import UpstreamSpec, load_specs
 from tests.infra.helpers import (
     Synthesized,
     actions_of,
@@ -255,15 +257,18 @@ def test_function_environment(
         assert env["POWERTOOLS_SERVICE_NAME"] == "batch-api"
         assert env["POWERTOOLS_METRICS_NAMESPACE"] == "BatchApi"
         assert ("BATCH_API_STATE_MACHINE_ARN" in env) is (handler == API_HANDLER), handler
-        assert ("BATCH_API_UPSTREAM_SECRET_NAME" in env) is handler.endswith("process_handler"), handler
+        routed = handler.endswith(("process_handler", "validate_handler"))  # validation checks the model
+        assert ("BATCH_API_UPSTREAMS_JSON" in env) is routed, handler
+        assert not any(name.startswith("BATCH_API_UPSTREAM_") for name in env), handler  # one way: the list
         assert ("BATCH_API_API_KEYS_SECRET_NAME" in env) is (handler == API_HANDLER), handler
     api = env_of(template, functions[API_HANDLER])
     assert api["BATCH_API_STATE_MACHINE_ARN"] == {"Ref": machine_id}
     assert 4_000_000 <= int(api["BATCH_API_MAX_REQUEST_BYTES"]) <= 4_700_000  # 6 MB proxy limit after base64
     assert int(api["BATCH_API_MAX_INLINE_DOWNLOAD_BYTES"]) <= int(api["BATCH_API_MAX_REQUEST_BYTES"])
     process = env_of(template, functions[f"{WORKFLOW}.process_handler"])
-    assert process["BATCH_API_UPSTREAM_SECRET_NAME"] == env_settings["upstream_secret_name"]
-    assert process["BATCH_API_UPSTREAM_URL"] == env_settings["upstream_url"]
+    # what the worker reads is cdk.json's list
+    read = load_specs(Settings(upstreams_json=process["BATCH_API_UPSTREAMS_JSON"]))
+    assert read == [UpstreamSpec.model_validate(raw) for raw in env_settings["upstreams"]]
     assert process["BATCH_API_REQUESTS_PER_CHUNK"] == str(env_settings["requests_per_chunk"])
     assert float(process["BATCH_API_JOURNAL_FLUSH_INTERVAL_SECONDS"]) > 0  # one S3 PUT per interval
 
@@ -293,8 +298,9 @@ def test_only_the_publishing_steps_may_put_events(
 def test_only_the_worker_reads_the_upstream_secret_and_only_the_api_the_api_keys(
     template: dict[str, Any], functions: dict[str, str], env_settings: dict[str, Any]
 ) -> None:
+    [upstream] = env_settings["upstreams"]  # its models are listed: validation reads no key
     readers = {
-        f"{WORKFLOW}.process_handler": env_settings["upstream_secret_name"],
+        f"{WORKFLOW}.process_handler": upstream["api_key_secret"],
         API_HANDLER: env_settings["api_keys_secret_name"],
     }
     for handler, logical_id in functions.items():
@@ -620,6 +626,8 @@ def test_dashboard_graphs_batches_requests_upstream_and_api(template: dict[str, 
         "UpstreamLatency",
         "UpstreamLimit",  # batch_api.upstreams.metered's names
         "UpstreamThrottled",
+        "CapacityHeld",
+        "CapacityWaitingBatches",
         "BatchApi",
         "4XXError",
         "5XXError",
@@ -704,3 +712,74 @@ def test_every_alarm_notifies_the_environments_topic(template: dict[str, Any]) -
     assert len(alarms) == 3  # failed executions, worker errors, housekeeping errors
     for alarm in alarms.values():
         assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}]
+
+
+# ------------------------------------------------------------------ several upstreams
+
+
+FLEET = [
+    {
+        "name": "vllm",
+        "base_url": "http://vllm.internal:8000/v1",
+        "api_key_secret": "batch-api/fleet/vllm",
+        "models": "discover",
+        "max_in_flight": 64,
+        "tokens_per_minute": 2_000_000,
+    },
+    {"name": "openai", "base_url": "https://api.openai.com/v1", "api_key_secret": "batch-api/fleet/openai"},
+    {"name": "open", "base_url": "http://open.internal/v1", "models": ["small-model"]},
+]
+
+
+@pytest.fixture(scope="module")
+def fleet_template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """dev with three upstreams: one whose models are discovered, one catch-all, one without a key."""
+    from infra.app import build_app
+
+    context = cdk_context("dev")
+    dev = {k: v for k, v in context["environments"]["dev"].items() if k != "upstreams"}
+    context["environments"] = {"fleet": {**dev, "upstreams": FLEET}}
+    app, stack = build_app({**context, "env": "fleet"}, outdir=str(tmp_path_factory.mktemp("cdk-fleet")))
+    return typing.cast(dict[str, Any], app.synth().get_stack_by_name(stack.stack_name).template)
+
+
+def test_each_upstreams_secret_is_read_by_the_workers_and_for_discovery_by_validation(
+    fleet_template: dict[str, Any],
+) -> None:
+    functions = function_logical_ids(fleet_template)
+
+    def secrets_read(handler: str) -> list[str]:
+        statements = role_statements(fleet_template, functions[handler])
+        readable = [s for s in statements if "secretsmanager:GetSecretValue" in actions_of([s])]
+        return sorted(
+            name
+            for statement in readable
+            for name in ("batch-api/fleet/vllm", "batch-api/fleet/openai")
+            if f":secret:{name}-??????" in json.dumps(statement["Resource"])
+        )
+
+    assert secrets_read(f"{WORKFLOW}.process_handler") == ["batch-api/fleet/openai", "batch-api/fleet/vllm"]
+    assert secrets_read(f"{WORKFLOW}.validate_handler") == ["batch-api/fleet/vllm"]  # it lists its models
+    assert secrets_read(f"{WORKFLOW}.finalize_handler") == []
+    for handler in (f"{WORKFLOW}.process_handler", f"{WORKFLOW}.validate_handler"):
+        specs = load_specs(
+            Settings(upstreams_json=env_of(fleet_template, functions[handler])["BATCH_API_UPSTREAMS_JSON"])
+        )
+        assert [(spec.name, spec.max_in_flight, spec.api_key_secret) for spec in specs] == [
+            ("vllm", 64, "batch-api/fleet/vllm"),
+            ("openai", 128, "batch-api/fleet/openai"),
+            ("open", 128, None),
+        ]
+        assert specs[0].tokens_per_minute == 2_000_000 and specs[0].models == "discover"
+
+
+def test_the_dashboard_graphs_each_upstream_by_its_dimension(fleet_template: dict[str, Any]) -> None:
+    _, dashboard = only(fleet_template, "AWS::CloudWatch::Dashboard")
+    body = json.dumps(dashboard["Properties"]["DashboardBody"])
+    for name, limit in (("vllm", 64), ("openai", 128), ("open", 128)):
+        assert f"Upstream {name} (limit {limit} in flight)" in body
+        for metric in ("CapacityHeld", "CapacityWaitingBatches", "UpstreamThrottled", "UpstreamLimit"):
+            assert f'\\"{metric}\\",\\"Upstream\\",\\"{name}\\",\\"service\\",\\"batch-api\\"' in body, (
+                metric,
+                name,
+            )

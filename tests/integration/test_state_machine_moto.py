@@ -52,6 +52,8 @@ from batch_api.adapters.aws.leases import DynamoCapacityLeases
 from batch_api.contract.steps import BatchRef
 from batch_api.deps import Deps
 from batch_api.handlers.auth import project_id_for_key
+from batch_api.ports import Grant
+from batch_api.upstreams.metered import MeteredLeases
 from batch_api.workflow import process
 from batch_api.workflow.finalize import FinalizeError
 from tests.infra.helpers import (
@@ -291,11 +293,26 @@ def _load_api_module() -> ModuleType:
     return importlib.import_module(name)
 
 
+Fleet = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+
+
+@pytest.fixture
+def fleet(upstream: FakeUpstreamServer) -> Fleet:
+    """The template's upstreams as the functions get them: each pointed at the test double, keyed
+    from the test secret (a test may override this fixture to deploy several upstreams)."""
+
+    def point(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        assert all(spec["api_key_secret"] for spec in specs), "each upstream's key is a secret"
+        return [{**spec, "base_url": upstream.base_url, "api_key_secret": SECRET} for spec in specs]
+
+    return point
+
+
 @pytest.fixture
 def deployment(
     template: dict[str, Any],
     aws: AwsWorld,
-    upstream: FakeUpstreamServer,
+    fleet: Fleet,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Deployment]:
     lambda_client = boto3.client("lambda", region_name=REGION)
@@ -334,10 +351,8 @@ def deployment(
     def environment(logical_id: str) -> dict[str, str]:
         """What the template sets; the upstream (outside AWS) pointed at the test doubles."""
         env = resolve_environment(template, logical_id, refs)
-        if "BATCH_API_UPSTREAM_URL" in env:
-            assert "BATCH_API_UPSTREAM_SECRET_NAME" in env, "the worker needs the key's secret too"
-            env["BATCH_API_UPSTREAM_URL"] = upstream.base_url
-            env["BATCH_API_UPSTREAM_SECRET_NAME"] = SECRET
+        if "BATCH_API_UPSTREAMS_JSON" in env:
+            env["BATCH_API_UPSTREAMS_JSON"] = json.dumps(fleet(json.loads(env["BATCH_API_UPSTREAMS_JSON"])))
             env["BATCH_API_UPSTREAM_MAX_RETRIES"] = "0"
         if "BATCH_API_CHUNK_MAX_LINES" in env:
             env["BATCH_API_CHUNK_MAX_LINES"] = "2"  # three requests: two chunks, so the Map fans out
@@ -467,18 +482,21 @@ def test_a_worker_without_capacity_waits_in_the_state_machine_and_runs_when_slot
     slots come back the batch completes, and every lease is given back."""
     monkeypatch.setattr(process, "WAIT_SECONDS", 1)
     [(_, deps)] = [f for f in deployment.functions.values() if f[0].endswith(".process_handler")]
-    leases = deps.leases
+    assert isinstance(deps.leases, MeteredLeases)  # the grants are reported as metrics
+    leases = deps.leases.inner
     assert isinstance(leases, DynamoCapacityLeases)
-    limit = deps.settings.upstream_max_in_flight
-    assert leases.acquire("default", "squatter", "batch_other", limit, limit) == limit
+    route = deps.upstream_for("gpt-4o-mini")
+    assert route is not None and route.name == "openai"  # cdk.json's upstream
+    limit = route.max_in_flight
+    assert leases.acquire("openai", "squatter", "batch_other", limit, limit).slots == limit
     real_acquire = DynamoCapacityLeases.acquire
     refused: list[str] = []
 
     def acquire(
         self: DynamoCapacityLeases, upstream: str, holder: str, batch_id: str, want: int, cap: int
-    ) -> int:
+    ) -> Grant:
         granted = real_acquire(self, upstream, holder, batch_id, want, cap)
-        if granted == 0 and holder != "squatter":
+        if granted.slots == 0 and holder != "squatter":
             refused.append(holder)
             self.release(upstream, "squatter")  # the other batch finishes
         return granted
@@ -496,8 +514,93 @@ def test_a_worker_without_capacity_waits_in_the_state_machine_and_runs_when_slot
     assert done.status == "completed" and done.request_counts is not None
     assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
     assert len(upstream.requests) == 3  # the refused calls sent nothing
-    _version, live, _waiting = leases._read("default", time.time())
+    _version, live, _waiting = leases._read("openai", time.time())
     assert live == []  # every worker gave its lease back
+
+
+class TestSeveralUpstreams:
+    """cdk.json's upstreams list as the functions get it: a self-hosted fleet serving one model with
+    its own key and limit, and a catch-all for the rest."""
+
+    FLEET_SECRET = "batch-api/test/fleet"
+    FLEET_LIMIT = 3
+
+    @pytest.fixture
+    def fleet_server(self) -> Iterator[FakeUpstreamServer]:
+        with FakeUpstreamServer() as server:
+            yield server
+
+    @pytest.fixture
+    def fleet(self, upstream: FakeUpstreamServer, fleet_server: FakeUpstreamServer, aws: AwsWorld) -> Fleet:
+        boto3.client("secretsmanager", region_name=REGION).create_secret(
+            Name=self.FLEET_SECRET, SecretString="sk-fleet"
+        )
+
+        def point(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            [catch_all] = specs  # cdk.json's dev environment
+            return [
+                {
+                    "name": "fleet",
+                    "base_url": fleet_server.base_url,
+                    "api_key_secret": self.FLEET_SECRET,
+                    "models": ["llama-test"],
+                    "max_in_flight": self.FLEET_LIMIT,
+                },
+                {
+                    **catch_all,
+                    "base_url": upstream.base_url,
+                    "api_key_secret": SECRET,
+                    "models": ["gpt-4o-mini"],
+                },
+            ]
+
+        return point
+
+    @staticmethod
+    def lines(model: str) -> bytes:
+        return INPUT_LINES.replace(b'"model":"gpt-4o-mini"', f'"model":"{model}"'.encode())
+
+    def test_each_batch_goes_to_its_models_upstream_within_that_upstreams_limit(
+        self,
+        deployment: Deployment,
+        upstream: FakeUpstreamServer,
+        fleet_server: FakeUpstreamServer,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        real_acquire = DynamoCapacityLeases.acquire
+        asked: list[tuple[str, int]] = []
+
+        def acquire(
+            self: DynamoCapacityLeases, name: str, holder: str, batch_id: str, want: int, limit: int
+        ) -> Grant:
+            asked.append((name, limit))
+            return real_acquire(self, name, holder, batch_id, want, limit)
+
+        monkeypatch.setattr(DynamoCapacityLeases, "acquire", acquire)
+        llama = deployment.create_batch(deployment.upload(self.lines("llama-test")))
+        assert deployment.wait_for_execution(llama.id)["status"] == "SUCCEEDED", deployment.invocations.errors
+        assert len(fleet_server.requests) == 3 and upstream.requests == []
+        assert {r.headers.get("authorization") for r in fleet_server.requests} == {"Bearer sk-fleet"}
+        assert asked and set(asked) == {("fleet", self.FLEET_LIMIT)}
+
+        asked.clear()
+        gpt = deployment.create_batch(deployment.upload(INPUT_LINES))
+        assert deployment.wait_for_execution(gpt.id)["status"] == "SUCCEEDED", deployment.invocations.errors
+        assert len(upstream.requests) == 3 and len(fleet_server.requests) == 3
+        assert {r.headers.get("authorization") for r in upstream.requests} == {f"Bearer {UPSTREAM_KEY}"}
+        assert asked and {name for name, _limit in asked} == {"openai"}
+
+    def test_a_model_no_upstream_serves_fails_at_validation(
+        self, deployment: Deployment, upstream: FakeUpstreamServer, fleet_server: FakeUpstreamServer
+    ) -> None:
+        batch = deployment.create_batch(deployment.upload(self.lines("gpt-unknown")))
+        deployment.wait_for_execution(batch.id)
+        failed = Batch.model_validate(deployment.call_api("GET", f"/v1/batches/{batch.id}"))
+        assert failed.status == "failed" and failed.errors is not None and failed.errors.data
+        [error] = failed.errors.data
+        assert (error.code, error.param, error.line) == ("model_not_found", "body.model", 1)
+        assert error.message == "The provided model 'gpt-unknown' is not supported by the Batch API."
+        assert upstream.requests == [] and fleet_server.requests == []
 
 
 def test_a_step_that_keeps_failing_ends_the_batch_failed(

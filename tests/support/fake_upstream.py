@@ -126,6 +126,7 @@ class FakeUpstreamServer:
         self.port: int | None = None
         self._lock = threading.Lock()
         self._received: list[ReceivedRequest] = []
+        self.model_listings: list[str | None] = []  # the Authorization header of each GET /v1/models
         self._attempts: Counter[str] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -225,7 +226,9 @@ class FakeUpstreamServer:
 
     # --- the server ----------------------------------------------------------------------------
 
-    async def _models(self, _request: web.Request) -> web.Response:
+    async def _models(self, request: web.Request) -> web.Response:
+        with self._lock:
+            self.model_listings.append(request.headers.get("Authorization"))
         return web.json_response({"object": "list", "data": [{"id": "mock-chat", "object": "model"}]})
 
     def _record(self, request: web.Request, raw: bytes) -> tuple[Directives, ReceivedRequest]:

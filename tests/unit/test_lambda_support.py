@@ -17,6 +17,7 @@ from batch_api.adapters.aws.secrets import UpstreamSecretError, parse_api_key
 from batch_api.config import Settings
 from batch_api.handlers.workflow import FAIL_MESSAGE_MAX_CHARS, batch_error
 from batch_api.ports import UpstreamResponse
+from batch_api.upstreams import make_upstream_factory
 from batch_api.upstreams.metered import (
     REQUESTS_FAILED,
     REQUESTS_SUCCEEDED,
@@ -54,39 +55,55 @@ def test_unusable_secrets_name_the_secret_but_not_the_value(value: str) -> None:
     assert "sk" not in str(raised.value).replace("'team/upstream'", "")
 
 
-def test_without_a_secret_name_the_settings_key_is_used() -> None:
-    assert secrets.upstream_api_key(Settings()) is None
-    assert secrets.upstream_api_key(Settings(upstream_api_key=SecretStr("sk-env"))) == SecretStr("sk-env")
-
-
-def test_the_upstream_key_is_looked_up_for_every_client(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A rotated secret reaches the next chunk invocation without a cold start (the lookup is cached);
-    clients made with the same key share one pool, so one capacity gate."""
+def test_the_upstream_key_is_read_from_its_secret_for_every_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rotated secret reaches the next chunk invocation without a cold start (the reader caches);
+    every client of one upstream shares its capacity gate whatever the key."""
     keys = iter(["sk-first", "sk-first", "sk-rotated"])
-    monkeypatch.setattr(secrets, "upstream_api_key", lambda settings: SecretStr(next(keys)))
-    keyed_with: list[str | None] = []
-    real_factory = bootstrap_aws.make_upstream_factory
+    read: list[str] = []
 
-    def recording_factory(settings: Settings) -> Any:
-        key = settings.upstream_api_key
-        keyed_with.append(key.get_secret_value() if key else None)
-        return real_factory(settings)
+    def reader(settings: Settings, name: str) -> SecretStr:
+        read.append(name)
+        return SecretStr(next(keys))
 
-    monkeypatch.setattr(bootstrap_aws, "make_upstream_factory", recording_factory)
-    factory = bootstrap_aws.aws_upstream_factory(
+    monkeypatch.setattr(secrets, "read_upstream_key", reader)
+    pool = bootstrap_aws.aws_upstream_pool(
         Settings(upstream_url="http://127.0.0.1:9/v1", upstream_secret_name="team/upstream")
     )
-    assert keyed_with == [None]  # wiring checks the URL without reading the secret
-    first, again, rotated = factory(), factory(), factory()
-    assert isinstance(first, OpenAIHttpUpstream) and isinstance(rotated, OpenAIHttpUpstream)
-    assert isinstance(again, OpenAIHttpUpstream)
-    assert keyed_with == [None, "sk-first", "sk-rotated"]
-    assert first._gate is again._gate and rotated._gate is not first._gate
+    assert read == []  # wiring checks the URL without reading the secret
+    first, again, rotated = pool(), pool(), pool()
+    assert all(isinstance(c, OpenAIHttpUpstream) for c in (first, again, rotated))
+    assert read == ["team/upstream"] * 3
+    assert [c._headers["Authorization"] for c in (first, again, rotated)] == [  # type: ignore[union-attr]
+        "Bearer sk-first",
+        "Bearer sk-first",
+        "Bearer sk-rotated",
+    ]
+    assert first._gate is rotated._gate is pool.gates["default"]  # type: ignore[union-attr]
+
+
+def test_each_upstream_of_the_stack_reads_its_own_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(secrets, "read_upstream_key", lambda settings, name: SecretStr(f"key-of-{name}"))
+    upstreams = [
+        {"name": "vllm", "base_url": "http://gpu:8000/v1", "api_key_secret": "s/vllm", "models": ["llama"]},
+        {"name": "openai", "base_url": "https://api.openai.com/v1", "api_key_secret": "s/openai"},
+        {"name": "open", "base_url": "http://open:8000/v1", "models": ["free"]},
+    ]
+    pool = bootstrap_aws.aws_upstream_pool(Settings(upstreams_json=json.dumps(upstreams)))
+    llama, other, free = pool(model="llama"), pool(model="gpt-4o"), pool(model="free")
+    assert llama._headers["Authorization"] == "Bearer key-of-s/vllm"  # type: ignore[union-attr]
+    assert other._headers["Authorization"] == "Bearer key-of-s/openai"  # type: ignore[union-attr]
+    assert "Authorization" not in free._headers  # type: ignore[union-attr]
+
+
+def test_a_secret_key_needs_the_aws_backend() -> None:
+    upstreams = [{"name": "vllm", "base_url": "http://gpu:8000/v1", "api_key_secret": "s/vllm"}]
+    with pytest.raises(ValueError, match="'vllm': api_key_secret needs the aws backend"):
+        make_upstream_factory(Settings(upstreams_json=json.dumps(upstreams)))
 
 
 def test_a_bad_upstream_url_fails_at_wiring_time() -> None:
-    with pytest.raises(ValueError):
-        bootstrap_aws.aws_upstream_factory(Settings(upstream_url="not a url", upstream_secret_name="s"))
+    with pytest.raises(ValueError, match="URL"):
+        bootstrap_aws.aws_upstream_pool(Settings(upstream_url="not a url", upstream_secret_name="s"))
 
 
 # ---------------------------------------------------------------- the failed-step error entry
@@ -122,9 +139,13 @@ def test_long_causes_are_trimmed() -> None:
 class RecordingMetrics:
     def __init__(self) -> None:
         self.added: list[tuple[str, str, float]] = []
+        self.per_upstream: list[tuple[str, str, str, float]] = []
 
     def add_metric(self, name: str, unit: Any, value: float) -> None:
         self.added.append((name, str(getattr(unit, "value", unit)), value))
+
+    def add_upstream_metric(self, upstream: str, name: str, unit: Any, value: float) -> None:
+        self.per_upstream.append((upstream, name, str(getattr(unit, "value", unit)), value))
 
 
 class ScriptedUpstream:
@@ -222,7 +243,59 @@ def test_a_gated_client_reports_its_upstreams_push_back_and_limit_when_it_closes
         await client.aclose()
 
     asyncio.run(run())
-    reported = {
-        name: value for name, _unit, value in sink.added if name in (UPSTREAM_THROTTLED, UPSTREAM_LIMIT)
+    assert sink.per_upstream == [
+        ("up", UPSTREAM_THROTTLED, "Count", 1),
+        ("up", UPSTREAM_LIMIT, "Count", gate.limit),
+    ]
+    assert {name for name, _unit, _value in sink.added} == {
+        UPSTREAM_LATENCY,
+        REQUESTS_SUCCEEDED,
+        REQUESTS_FAILED,
     }
-    assert reported == {UPSTREAM_THROTTLED: 1, UPSTREAM_LIMIT: gate.limit}
+
+
+def test_lease_grants_report_the_upstreams_held_slots_and_its_queue_of_waiting_batches() -> None:
+    from batch_api.adapters.memory import MemoryCapacityLeases
+    from batch_api.upstreams.metered import (
+        CAPACITY_HELD,
+        CAPACITY_WAITING_BATCHES,
+        CAPACITY_WAITS,
+        MeteredLeases,
+    )
+
+    sink = RecordingMetrics()
+    store = MemoryCapacityLeases()
+    leases = MeteredLeases(store, sink)
+    assert leases.acquire("up", "w1", "big", 8, 8).slots == 8
+    assert leases.acquire("up", "w2", "small", 8, 8).slots == 0
+    assert leases.acquire("up", "w3", "third", 8, 8).slots == 0
+    assert leases.acquire("other", "w4", "x", 2, 8).slots == 2
+    assert sink.per_upstream == [
+        ("up", CAPACITY_HELD, "Count", 8),
+        ("up", CAPACITY_WAITING_BATCHES, "Count", 0),
+        ("up", CAPACITY_HELD, "Count", 8),
+        ("up", CAPACITY_WAITING_BATCHES, "Count", 1),
+        ("up", CAPACITY_WAITS, "Count", 1),
+        ("up", CAPACITY_HELD, "Count", 8),
+        ("up", CAPACITY_WAITING_BATCHES, "Count", 2),
+        ("up", CAPACITY_WAITS, "Count", 1),
+        ("other", CAPACITY_HELD, "Count", 2),
+        ("other", CAPACITY_WAITING_BATCHES, "Count", 0),
+    ]
+    leases.renew("up", "w1")
+    leases.release("up", "w1")
+    assert store.held("up") == 0 and store.held("other") == 2
+
+
+def test_per_upstream_metrics_are_emf_lines_with_the_upstream_dimension(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from aws_lambda_powertools.metrics import MetricUnit
+
+    from batch_api.handlers.observability import LambdaMetrics, metrics
+
+    LambdaMetrics(metrics).add_upstream_metric("vllm-a", "CapacityHeld", MetricUnit.Count, 12)
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "BatchApi"
+    assert line["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [["service", "Upstream"]]
+    assert (line["service"], line["Upstream"], line["CapacityHeld"]) == ("batch-api", "vllm-a", [12.0])

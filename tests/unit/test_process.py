@@ -15,7 +15,7 @@ from batch_api.adapters.memory import MemoryCapacityLeases
 from batch_api.contract.ids import batch_request_id
 from batch_api.contract.models import Usage
 from batch_api.contract.steps import ProcessOutput
-from batch_api.ports import UpstreamResponse
+from batch_api.ports import Grant, UpstreamResponse
 from batch_api.upstreams.leases import LEASE_SECONDS, WAIT_SECONDS
 from batch_api.workflow import process
 from batch_api.workflow import process as process_module
@@ -781,7 +781,7 @@ class RecordingLeases(MemoryCapacityLeases):
         self.grant_at_most = grant_at_most
         self.calls: list[tuple[Any, ...]] = []
 
-    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> int:
+    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> Grant:
         self.calls.append(("acquire", upstream, holder, batch_id, want, limit))
         return super().acquire(upstream, holder, batch_id, min(want, self.grant_at_most), limit)
 
@@ -840,7 +840,7 @@ def test_a_lease_is_renewed_once_a_quarter_of_its_time_has_gone(monkeypatch: pyt
     deps.leases = RecordingLeases(grant_at_most=4)
     now = [1000.0]
     monkeypatch.setattr(process.time, "monotonic", lambda: now[0])
-    lease = process._Lease(deps, "batch_test", 0)
+    lease = process._Lease(deps, get_batch(deps), 0)
     assert lease.acquire() == 4
     lease.keep()
     now[0] += LEASE_SECONDS / 4 - 1
@@ -855,7 +855,7 @@ def test_a_lease_is_renewed_once_a_quarter_of_its_time_has_gone(monkeypatch: pyt
 
 def test_without_leases_a_chunk_keeps_its_own_requests_in_flight() -> None:
     deps, _upstream, _chunks = _setup(1, requests_per_chunk=9)
-    lease = process._Lease(deps, "batch_test", 0)
+    lease = process._Lease(deps, get_batch(deps), 0)
     assert lease.acquire() == 9
     lease.keep()
     lease.release()  # nothing to give back

@@ -79,7 +79,15 @@ def test_the_settings_single_upstream_serves_every_model() -> None:
         ("[[upstreams]]\nname = 'a'\nkind = 'mock'\ncolour = 'red'\n", "colour"),
         ("upstreams = []\n", "upstreams"),
         ("[[upstreams]\n", "cannot read"),
-        ("[[upstreams]]\nname = 'a'\nkind = 'mock'\napi_key = 'x'\napi_key_env = 'Y'\n", "not both"),
+        (
+            "[[upstreams]]\nname = 'a'\nkind = 'mock'\napi_key = 'x'\napi_key_env = 'Y'\n",
+            "only one of api_key, api_key_env",
+        ),
+        (
+            "[[upstreams]]\nname = 'a'\nkind = 'mock'\napi_key_env = 'Y'\napi_key_secret = 's'\n",
+            "only one of api_key_env, api_key_secret",
+        ),
+        ("[[upstreams]]\nname = 'a b'\nkind = 'mock'\n", "upstreams.0.name"),
     ],
 )
 def test_a_bad_file_fails_at_start_naming_the_file_and_the_problem(
@@ -169,3 +177,49 @@ def test_a_failed_listing_keeps_what_was_known_and_an_unknown_upstream_serves_no
 def test_the_mock_asked_to_discover_serves_any_model(tmp_path: Path) -> None:
     pool = pool_from(tmp_path, '[[upstreams]]\nname = "m"\nkind = "mock"\nmodels = "discover"\n')
     assert pool.serves("anything")
+
+
+def test_on_aws_models_are_discovered_at_first_use_with_the_key_from_its_secret() -> None:
+    """A Lambda builds its pool without a network call or a secret read (the API function has
+    neither the grant nor the need); the first routing lists the models, keyed from the secret."""
+    read: list[str] = []
+
+    def secrets(name: str) -> str:
+        read.append(name)
+        return "sk-from-secret"
+
+    with FakeUpstreamServer() as server:
+        upstreams = (
+            f'[{{"name":"vllm","base_url":"{server.base_url}","api_key_secret":"s/v","models":"discover"}}]'
+        )
+        pool = make_upstream_factory(Settings(upstreams_json=upstreams), secrets=secrets, discover_now=False)
+        assert read == [] and server.model_listings == []
+        assert pool.serves("mock-chat")
+        assert read == ["s/v"]
+        assert server.model_listings == ["Bearer sk-from-secret"]
+
+
+def test_an_unreadable_secret_leaves_a_discovering_upstream_serving_nothing_for_now(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def secrets(name: str) -> str:
+        raise RuntimeError(f"AccessDenied on {name}")
+
+    upstreams = (
+        '[{"name":"vllm","base_url":"http://127.0.0.1:9/v1","api_key_secret":"s/v","models":"discover"}]'
+    )
+    pool = make_upstream_factory(Settings(upstreams_json=upstreams), secrets=secrets, discover_now=False)
+    with caplog.at_level(logging.WARNING):
+        assert not pool.serves("mock-chat")
+    assert "AccessDenied on s/v" in caplog.text
+
+
+def test_upstreams_come_from_a_file_or_json_not_both(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.toml"
+    path.write_text('[[upstreams]]\nname = "m"\nkind = "mock"\n')
+    with pytest.raises(ValueError, match="not both"):
+        load_specs(Settings(upstreams_file=path, upstreams_json='[{"name":"m","kind":"mock"}]'))
+    with pytest.raises(ValueError, match="BATCH_API_UPSTREAMS_JSON is not valid JSON"):
+        load_specs(Settings(upstreams_json="[{"))
+    with pytest.raises(ValueError, match=r"BATCH_API_UPSTREAMS_JSON is not valid: upstreams\.0\.base_url"):
+        load_specs(Settings(upstreams_json='[{"name":"h","base_url":7}]'))

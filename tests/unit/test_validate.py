@@ -13,6 +13,7 @@ import pytest
 from batch_api import object_keys
 from batch_api.contract import models
 from batch_api.contract.errors import NotFound
+from batch_api.upstreams.routing import UpstreamSpec
 from batch_api.workflow.lines import split_lines
 from batch_api.workflow.manifest import load_manifest
 from batch_api.workflow.validate import embedding_input_count, validate_batch
@@ -744,7 +745,8 @@ def test_validation_streams_instead_of_loading_the_file() -> None:
 def test_a_model_no_upstream_serves_fails_the_batch_as_openai_words_it() -> None:
     deps = make_deps()
     asked: list[str] = []
-    deps.serves_model = lambda model: asked.append(model) or model == "served-model"
+    served = UpstreamSpec(name="served", kind="mock", models=["served-model"])
+    deps.route = lambda model: asked.append(model or "") or (served if model == "served-model" else None)
     add_batch(deps, jsonl(["", request("a", model="gpt-unknown"), request("b", model="gpt-unknown")]))
     result = validate_batch(ids(), deps)
     assert result.state() == {**ids(), "next": "done", "status": "failed"}
@@ -761,6 +763,6 @@ def test_a_model_no_upstream_serves_fails_the_batch_as_openai_words_it() -> None
 
 def test_a_served_model_plans_the_batch() -> None:
     deps = make_deps()
-    deps.serves_model = lambda model: model == "gpt-test"
+    deps.route = lambda model: UpstreamSpec(name="u", kind="mock") if model == "gpt-test" else None
     add_batch(deps, jsonl([request("a")]))
     assert validate_batch(ids(), deps).next == "process"

@@ -19,6 +19,7 @@ from batch_api.contract.models import (
     UploadPartRecord,
     UploadRecord,
 )
+from batch_api.ports import Grant
 from batch_api.upstreams.leases import LEASE_SECONDS, WAITING_SECONDS, Lease, grant
 
 
@@ -299,7 +300,7 @@ class MemoryCapacityLeases:
         self.waiting: dict[str, dict[str, float]] = {}  # upstream -> batch id -> until
         self._lock = threading.Lock()
 
-    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> int:
+    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> Grant:
         with self._lock:
             now = self.clock()
             leases = self.leases.setdefault(upstream, {})
@@ -308,14 +309,15 @@ class MemoryCapacityLeases:
             waiting = self.waiting.setdefault(upstream, {})
             live_waiting = [b for b, until in waiting.items() if until > now and b != batch_id]
             others = [lease for name, lease in leases.items() if name != holder]
+            held = sum(lease.slots for lease in others)
             slots = grant(want, limit, batch_id, others, live_waiting)
             if slots == 0:
                 waiting[batch_id] = now + WAITING_SECONDS
                 leases.pop(holder, None)
-                return 0
+                return Grant(0, held, len(live_waiting) + 1)
             waiting.pop(batch_id, None)
             leases[holder] = Lease(holder, batch_id, slots, now + LEASE_SECONDS)
-            return slots
+            return Grant(slots, held + slots, len(live_waiting))
 
     def renew(self, upstream: str, holder: str) -> None:
         with self._lock:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import warnings
 
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics, Tracer, single_metric
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.metrics import MetricUnit
 
 SERVICE = "batch-api"
+UPSTREAM_DIMENSION = "Upstream"  # upstreams.metered's
 METRICS_NAMESPACE = "BatchApi"
 
 logger = Logger(service=SERVICE)
@@ -18,6 +20,28 @@ metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 
 # The API and most steps publish only the cold-start metric; an invocation without metrics is normal.
 warnings.filterwarnings("ignore", message="No application metrics to publish", category=UserWarning)
+
+
+class LambdaMetrics:
+    """`upstreams.metered.MetricsSink` on Powertools: invocation metrics go to the shared `metrics`
+    (flushed by the handler decorator); per-upstream ones are written at once, each with its own
+    `Upstream` dimension (one Metrics object holds one dimension set)."""
+
+    def __init__(self, shared: Metrics) -> None:
+        self.shared = shared
+
+    def add_metric(self, name: str, unit: MetricUnit | str, value: float) -> None:
+        self.shared.add_metric(name=name, unit=unit, value=value)
+
+    def add_upstream_metric(self, upstream: str, name: str, unit: MetricUnit | str, value: float) -> None:
+        with single_metric(
+            name=name,
+            unit=unit,  # type: ignore[arg-type]
+            value=value,
+            namespace=METRICS_NAMESPACE,
+            default_dimensions={"service": SERVICE, UPSTREAM_DIMENSION: upstream},
+        ):
+            pass
 
 
 def route_library_logs() -> None:

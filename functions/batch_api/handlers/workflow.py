@@ -29,9 +29,9 @@ from batch_api.contract.steps import (
     StepError,
 )
 from batch_api.deps import Deps
-from batch_api.handlers.observability import logger, metrics, route_library_logs, tracer
+from batch_api.handlers.observability import LambdaMetrics, logger, metrics, route_library_logs, tracer
 from batch_api.service.housekeeping import sweep
-from batch_api.upstreams.metered import metered
+from batch_api.upstreams.metered import MeteredLeases, metered
 from batch_api.workflow.finalize import fail_batch, finalize_batch
 from batch_api.workflow.process import process_chunk
 from batch_api.workflow.validate import validate_batch
@@ -54,7 +54,9 @@ def get_deps() -> Deps:
     resource name fails with its name) and kept; upstream clients report request metrics."""
     built = build_aws_deps(Settings(backend="aws"), workflow=StepsDoNotStartBatches(), shared_capacity=True)
     route_library_logs()
-    return replace(built, upstream_factory=metered(built.upstream_factory, metrics))
+    sink = LambdaMetrics(metrics)
+    leases = MeteredLeases(built.leases, sink) if built.leases is not None else None
+    return replace(built, upstream_factory=metered(built.upstream_factory, sink), leases=leases)
 
 
 def step_handler(fn: StepHandler) -> StepHandler:

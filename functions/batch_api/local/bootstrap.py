@@ -71,7 +71,13 @@ def _lock(data_dir: Path) -> IO[str]:
 def build_local_app(settings: Settings) -> LocalApp:
     from batch_api.handlers.api import create_app
 
-    upstreams = make_upstream_factory(settings)  # a bad upstream URL or file fails now, before the lock
+    # a bad upstream URL or file fails now, before the lock
+    if settings.backend == "aws":
+        from batch_api.bootstrap_aws import aws_upstream_pool
+
+        upstreams = aws_upstream_pool(settings)  # keys may be Secrets Manager secrets
+    else:
+        upstreams = make_upstream_factory(settings)
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     lock_handle = _lock(data_dir)
@@ -84,10 +90,7 @@ def build_local_app(settings: Settings) -> LocalApp:
         # workflow steps run in-process: the API and steps of the Lambda deployment, on one machine.
         from batch_api.bootstrap_aws import build_aws_deps
 
-        # with an upstream key in Secrets Manager, the AWS factory looks it up (and follows rotation)
-        deps = build_aws_deps(
-            settings, workflow=workflow, upstream_factory=None if settings.upstream_secret_name else upstreams
-        )
+        deps = build_aws_deps(settings, workflow=workflow, upstream_factory=upstreams)
     else:
         deps = Deps(
             settings=settings,
@@ -98,7 +101,7 @@ def build_local_app(settings: Settings) -> LocalApp:
             workflow=workflow,
             upstream_factory=upstreams,
         )
-    deps.serves_model = upstreams.serves
+    deps.route = upstreams.route
     workflow.bind(deps)
     return LocalApp(
         settings=settings,

@@ -9,14 +9,18 @@ from __future__ import annotations
 from batch_api.config import Settings
 from batch_api.upstreams.mock import MockUpstream
 from batch_api.upstreams.openai_http import OpenAIHttpUpstream
-from batch_api.upstreams.routing import UpstreamPool, load_specs
+from batch_api.upstreams.routing import SecretReader, UpstreamPool, load_specs
 
 __all__ = ["MockUpstream", "OpenAIHttpUpstream", "UpstreamPool", "make_upstream_factory"]
 
 
-def make_upstream_factory(settings: Settings) -> UpstreamPool:
-    """The upstreams `settings` describe (`upstreams_file`, else the single `upstream_url` or the mock),
-    checked now (a bad URL or file fails at start, not in the first chunk)."""
-    if settings.upstreams_file is None and settings.upstream_kind == "http" and not settings.upstream_url:
+def make_upstream_factory(
+    settings: Settings, *, secrets: SecretReader | None = None, discover_now: bool = True
+) -> UpstreamPool:
+    """The upstreams `settings` describe (`upstreams_file` or `upstreams_json`, else the single
+    `upstream_url` or the mock), checked now (a bad URL or file fails at start, not in the first
+    chunk). `secrets` reads keys held in Secrets Manager (the aws backend)."""
+    single = settings.upstreams_file is None and settings.upstreams_json is None
+    if single and settings.upstream_kind == "http" and not settings.upstream_url:
         raise ValueError("BATCH_API_UPSTREAM_URL must be set when the upstream is 'http'")
-    return UpstreamPool(load_specs(settings), settings)
+    return UpstreamPool(load_specs(settings), settings, secrets=secrets, discover_now=discover_now)

@@ -1,11 +1,16 @@
-"""An Upstream decorator that reports every request as CloudWatch metrics (EMF, via Powertools).
+"""Decorators that report upstream requests and capacity as CloudWatch metrics (EMF, via Powertools).
 
 Metric names are the contract with the dashboard (infra monitoring, namespace BatchApi):
 RequestsSucceeded / RequestsFailed (Count: a 2xx answer vs anything else, after the client's
 retries) and UpstreamLatency (Milliseconds, per request, retries included). Counts are summed per
 client and emitted when it closes (one value per chunk invocation instead of one per request);
-latencies are emitted per request (Powertools flushes every 100 values). The workflow code is
-unchanged: the Lambda entry point wraps the factory.
+latencies are emitted per request (Powertools flushes every 100 values).
+
+Per upstream (dimension `Upstream`, its name): UpstreamThrottled (attempts answered 429/503) and
+UpstreamLimit (the worker's adaptive limit) when a client closes; CapacityHeld (slots leased across
+every worker), CapacityWaitingBatches (batches waiting for a slot: the queue) and CapacityWaits
+(workers sent away to wait) at each lease grant. The workflow code is unchanged: the Lambda entry
+point wraps the factory and the lease store.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Protocol
 
 from aws_lambda_powertools.metrics import MetricUnit
 
-from batch_api.ports import Upstream, UpstreamFactory, UpstreamResponse
+from batch_api.ports import CapacityLeases, Grant, Upstream, UpstreamFactory, UpstreamResponse
 from batch_api.upstreams.capacity import CapacityGate
 
 REQUESTS_SUCCEEDED = "RequestsSucceeded"
@@ -24,12 +29,20 @@ REQUESTS_FAILED = "RequestsFailed"
 UPSTREAM_LATENCY = "UpstreamLatency"
 UPSTREAM_THROTTLED = "UpstreamThrottled"  # attempts answered 429/503 while this client was open
 UPSTREAM_LIMIT = "UpstreamLimit"  # the gate's effective limit when the client closed
+CAPACITY_HELD = "CapacityHeld"  # slots held by live leases on the upstream, after a grant
+CAPACITY_WAITING_BATCHES = "CapacityWaitingBatches"  # batches waiting for slots, after a grant
+CAPACITY_WAITS = "CapacityWaits"  # 1 for each worker that got no slot and was told to wait
+UPSTREAM_DIMENSION = "Upstream"
 
 
 class MetricsSink(Protocol):
-    """What we need of `aws_lambda_powertools.Metrics`."""
+    """What we need of Powertools metrics (`handlers.observability.LambdaMetrics`)."""
 
-    def add_metric(self, name: str, unit: MetricUnit | str, value: float) -> None: ...
+    def add_metric(self, name: str, unit: MetricUnit | str, value: float) -> None:
+        """A metric of the invocation (dimension: the service)."""
+
+    def add_upstream_metric(self, upstream: str, name: str, unit: MetricUnit | str, value: float) -> None:
+        """A metric of one upstream (dimensions: the service and `Upstream`)."""
 
 
 class MeteredUpstream:
@@ -73,8 +86,9 @@ class MeteredUpstream:
             if self.gate is not None:
                 throttled = self.gate.throttled - self._throttled_before
                 self._throttled_before = self.gate.throttled
-                self.metrics.add_metric(name=UPSTREAM_THROTTLED, unit=MetricUnit.Count, value=throttled)
-                self.metrics.add_metric(name=UPSTREAM_LIMIT, unit=MetricUnit.Count, value=self.gate.limit)
+                name = self.gate.name
+                self.metrics.add_upstream_metric(name, UPSTREAM_THROTTLED, MetricUnit.Count, throttled)
+                self.metrics.add_upstream_metric(name, UPSTREAM_LIMIT, MetricUnit.Count, self.gate.limit)
 
 
 def metered(factory: UpstreamFactory, metrics: MetricsSink) -> UpstreamFactory:
@@ -84,3 +98,27 @@ def metered(factory: UpstreamFactory, metrics: MetricsSink) -> UpstreamFactory:
         return MeteredUpstream(factory(model=model, batch_id=batch_id), metrics)
 
     return make
+
+
+class MeteredLeases:
+    """ports.CapacityLeases that reports each grant (held slots, the queue of waiting batches)."""
+
+    def __init__(self, inner: CapacityLeases, metrics: MetricsSink) -> None:
+        self.inner = inner
+        self.metrics = metrics
+
+    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> Grant:
+        granted = self.inner.acquire(upstream, holder, batch_id, want, limit)
+        self.metrics.add_upstream_metric(upstream, CAPACITY_HELD, MetricUnit.Count, granted.held)
+        self.metrics.add_upstream_metric(
+            upstream, CAPACITY_WAITING_BATCHES, MetricUnit.Count, granted.waiting
+        )
+        if granted.slots == 0:
+            self.metrics.add_upstream_metric(upstream, CAPACITY_WAITS, MetricUnit.Count, 1)
+        return granted
+
+    def renew(self, upstream: str, holder: str) -> None:
+        self.inner.renew(upstream, holder)
+
+    def release(self, upstream: str, holder: str) -> None:
+        self.inner.release(upstream, holder)

@@ -7,6 +7,7 @@ model. With `upstreams_file` (TOML), each `[[upstreams]]` table is one upstream:
     name = "vllm-a"
     base_url = "http://gpu-a:8000/v1"
     api_key_env = "VLLM_A_KEY"        # optional: the environment variable holding its API key
+                                      # (or api_key = "...", or on AWS api_key_secret = "<secret name>")
     models = ["meta-llama/Llama-3.1-8B-Instruct"]   # omitted or ["*"]: any model; "discover": ask it
     max_in_flight = 64                # attempts in flight at most, across every batch
     requests_per_minute = 6000        # optional
@@ -16,6 +17,11 @@ model. With `upstreams_file` (TOML), each `[[upstreams]]` table is one upstream:
     name = "mock"
     kind = "mock"                     # the built-in deterministic mock
     models = ["gpt-4o-mini"]
+
+The same tables as a JSON list in `upstreams_json` (`BATCH_API_UPSTREAMS_JSON`) are how the AWS stack
+hands its `cdk.json` upstreams to the Lambdas; there each key is a Secrets Manager secret
+(`api_key_secret`), read when a worker opens a client and cached for five minutes (rotation is
+followed).
 
 A batch goes to the first upstream that lists its model, else to the first one that serves any model;
 a model none of them serves fails the batch at validation (`model_not_found`).
@@ -48,11 +54,15 @@ from batch_api.upstreams.mock import MockUpstream
 from batch_api.upstreams.openai_http import OpenAIHttpUpstream, check_base_url, join_url, split_credentials
 
 ANY_MODEL = "*"
+DEFAULT_UPSTREAM = "default"  # the name of the settings' single upstream
+KEY_SOURCES = ("api_key", "api_key_env", "api_key_secret")
 DISCOVER = "discover"
 DISCOVERY_MAX_AGE_SECONDS = 300.0
 DISCOVERY_TIMEOUT_SECONDS = 10.0
 
 logger = logging.getLogger(__name__)
+
+SecretReader = Callable[[str], str]  # secret name -> the API key it holds
 
 
 class UpstreamSpec(BaseModel):
@@ -60,11 +70,13 @@ class UpstreamSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=64)
+    # names key the capacity leases and the metrics' Upstream dimension: plain characters
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     kind: Literal["http", "mock"] = "http"
     base_url: str | None = None
     api_key: SecretStr | None = None
     api_key_env: str | None = None
+    api_key_secret: str | None = Field(default=None, min_length=1)  # a Secrets Manager secret (AWS)
     models: list[str] | Literal["discover"] = Field(default_factory=lambda: [ANY_MODEL], min_length=1)
     max_in_flight: int = Field(default=128, ge=1, le=10_000)
     requests_per_minute: int | None = Field(default=None, ge=1)
@@ -76,13 +88,22 @@ class UpstreamSpec(BaseModel):
             if not self.base_url:
                 raise ValueError(f"upstream {self.name!r} needs a base_url")
             check_base_url(self.base_url)
-        if self.api_key is not None and self.api_key_env is not None:
-            raise ValueError(f"upstream {self.name!r}: give api_key or api_key_env, not both")
+        given = [name for name in KEY_SOURCES if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"upstream {self.name!r}: give only one of {', '.join(given)}")
         if self.models == DISCOVER and self.kind == "mock":
             self.models = [ANY_MODEL]  # the mock answers any model
         return self
 
-    def key(self, environ: Mapping[str, str]) -> str | None:
+    def key(self, environ: Mapping[str, str], secrets: SecretReader | None = None) -> str | None:
+        """The API key: given, from the environment, or read from its secret (each call: the reader
+        caches and follows rotation). A missing variable or an unreadable secret raises."""
+        if self.api_key_secret is not None:
+            if secrets is None:
+                raise ValueError(
+                    f"upstream {self.name!r}: api_key_secret needs the aws backend (Secrets Manager)"
+                )
+            return secrets(self.api_key_secret)
         if self.api_key is not None:
             return self.api_key.get_secret_value()
         if self.api_key_env is not None:
@@ -119,13 +140,15 @@ def discover_models(base_url: str, api_key: str | None) -> list[str]:
     return [item["id"] for item in data if isinstance(item, dict) and isinstance(item.get("id"), str)]
 
 
-class _File(BaseModel):
+class UpstreamFile(BaseModel):
+    """The upstreams file (and the stack's list): at least one upstream, names unique."""
+
     model_config = ConfigDict(extra="forbid")
 
     upstreams: list[UpstreamSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> _File:
+    def _unique_names(self) -> UpstreamFile:
         names = [spec.name for spec in self.upstreams]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -134,30 +157,42 @@ class _File(BaseModel):
 
 
 def load_specs(settings: Settings) -> list[UpstreamSpec]:
-    """The upstreams `settings` describe: its `upstreams_file`, else its single upstream. A bad file
-    raises `ValueError` naming the file and the problem."""
-    if settings.upstreams_file is None:
+    """The upstreams `settings` describe: its `upstreams_file` or `upstreams_json`, else its single
+    upstream. A bad file or list raises `ValueError` naming where it came from and the problem."""
+    if settings.upstreams_file is not None and settings.upstreams_json is not None:
+        raise ValueError("give the upstreams as a file or as JSON (BATCH_API_UPSTREAMS_JSON), not both")
+    if settings.upstreams_json is not None:
+        where = "BATCH_API_UPSTREAMS_JSON"
+        try:
+            data: Any = {"upstreams": orjson.loads(settings.upstreams_json)}
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from exc
+    elif settings.upstreams_file is not None:
+        path = Path(settings.upstreams_file)
+        where = f"the upstreams file {path}"
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"cannot read {where}: {exc}") from exc
+    else:
+        secret = settings.upstream_secret_name
         return [
             UpstreamSpec(
-                name="default",
+                name=DEFAULT_UPSTREAM,
                 kind=settings.upstream_kind,
                 base_url=settings.upstream_url,
-                api_key=settings.upstream_api_key,
+                api_key=None if secret else settings.upstream_api_key,
+                api_key_secret=secret,
                 max_in_flight=settings.upstream_max_in_flight,
             )
         ]
-    path = Path(settings.upstreams_file)
     try:
-        data: Any = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ValueError(f"cannot read the upstreams file {path}: {exc}") from exc
-    try:
-        return _File.model_validate(data).upstreams
+        return UpstreamFile.model_validate(data).upstreams
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in error['loc']) or 'file'}: {error['msg']}" for error in exc.errors()
         )
-        raise ValueError(f"the upstreams file {path} is not valid: {problems}") from exc
+        raise ValueError(f"{where} is not valid: {problems}") from exc
 
 
 class UpstreamPool:
@@ -165,18 +200,33 @@ class UpstreamPool:
     shares that upstream's `CapacityGate`."""
 
     def __init__(
-        self, specs: list[UpstreamSpec], settings: Settings, environ: Mapping[str, str] | None = None
+        self,
+        specs: list[UpstreamSpec],
+        settings: Settings,
+        environ: Mapping[str, str] | None = None,
+        *,
+        secrets: SecretReader | None = None,
+        discover_now: bool = True,
     ) -> None:
+        """`secrets` reads the keys of upstreams with an `api_key_secret` (AWS), when a client is made;
+        without it such an upstream fails now. `discover_now`: list the models of "discover"
+        upstreams at once (the local server, to log them); else at the first routing (a Lambda)."""
         self.specs = specs
         self.settings = settings
         environ = os.environ if environ is None else environ
-        self._keys = {spec.name: spec.key(environ) for spec in specs}  # a missing variable fails now
+        self._secrets = secrets
+        # keys given or in the environment are read now (a missing variable fails at start); secrets later
+        self._keys = {spec.name: spec.key(environ) for spec in specs if spec.api_key_secret is None}
+        if secrets is None:
+            for spec in specs:
+                spec.key(environ)  # an api_key_secret without a reader fails now, naming the upstream
         self._discovered: dict[str, tuple[float, list[str]]] = {}  # name -> (when, models)
         self._discovery_lock = threading.Lock()
         self.clock: Callable[[], float] = time.monotonic
-        for spec in specs:
-            if spec.models == DISCOVER:
-                self._refresh(spec)
+        if discover_now:
+            for spec in specs:
+                if spec.models == DISCOVER:
+                    self._refresh(spec)
         self.gates = {
             spec.name: CapacityGate(
                 spec.name,
@@ -202,8 +252,8 @@ class UpstreamPool:
             if self.clock() - when <= DISCOVERY_MAX_AGE_SECONDS:
                 return known  # another thread refreshed it meanwhile
             try:
-                models = discover_models(spec.base_url or "", self._keys[spec.name])
-            except (OSError, ValueError) as exc:
+                models = discover_models(spec.base_url or "", self._key(spec))
+            except Exception as exc:  # unreachable, a bad answer, an unreadable secret: keep what we had
                 logger.warning(
                     "upstream %s: listing its models failed (%s); %s",
                     spec.name,
@@ -217,6 +267,11 @@ class UpstreamPool:
             stamp = self.clock() if models is not known else self.clock() - DISCOVERY_MAX_AGE_SECONDS * 0.9
             self._discovered[spec.name] = (stamp, models)
             return models
+
+    def _key(self, spec: UpstreamSpec) -> str | None:
+        if spec.api_key_secret is not None:
+            return spec.key({}, self._secrets)
+        return self._keys[spec.name]
 
     def route(self, model: str | None) -> UpstreamSpec | None:
         """The upstream for `model`: the first that lists it, else the first that serves any model."""
@@ -261,7 +316,7 @@ class UpstreamPool:
         settings = self.settings
         return OpenAIHttpUpstream(
             spec.base_url,
-            self._keys[spec.name],
+            self._key(spec),
             timeout=settings.upstream_timeout_seconds,
             connect_timeout=settings.upstream_connect_timeout_seconds,
             max_retries=settings.upstream_max_retries,

@@ -46,9 +46,6 @@ TimeLeft = Callable[[], float]
 
 INPUT_MISSING = "input_missing"  # `stopped` when the input file's body vanished under a running batch
 
-# Leases of capacity across workers are taken on the one upstream the AWS deployment configures.
-SHARED_UPSTREAM = "default"
-
 
 def stop_reason(batch: BatchRecord, now: int) -> str | None:
     """Why no new request may start: "cancelled" or "expired"; None when there is no such reason."""
@@ -106,7 +103,7 @@ async def process_chunk_async(
         _log_input_missing(batch, plan)
         deps.metadata.put_chunk_progress(batch.id, tally.progress(plan))
         return answer(True, INPUT_MISSING)
-    lease = _Lease(deps, batch.id, plan.index)
+    lease = _Lease(deps, batch, plan.index)
     slots = lease.acquire()
     if slots == 0:  # the upstream is fully used by other workers: no Lambda idles waiting for it
         deps.metadata.put_chunk_progress(batch.id, tally.progress(plan))
@@ -133,38 +130,44 @@ def _log_input_missing(batch: BatchRecord, plan: ChunkPlan) -> None:
 
 
 class _Lease:
-    """This invocation's share of the upstream's capacity across workers (`Deps.leases`); without
-    leases, the chunk's own `requests_per_chunk`."""
+    """This invocation's share of its upstream's capacity across workers (`Deps.leases`, keyed by the
+    upstream the batch's model is routed to, limited by its `max_in_flight`); without leases, or
+    for a model no upstream serves (the factory refuses it next), the chunk's own `requests_per_chunk`."""
 
-    def __init__(self, deps: Deps, batch_id: str, index: int) -> None:
+    def __init__(self, deps: Deps, batch: BatchRecord, index: int) -> None:
         self.deps = deps
-        self.batch_id = batch_id
-        self.holder = f"{batch_id}/{index}/{uuid.uuid4().hex[:12]}"
+        self.batch_id = batch.id
+        self.holder = f"{batch.id}/{index}/{uuid.uuid4().hex[:12]}"
         self.renewed_at = 0.0
+        self.route = deps.upstream_for(batch.model) if deps.leases is not None else None
 
     def acquire(self) -> int:
         settings = self.deps.settings
-        if self.deps.leases is None:
+        if self.deps.leases is None or self.route is None:
             return settings.requests_per_chunk
         self.renewed_at = time.monotonic()
         return self.deps.leases.acquire(
-            SHARED_UPSTREAM,
+            self.route.name,
             self.holder,
             self.batch_id,
             settings.requests_per_chunk,
-            settings.upstream_max_in_flight,
-        )
+            self.route.max_in_flight,
+        ).slots
 
     def keep(self) -> None:
         """Renew the lease when a quarter of its time has gone."""
-        if self.deps.leases is not None and time.monotonic() - self.renewed_at >= LEASE_SECONDS / 4:
+        if (
+            self.deps.leases is not None
+            and self.route is not None
+            and time.monotonic() - self.renewed_at >= LEASE_SECONDS / 4
+        ):
             self.renewed_at = time.monotonic()
-            self.deps.leases.renew(SHARED_UPSTREAM, self.holder)
+            self.deps.leases.renew(self.route.name, self.holder)
 
     def release(self) -> None:
-        if self.deps.leases is not None:
+        if self.deps.leases is not None and self.route is not None:
             try:
-                self.deps.leases.release(SHARED_UPSTREAM, self.holder)
+                self.deps.leases.release(self.route.name, self.holder)
             except Exception:  # the lease expires by itself
                 logger.warning("releasing capacity lease %s failed", self.holder, exc_info=True)
 

@@ -266,7 +266,7 @@ def scan_file(deps: Deps, blob_key: str, endpoint: str) -> _Scan:
             )
         scan.plan(start, end, line_no)
         scan.check_line(raw, line_no)
-    if scan.model is not None and not deps.serves_model(scan.model):
+    if scan.model is not None and deps.upstream_for(scan.model) is None:
         scan.error(  # OpenAI's words for a model it does not batch
             "model_not_found",
             f"The provided model '{scan.model}' is not supported by the Batch API.",

@@ -24,6 +24,7 @@ from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
 from batch_api.adapters.aws.schema import PARTITION_KEY, SORT_KEY, TTL_ATTRIBUTE
+from batch_api.ports import Grant
 from batch_api.upstreams.leases import LEASE_SECONDS, WAITING_SECONDS, Lease, grant
 
 GRANT_ATTEMPTS = 20  # each lost race means another worker just took slots: read again
@@ -39,18 +40,22 @@ class DynamoCapacityLeases:
         self.table = table
         self.clock = clock
 
-    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> int:
+    def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> Grant:
+        held, others_waiting = 0, 0
         for _ in range(GRANT_ATTEMPTS):
             now = self.clock()
             version, leases, waiting = self._read(upstream, now)
             others = [lease for lease in leases if lease.holder != holder]
+            held = sum(lease.slots for lease in others)
+            others_waiting = len([b for b in waiting if b != batch_id])
             slots = grant(want, limit, batch_id, others, [b for b in waiting if b != batch_id])
             if slots == 0:
                 self._wait(upstream, holder, batch_id, now)
-                return 0
+                return Grant(0, held, others_waiting + 1)
             if self._commit(upstream, holder, batch_id, slots, now, version):
-                return slots
-        return 0  # the table is too busy to decide: wait like a worker that got nothing
+                return Grant(slots, held + slots, others_waiting)
+        # the table is too busy to decide: wait like a worker that got nothing
+        return Grant(0, held, others_waiting + 1)
 
     def renew(self, upstream: str, holder: str) -> None:
         expires_at = self.clock() + LEASE_SECONDS

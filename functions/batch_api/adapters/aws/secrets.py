@@ -1,5 +1,5 @@
-"""Secrets from Secrets Manager, through Powertools parameters (cached per container): the upstream
-API key, and the API keys clients authenticate with.
+"""Secrets from Secrets Manager, through Powertools parameters (cached per container): the upstreams'
+API keys, and the API keys clients authenticate with.
 
 The upstream secret holds the key as a plain string, or as JSON `{"api_key": "..."}`; the client keys
 secret a comma- or newline-separated string, or JSON `{"api_keys": [...]}`. Values are never logged,
@@ -68,18 +68,14 @@ def parse_api_key(secret_name: str, value: str | bytes) -> SecretStr:
     return SecretStr(text)
 
 
-def upstream_api_key(settings: Settings) -> SecretStr | None:
-    """The upstream API key: from the secret `settings.upstream_secret_name` when set (cached for
-    SECRET_MAX_AGE_SECONDS), else `settings.upstream_api_key` (None when neither is set)."""
-    name = settings.upstream_secret_name
-    if not name:
-        return settings.upstream_api_key
-    value = _provider(settings).get(name, max_age=SECRET_MAX_AGE_SECONDS)
+def read_upstream_key(settings: Settings, secret_name: str) -> SecretStr:
+    """The upstream API key held in the secret `secret_name` (cached for SECRET_MAX_AGE_SECONDS)."""
+    value = _provider(settings).get(secret_name, max_age=SECRET_MAX_AGE_SECONDS)
     if value is None:
-        raise UpstreamSecretError(f"Secret {name!r} has no value.")
+        raise UpstreamSecretError(f"Secret {secret_name!r} has no value.")
     if isinstance(value, dict):  # only with a transform, which we do not ask for
-        raise UpstreamSecretError(f"Secret {name!r} could not be read as text.")
-    return parse_api_key(name, value)
+        raise UpstreamSecretError(f"Secret {secret_name!r} could not be read as text.")
+    return parse_api_key(secret_name, value)
 
 
 def parse_api_keys(secret_name: str, value: str | bytes) -> list[SecretStr]:
