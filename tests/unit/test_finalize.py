@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from batch_api.ports import UpstreamResponse
 from batch_api.service.batches import cancel_batch
 from batch_api.service.files import delete_file
 from batch_api.workflow import finalize
+from batch_api.workflow import tally as tally_module
 from batch_api.workflow.finalize import (
     NEVER_RAN_MESSAGES,
     WRITE_PIECE_BYTES,
@@ -22,6 +24,7 @@ from batch_api.workflow.finalize import (
     fail_batch,
     finalize_batch,
 )
+from batch_api.workflow.lines import result_line
 from batch_api.workflow.manifest import load_manifest
 from batch_api.workflow.process import process_chunk
 from batch_api.workflow.validate import validate_batch
@@ -588,6 +591,38 @@ def test_a_duplicate_in_the_middle_of_a_journal_counts_once_and_the_rest_is_kept
     batch = get_batch(deps)
     assert batch.request_counts.model_dump() == {"total": 3, "completed": 3, "failed": 0}
     assert sorted(line["custom_id"] for line in file_lines(deps, batch.output_file_id)) == ["r0", "r1", "r2"]
+
+
+def test_each_journal_is_parsed_once_and_a_line_appended_after_the_count_is_not_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tally notes each line's kind; the output and error passes sort the lines by it. A line a
+    straggling worker appends after the count is neither counted nor written: the files and the
+    counts always agree."""
+    upstream = FakeUpstream({"r1": http_error(400)})
+    deps = _run_batch(3, upstream)
+    straggler = result_line("batch_test", "r9", UpstreamResponse(status_code=200, body={"ok": True}))
+    reads = [0]
+    real_read = deps.journal.read
+
+    def read(batch_id: str, index: int) -> Iterator[bytes]:
+        reads[0] += 1
+        yield from real_read(batch_id, index)
+        if reads[0] > 1:  # after the tally's read
+            yield straggler
+
+    monkeypatch.setattr(deps.journal, "read", read)
+    parsed: list[bytes] = []
+    real_parse = tally_module.parse_line
+    monkeypatch.setattr(tally_module, "parse_line", lambda line: parsed.append(line) or real_parse(line))
+
+    finalize_batch(ids(), deps)
+
+    batch = get_batch(deps)
+    assert batch.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 1}
+    assert sorted(line["custom_id"] for line in file_lines(deps, batch.output_file_id)) == ["r0", "r2"]
+    assert [line["custom_id"] for line in file_lines(deps, batch.error_file_id)] == ["r1"]
+    assert len(parsed) == 3  # one parse per journal line, all in the tally
 
 
 def test_never_ran_lines_have_the_openai_error_line_shape_and_skip_blank_input_lines() -> None:

@@ -26,9 +26,9 @@ from batch_api.contract.models import (
 )
 from batch_api.contract.steps import BatchRef, FailInput, FinalizeOutput, StepError, parse_step
 from batch_api.deps import Deps
-from batch_api.workflow.lines import is_success, never_ran_line, parse_line, split_lines
+from batch_api.workflow.lines import never_ran_line, parse_line, split_lines
 from batch_api.workflow.manifest import load_manifest
-from batch_api.workflow.tally import ChunkTally, read_tally
+from batch_api.workflow.tally import FAILURE, SUCCESS, ChunkTally, read_tally
 from batch_api.workflow.terminal import after_terminal, end_batch, get_batch
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _results(deps: Deps, batch: BatchRecord) -> dict[str, Any]:
     for tally in tallies:
         usage = usage.add(tally.usage)
 
-    output_lines = _journal_lines(deps, batch.id, chunks, successes=True)
+    output_lines = _journal_lines(deps, batch.id, chunks, tallies, SUCCESS)
     error_lines = _error_lines(deps, batch, chunks, tallies, never_ran_code)
     status = (
         "cancelled"
@@ -191,23 +191,24 @@ def _chunks(deps: Deps, batch: BatchRecord, cancelling: bool) -> list[ChunkPlan]
         raise
 
 
-def _journal_lines(deps: Deps, batch_id: str, chunks: list[ChunkPlan], *, successes: bool) -> Iterator[bytes]:
-    """The journal lines of every chunk, successes or failures, each custom_id once."""
-    for chunk in chunks:
-        seen: set[str] = set()
-        for line in deps.journal.read(batch_id, chunk.index):
-            obj = parse_line(line)
-            if obj["custom_id"] in seen:
-                continue
-            seen.add(obj["custom_id"])
-            if is_success(obj) == successes:
+def _journal_lines(
+    deps: Deps, batch_id: str, chunks: list[ChunkPlan], tallies: list[ChunkTally], kind: int
+) -> Iterator[bytes]:
+    """The journal lines of every chunk of one kind (SUCCESS or FAILURE), each custom_id once: the
+    lines the tallies counted, sorted by the kinds they noted (no line is parsed again)."""
+    for chunk, tally in zip(chunks, tallies, strict=True):
+        kinds = tally.line_kinds
+        for position, line in enumerate(deps.journal.read(batch_id, chunk.index)):
+            if position >= len(kinds):
+                break  # appended after the count (a straggler): not counted, so not written either
+            if kinds[position] == kind:
                 yield line
 
 
 def _error_lines(
     deps: Deps, batch: BatchRecord, chunks: list[ChunkPlan], tallies: list[ChunkTally], code: str | None
 ) -> Iterator[bytes]:
-    yield from _journal_lines(deps, batch.id, chunks, successes=False)
+    yield from _journal_lines(deps, batch.id, chunks, tallies, FAILURE)
     if code is None:
         return
     blob_key = _input_blob_key(deps, batch)

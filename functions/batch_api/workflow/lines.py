@@ -18,6 +18,11 @@ from batch_api.ports import UpstreamResponse
 
 TRANSPORT_ERROR_CODE = "request_failed"
 
+# token counts in `Usage`'s field order (input, cached, output, reasoning, total): plain ints, as the
+# per-request path sums them (a pydantic model per finished request costs more than the rest of it)
+Tokens = tuple[int, int, int, int, int]
+NO_TOKENS: Tokens = (0, 0, 0, 0, 0)
+
 
 def _dump_line(obj: Mapping[str, Any]) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
@@ -72,7 +77,7 @@ def parse_line(line: bytes) -> dict[str, Any]:
 def is_success(line_obj: Mapping[str, Any]) -> bool:
     """True when the request got a 2xx answer: such lines belong in the output file."""
     response = line_obj.get("response")
-    if not isinstance(response, Mapping):
+    if not isinstance(response, dict):  # parsed JSON: objects are dicts (a Mapping check costs more)
         return False
     status = response.get("status_code")
     return isinstance(status, int) and 200 <= status < 300
@@ -85,21 +90,22 @@ def _int(value: Any) -> int:
 
 def _details(usage: Mapping[str, Any], key: str, field: str) -> int:
     details = usage.get(key)
-    return _int(details.get(field)) if isinstance(details, Mapping) else 0
+    return _int(details.get(field)) if isinstance(details, dict) else 0
 
 
-def usage_of(endpoint: str, body: Any) -> Usage:
+def tokens_of(endpoint: str, body: Any) -> Tokens:
     """Token usage of one successful response body, in the Batch object's input/output names.
 
     Chat and completions report prompt/completion tokens, embeddings only prompt tokens, responses
     already input/output. Anything missing or malformed counts as zero: usage is informative, a
     server that omits it must not break the batch.
     """
-    if not isinstance(body, Mapping):
-        return Usage()
+    # parsed JSON: objects are dicts (a Mapping check costs more, once per finished request)
+    if not isinstance(body, dict):
+        return NO_TOKENS
     usage = body.get("usage")
-    if not isinstance(usage, Mapping):
-        return Usage()
+    if not isinstance(usage, dict):
+        return NO_TOKENS
     if endpoint == "/v1/responses":
         input_tokens = _int(usage.get("input_tokens"))
         output_tokens = _int(usage.get("output_tokens"))
@@ -110,13 +116,23 @@ def usage_of(endpoint: str, body: Any) -> Usage:
         output_tokens = 0 if endpoint == "/v1/embeddings" else _int(usage.get("completion_tokens"))
         cached = _details(usage, "prompt_tokens_details", "cached_tokens")
         reasoning = _details(usage, "completion_tokens_details", "reasoning_tokens")
-    total = usage.get("total_tokens")
+    total = _int(usage.get("total_tokens"))
+    return (input_tokens, cached, output_tokens, reasoning, total or input_tokens + output_tokens)
+
+
+def usage_of(endpoint: str, body: Any) -> Usage:
+    """`tokens_of` as a `Usage`."""
+    return as_usage(tokens_of(endpoint, body))
+
+
+def as_usage(tokens: Tokens) -> Usage:
+    input_tokens, cached, output_tokens, reasoning, total = tokens
     return Usage(
         input_tokens=input_tokens,
         cached_tokens=cached,
         output_tokens=output_tokens,
         reasoning_tokens=reasoning,
-        total_tokens=_int(total) if _int(total) else input_tokens + output_tokens,
+        total_tokens=total,
     )
 
 

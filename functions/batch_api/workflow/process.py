@@ -17,12 +17,12 @@ from typing import Any
 
 import orjson
 
-from batch_api.contract.models import BatchRecord, ChunkPlan, Usage
+from batch_api.contract.models import BatchRecord, ChunkPlan
 from batch_api.contract.steps import ProcessInput, ProcessOutput, parse_step
 from batch_api.deps import Deps
 from batch_api.ports import Upstream, UpstreamResponse
 from batch_api.upstreams.leases import LEASE_SECONDS, WAIT_SECONDS
-from batch_api.workflow.lines import result_line, split_lines, usage_of
+from batch_api.workflow.lines import NO_TOKENS, Tokens, result_line, split_lines, tokens_of
 from batch_api.workflow.tally import ChunkTally, read_tally
 from batch_api.workflow.terminal import get_batch
 
@@ -198,7 +198,7 @@ class _ChunkRun:
         self.started = 0
         self.slowest = 0.0
         self.in_flight: set[asyncio.Task[None]] = set()
-        self.pending: list[tuple[str, bytes, bool, Usage]] = []
+        self.pending: list[tuple[str, bytes, bool, Tokens]] = []
         self.flush_scheduled = False
         self.flush_error: BaseException | None = None
 
@@ -296,8 +296,8 @@ class _ChunkRun:
             slots.release()
         self.slowest = max(self.slowest, time.monotonic() - began)
         success = response.status_code is not None and 200 <= response.status_code < 300
-        usage = usage_of(self.batch.endpoint, response.body) if success else Usage()
-        self.pending.append((custom_id, result_line(self.batch.id, custom_id, response), success, usage))
+        tokens = tokens_of(self.batch.endpoint, response.body) if success else NO_TOKENS
+        self.pending.append((custom_id, result_line(self.batch.id, custom_id, response), success, tokens))
         if not self.flush_scheduled:
             # Interval 0 (local): runs after every task resumed in this loop iteration, so lines that complete
             # together share one append. On S3 every append is a PUT that blocks the loop for tens of ms, so
@@ -324,8 +324,8 @@ class _ChunkRun:
             return
         self.flush_error = None
         self.pending = []
-        for custom_id, _, success, usage in batch:
-            self.tally.add(custom_id, success, usage)
+        for custom_id, _, success, tokens in batch:
+            self.tally.add(custom_id, success, tokens)
 
     # ---------------------------------------------------------------- checkpoints
 

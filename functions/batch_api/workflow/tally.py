@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 from batch_api.contract.models import ChunkPlan, ChunkProgress, Usage
 from batch_api.deps import Deps
-from batch_api.workflow.lines import is_success, parse_line, usage_of
+from batch_api.workflow.lines import NO_TOKENS, Tokens, as_usage, is_success, parse_line, tokens_of
+
+DUPLICATE, SUCCESS, FAILURE = 0, 1, 2  # the kinds of journal lines
 
 
 @dataclass
@@ -20,17 +22,28 @@ class ChunkTally:
     done_ids: set[str] = field(default_factory=set)
     completed: int = 0
     failed: int = 0
-    usage: Usage = field(default_factory=Usage)
+    tokens: list[int] = field(default_factory=lambda: list(NO_TOKENS))  # summed, in `Tokens` order
+    # per journal line read, in order: SUCCESS, FAILURE, or DUPLICATE (a custom_id seen before), so
+    # finalize can sort the lines into the output and error files without parsing them again
+    line_kinds: bytearray = field(default_factory=bytearray)
 
-    def add(self, custom_id: str, success: bool, usage: Usage) -> None:
+    @property
+    def usage(self) -> Usage:
+        return as_usage((self.tokens[0], self.tokens[1], self.tokens[2], self.tokens[3], self.tokens[4]))
+
+    def add(self, custom_id: str, success: bool, tokens: Tokens) -> int:
+        """Count one result; its kind (DUPLICATE when the custom_id was counted already)."""
         if custom_id in self.done_ids:
-            return
+            return DUPLICATE
         self.done_ids.add(custom_id)
         if success:
             self.completed += 1
-            self.usage = self.usage.add(usage)
-        else:
-            self.failed += 1
+            summed = self.tokens
+            for i, value in enumerate(tokens):
+                summed[i] += value
+            return SUCCESS
+        self.failed += 1
+        return FAILURE
 
     def progress(self, plan: ChunkPlan) -> ChunkProgress:
         return ChunkProgress(
@@ -48,6 +61,6 @@ def read_tally(deps: Deps, batch_id: str, index: int, endpoint: str) -> ChunkTal
     for line in deps.journal.read(batch_id, index):
         obj = parse_line(line)
         success = is_success(obj)
-        body = obj["response"]["body"] if success else None  # a failed line has no usage
-        tally.add(obj["custom_id"], success, usage_of(endpoint, body))
+        tokens = tokens_of(endpoint, obj["response"]["body"]) if success else NO_TOKENS  # failures: none
+        tally.line_kinds.append(tally.add(obj["custom_id"], success, tokens))
     return tally
