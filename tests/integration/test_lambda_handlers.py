@@ -25,6 +25,7 @@ from batch_api.contract.ids import output_file_id
 from batch_api.contract.models import BatchRecord, UploadPartRecord, UploadRecord
 from batch_api.deps import Deps
 from batch_api.handlers.auth import project_id_for_key
+from batch_api.upstreams import loops
 from batch_api.upstreams.metered import REQUESTS_FAILED, REQUESTS_SUCCEEDED, UPSTREAM_LATENCY
 from tests.integration.conftest import (
     BUS,
@@ -195,6 +196,46 @@ def test_process_returns_a_cursor_when_time_runs_low_and_the_loop_finishes_the_c
     assert sent.count("Say hello") == 1
     progress = step_deps.metadata.list_chunk_progress(BATCH_ID)
     assert [(p.index, p.completed, p.failed, p.done) for p in progress] == [(0, 1, 1, True)]
+
+
+def test_a_warm_lambda_worker_reuses_its_upstream_connections_across_invocations(
+    step_deps: Deps,
+    upstream: FakeUpstreamServer,
+    lambda_context: LambdaContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The runtime names the function: the worker keeps its event loop, so the second invocation
+    sends on the connection the first opened (no new connect or TLS handshake per chunk)."""
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "batch-api-test-process")
+    seed_input_file(step_deps)
+    seed_batch(step_deps)
+    steps.validate_handler(load_event("workflow/validate.json"), lambda_context)
+    sample = load_event("workflow/process.json")
+    try:
+        lambda_context.remaining_millis = 10_000  # one request, then a cursor
+        assert steps.process_handler(sample, lambda_context)["done"] is False
+        [first] = upstream.requests
+        lambda_context.remaining_millis = 900_000
+        assert steps.process_handler(sample, lambda_context)["done"] is True
+        assert upstream.requests[1].peer_port == first.peer_port
+    finally:
+        loops.close_loop(loops.keep_loop())
+
+
+def test_outside_lambda_each_invocation_has_its_own_connections(
+    step_deps: Deps, upstream: FakeUpstreamServer, lambda_context: LambdaContext
+) -> None:
+    seed_input_file(step_deps)
+    seed_batch(step_deps)
+    steps.validate_handler(load_event("workflow/validate.json"), lambda_context)
+    sample = load_event("workflow/process.json")
+    lambda_context.remaining_millis = 10_000
+    steps.process_handler(sample, lambda_context)
+    lambda_context.remaining_millis = 900_000
+    steps.process_handler(sample, lambda_context)
+    first, second = upstream.requests[:2]
+    assert first.peer_port != second.peer_port
+    assert getattr(loops._local, "runner", None) is None
 
 
 @pytest.mark.parametrize("sample", ["fail.json", "fail_from_catch.json"])

@@ -44,9 +44,14 @@ class LambdaMetrics:
             pass
 
 
+def in_lambda() -> bool:
+    """Whether this process is a Lambda function (the runtime names it)."""
+    return bool(os.environ.get("AWS_LAMBDA_FUNCTION_NAME"))
+
+
 def route_library_logs() -> None:
     """In Lambda, send the package's stdlib loggers (workflow steps, adapters) through the Powertools
     logger: JSON lines with the correlation id, at the Powertools log level. Outside Lambda (tests, the
     local server) logging is left as the host configured it."""
-    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+    if in_lambda():
         copy_config_to_registered_loggers(source_logger=logger, include={"batch_api"})

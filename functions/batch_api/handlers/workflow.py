@@ -29,8 +29,16 @@ from batch_api.contract.steps import (
     StepError,
 )
 from batch_api.deps import Deps
-from batch_api.handlers.observability import LambdaMetrics, logger, metrics, route_library_logs, tracer
+from batch_api.handlers.observability import (
+    LambdaMetrics,
+    in_lambda,
+    logger,
+    metrics,
+    route_library_logs,
+    tracer,
+)
 from batch_api.service.housekeeping import sweep
+from batch_api.upstreams import loops
 from batch_api.upstreams.metered import MeteredLeases, metered
 from batch_api.workflow.finalize import fail_batch, finalize_batch
 from batch_api.workflow.process import process_chunk
@@ -84,6 +92,10 @@ def process_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, 
     chunk's journal is the cursor)."""
     step = parse(event=event, model=ProcessInput)
     logger.append_keys(chunk_index=step.chunk.index)
+    if in_lambda():
+        # a warm container runs chunk after chunk: keep the loop, so upstream connections (and their
+        # TLS handshakes) carry over to the next invocation; the runtime freezes or ends the process
+        loops.keep_loop()
     result = process_chunk(step, get_deps(), time_left=lambda: context.get_remaining_time_in_millis() / 1000)
     logger.info("chunk processed", extra={"done": result.done, "stopped": result.stopped})
     return result.state()

@@ -28,6 +28,7 @@ import orjson
 from batch_api.config import redact_url
 from batch_api.contract.ids import new_request_id
 from batch_api.ports import UpstreamResponse
+from batch_api.upstreams import loops
 from batch_api.upstreams.capacity import CapacityGate, answer_tokens, estimate_tokens
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ class OpenAIHttpUpstream:
             self._headers["Authorization"] = basic_auth
         self._urls: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._shared = False  # the session is the kept loop's, for the next chunk too: not ours to close
 
     @property
     def gate(self) -> CapacityGate | None:
@@ -178,16 +180,31 @@ class OpenAIHttpUpstream:
         return f"OpenAIHttpUpstream(base_url={self.base_url!r}, max_retries={self.max_retries})"
 
     def _client(self) -> aiohttp.ClientSession:
-        """The pooled session, made on first use so that it binds to the loop that uses it."""
+        """The pooled session, made on first use so that it binds to the loop that uses it: on a kept
+        loop (`upstreams.loops`) the one every client with these settings shares, so connections
+        outlive the chunk; else this client's own."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout),
-                headers=self._headers,
-                raise_for_status=False,
+            key = (
+                self.base_url,
+                tuple(sorted(self._headers.items())),
+                self.max_connections,
+                self.timeout,
+                self.connect_timeout,
+            )
+            shared = loops.shared_session(key, self._new_session)
+            self._session, self._shared = (
+                (shared, True) if shared is not None else (self._new_session(), False)
             )
         return self._session
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, ttl_dns_cache=300)
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout),
+            headers=self._headers,
+            raise_for_status=False,
+        )
 
     def _url(self, endpoint: str) -> str:
         url = self._urls.get(endpoint)
@@ -299,7 +316,8 @@ class OpenAIHttpUpstream:
     async def aclose(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None
-            await session.close()
+            if not self._shared:
+                await session.close()
 
     async def __aenter__(self) -> OpenAIHttpUpstream:
         return self

@@ -21,6 +21,7 @@ from batch_api.contract.models import BatchRecord, ChunkPlan
 from batch_api.contract.steps import ProcessInput, ProcessOutput, parse_step
 from batch_api.deps import Deps
 from batch_api.ports import Upstream, UpstreamResponse
+from batch_api.upstreams import loops
 from batch_api.upstreams.leases import LEASE_SECONDS, WAIT_SECONDS
 from batch_api.workflow.lines import NO_TOKENS, Tokens, result_line, split_lines, tokens_of
 from batch_api.workflow.tally import ChunkTally, read_tally
@@ -66,7 +67,8 @@ def process_chunk(
     again (time ran low); `stopped` says why requests were left unrun (cancelled, expired, the input's
     body gone).
     """
-    return asyncio.run(process_chunk_async(event, deps, time_left=time_left))
+    # on the thread's kept loop when it keeps one (its upstream connections carry over to the next chunk)
+    return loops.run(process_chunk_async(event, deps, time_left=time_left))
 
 
 async def process_chunk_async(

@@ -9,6 +9,7 @@ the journal records each finished request, so `resume()` after a crash simply ru
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
@@ -21,6 +22,7 @@ from typing import TypeVar
 from batch_api.contract.models import ChunkPlan
 from batch_api.contract.steps import BatchRef, FailInput, ProcessInput, ProcessOutput, StepError
 from batch_api.deps import Deps
+from batch_api.upstreams import loops
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,15 @@ StepOut = TypeVar("StepOut")
 
 STEP_ATTEMPTS = 4
 STEP_BACKOFF_SECONDS = 1.0
+
+
+def _close_loops(pool: ThreadPoolExecutor, runners: list[asyncio.Runner]) -> None:
+    pool.shutdown(wait=True)  # the workers have ended: their loops are not running
+    for runner in runners:
+        try:
+            loops.close_loop(runner)
+        except Exception:
+            logger.warning("closing a chunk worker's event loop failed", exc_info=True)
 
 
 class StepFailed(Exception):
@@ -195,9 +206,20 @@ class LocalWorkflow:
                 del self._running[batch_id]
 
     def _process_all(self, ref: BatchRef, chunks: list[ChunkPlan]) -> None:
+        # each worker keeps its event loop from chunk to chunk, so its upstream connections are reused
+        # (`upstreams.loops`); the loops are closed once the pool's threads are done
+        runners: list[asyncio.Runner] = []
+        runners_lock = threading.Lock()
+
+        def keep_loop() -> None:
+            runner = loops.keep_loop()
+            with runners_lock:
+                runners.append(runner)
+
         pool = ThreadPoolExecutor(
             max_workers=max(1, min(self.deps.settings.chunk_concurrency, len(chunks))),
             thread_name_prefix=f"chunk-{ref.batch_id[-8:]}",
+            initializer=keep_loop,
         )
         with self._lock:
             if self._stopping.is_set():
@@ -209,6 +231,10 @@ class LocalWorkflow:
             with self._lock:
                 self._chunk_pools.discard(pool)
             pool.shutdown(wait=False, cancel_futures=True)
+            # without blocking this thread on a chunk still stopping: close the loops after the threads
+            threading.Thread(
+                target=_close_loops, args=(pool, runners), name=f"loops-{ref.batch_id[-8:]}", daemon=True
+            ).start()
 
     def _run_chunks(self, pool: ThreadPoolExecutor, ref: BatchRef, chunks: list[ChunkPlan]) -> None:
         from batch_api.workflow.process import process_chunk

@@ -1,0 +1,95 @@
+"""Event loops kept across chunks (`upstreams.loops`): the next chunk's client reuses the connections
+of the last one, a fresh loop's client keeps nothing, and the local runner closes what it kept."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from batch_api.upstreams import loops
+from batch_api.upstreams.openai_http import OpenAIHttpUpstream
+from batch_api.workflow.runner_local import LocalWorkflow
+from tests.support.fake_upstream import FakeUpstreamServer
+from tests.unit.builders import PROJECT, add_batch, get_batch, jsonl, make_deps, request
+from tests.unit.fakes_upstream import FakeUpstream
+
+pytestmark = pytest.mark.unit
+
+BODY = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+async def one_chunk(base_url: str, sessions: list[Any]) -> None:
+    """What a chunk does with its client: two requests at once on two connections, then close it."""
+    client = OpenAIHttpUpstream(base_url, max_connections=2, max_retries=0)
+    answers = await asyncio.gather(*(client.send("/v1/chat/completions", BODY) for _ in range(2)))
+    assert [a.status_code for a in answers] == [200, 200]
+    sessions.append(client._session)
+    await client.aclose()
+
+
+def test_on_a_kept_loop_the_next_chunk_reuses_the_connections_of_the_last() -> None:
+    sessions: list[Any] = []
+    with FakeUpstreamServer() as fake:
+        runner = loops.keep_loop()
+        loop = runner.get_loop()
+        try:
+            assert loops.keep_loop() is runner  # one per thread
+            loops.run(one_chunk(fake.base_url, sessions))
+            loops.run(one_chunk(fake.base_url, sessions))
+            first, second = sessions
+            assert first is second and not first.closed  # the chunk's close left it to the loop
+            ports = [r.peer_port for r in fake.requests]
+            assert len(ports) == 4 and len(set(ports)) == 2  # the second chunk opened no connection
+        finally:
+            loops.close_loop(runner)
+    assert first.closed and loop.is_closed()
+    assert loop not in loops._sessions
+    assert loops.keep_loop() is not runner  # the thread keeps none after the close: a new one
+    loops.close_loop(loops.keep_loop())
+
+
+def test_on_a_fresh_loop_each_chunk_opens_and_closes_its_own_connections() -> None:
+    sessions: list[Any] = []
+    with FakeUpstreamServer() as fake:
+        loops.run(one_chunk(fake.base_url, sessions))
+        loops.run(one_chunk(fake.base_url, sessions))
+        ports = [r.peer_port for r in fake.requests]
+    first, second = sessions
+    assert first is not second and first.closed and second.closed
+    assert len(set(ports)) == 4
+
+
+def test_the_local_runner_runs_chunks_on_kept_loops_and_closes_them_after_the_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kept: list[asyncio.AbstractEventLoop] = []
+    real_keep = loops.keep_loop
+
+    def recording_keep() -> asyncio.Runner:
+        runner = real_keep()
+        kept.append(runner.get_loop())
+        return runner
+
+    monkeypatch.setattr(loops, "keep_loop", recording_keep)
+    used: set[int] = set()
+    upstream = FakeUpstream(on_call=lambda _n, _body: used.add(id(asyncio.get_running_loop())))
+    deps = make_deps(upstream, chunk_max_lines=1, chunk_concurrency=2)
+    add_batch(deps, jsonl([request(f"r{i}") for i in range(6)]))
+    workflow = LocalWorkflow(step_backoff_seconds=0)
+    workflow.bind(deps)
+    deps.workflow = workflow
+
+    workflow.start(PROJECT, "batch_test")
+    assert workflow.wait_idle(30)
+
+    assert get_batch(deps).status == "completed" and len(upstream.calls) == 6
+    assert 1 <= len(kept) <= 2  # one per worker the batch's pool started (at most chunk_concurrency)
+    assert used and used <= {id(loop) for loop in kept}  # six chunks on (at most) two kept loops
+    deadline = time.monotonic() + 10
+    while not all(loop.is_closed() for loop in kept) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(loop.is_closed() for loop in kept)
+    assert all(loop not in loops._sessions for loop in kept)
