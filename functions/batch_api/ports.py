@@ -178,9 +178,12 @@ class Upstream(Protocol):
 
 
 class UpstreamFactory(Protocol):
-    def __call__(self, *, model: str | None = None, batch_id: str | None = None) -> Upstream:
+    def __call__(
+        self, *, model: str | None = None, batch_id: str | None = None, rate_share: float = 1.0
+    ) -> Upstream:
         """A fresh client bound to the running event loop, for requests of `batch_id` to `model` (the
-        upstream serving that model; the batch shares its capacity fairly with the others)."""
+        upstream serving that model; the batch shares its capacity fairly with the others), using
+        `rate_share` of the upstream's requests and tokens per minute (its worker's share on AWS)."""
 
 
 class UpstreamRoute(Protocol):

@@ -87,6 +87,7 @@ class FakeUpstream:
         self.clients_created = 0
         self.clients_closed = 0
         self.routes: list[tuple[str | None, str | None]] = []  # (model, batch_id) of each client made
+        self.rate_shares: list[float] = []  # the rate share each client was made with
 
     def sent_contents(self) -> list[str]:
         return [content_of(body) for _, body in self.calls]
@@ -120,8 +121,11 @@ class FakeUpstream:
     async def aclose(self) -> None:
         self.clients_closed += 1
 
-    def factory(self, *, model: str | None = None, batch_id: str | None = None) -> FakeUpstream:
+    def factory(
+        self, *, model: str | None = None, batch_id: str | None = None, rate_share: float = 1.0
+    ) -> FakeUpstream:
         """Use as `Deps.upstream_factory`: every "new client" is this recorder."""
         self.clients_created += 1
         self.routes.append((model, batch_id))
+        self.rate_shares.append(rate_share)
         return self

@@ -248,6 +248,36 @@ def test_a_rate_lets_a_second_worth_through_then_paces() -> None:
         RateLimit(0)
 
 
+def test_a_share_of_the_rates_paces_this_process_to_its_part(tmp_path: Any) -> None:
+    """On AWS a worker holding a quarter of an upstream's slots may use a quarter of its rates."""
+    clock = Clock()
+    gate = CapacityGate("up", 64, clock=clock, requests_per_minute=120, tokens_per_minute=6000)
+    gate.share_rates(0.25)  # 30 requests (one per 2 s) and 1,500 tokens a minute
+    assert gate._requests is not None and gate._tokens is not None
+    # one every 2 s (a second's burst is half a request): 1 s, 3 s, 5 s from now
+    assert [gate._requests.reserve(1) for _ in range(3)] == [pytest.approx(t) for t in (1.0, 3.0, 5.0)]
+    assert gate._tokens.interval == pytest.approx(60 / 1500)
+    gate.share_rates(1.0)
+    assert gate._requests.interval == pytest.approx(0.5)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="share"):
+            gate.share_rates(bad)
+    CapacityGate("plain", 4).share_rates(0.5)  # no rates: nothing to share
+
+
+def test_a_client_made_with_a_rate_share_sets_its_upstreams_gate(tmp_path: Any) -> None:
+    from batch_api.config import Settings
+    from batch_api.upstreams.routing import UpstreamPool, UpstreamSpec
+
+    spec = UpstreamSpec(name="m", kind="mock", requests_per_minute=600, max_in_flight=10)
+    pool = UpstreamPool([spec], Settings())
+    pool(model="x", batch_id="b", rate_share=0.3)
+    rate = pool.gates["m"]._requests
+    assert rate is not None and rate.share == 0.3
+    pool(model="x", batch_id="b")
+    assert rate.share == 1.0
+
+
 def test_tokens_are_estimated_from_the_request_and_read_from_the_answer() -> None:
     body = b'{"model": "m", "messages": [], "max_tokens": 100}'
     assert estimate_tokens(body) == len(body) // 4 + 100

@@ -820,9 +820,17 @@ def test_a_lease_bounds_the_requests_in_flight_and_is_given_back() -> None:
     result = _run(deps, chunk)
     assert result.done and result.wait_seconds == 0
     assert upstream.max_in_flight == 3
+    # 3 of the upstream's 128 slots: 3/128 of its requests and tokens per minute
+    assert upstream.rate_shares == [3 / deps.settings.upstream_max_in_flight]
     acquire, release = deps.leases.calls[0], deps.leases.calls[-1]
     assert release == ("release", "default", acquire[2])
     assert deps.leases.held("default") == 0
+
+
+def test_without_leases_a_chunk_may_use_all_of_its_upstreams_rates() -> None:
+    deps, upstream, [chunk] = _setup(2)
+    assert _run(deps, chunk).done
+    assert upstream.rate_shares == [1.0]
 
 
 def test_each_invocation_holds_its_own_lease() -> None:

@@ -80,6 +80,9 @@ class RateLimit:
 
     per_minute: int
     clock: Callable[[], float] = time.monotonic
+    # the part of `per_minute` this process may use (on AWS: its lease's part of the upstream, so the
+    # workers together stay within the rate)
+    share: float = 1.0
     _theoretical: float = field(default=float("-inf"), init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
@@ -89,7 +92,7 @@ class RateLimit:
 
     @property
     def interval(self) -> float:
-        return 60.0 / self.per_minute
+        return 60.0 / (self.per_minute * self.share)
 
     def reserve(self, units: float) -> float:
         """Take `units` now; returns the seconds to wait before using them."""
@@ -156,6 +159,15 @@ class CapacityGate:
     @property
     def counts_tokens(self) -> bool:
         return self._tokens is not None
+
+    def share_rates(self, share: float) -> None:
+        """Use only `share` (0 < share <= 1) of the requests and tokens per minute: this process's
+        part when other processes send to the upstream too (a worker's lease of its slots)."""
+        if not 0 < share <= 1:
+            raise ValueError(f"a share of the rates must be in (0, 1], not {share}")
+        for rate in (self._requests, self._tokens):
+            if rate is not None:
+                rate.share = share
 
     async def pace(self, tokens: int = 0) -> None:
         """Wait until one more request (of about `tokens` tokens) fits the per-minute rates."""

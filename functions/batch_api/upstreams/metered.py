@@ -94,8 +94,8 @@ class MeteredUpstream:
 def metered(factory: UpstreamFactory, metrics: MetricsSink) -> UpstreamFactory:
     """A factory whose clients report their requests to `metrics`."""
 
-    def make(*, model: str | None = None, batch_id: str | None = None) -> Upstream:
-        return MeteredUpstream(factory(model=model, batch_id=batch_id), metrics)
+    def make(*, model: str | None = None, batch_id: str | None = None, rate_share: float = 1.0) -> Upstream:
+        return MeteredUpstream(factory(model=model, batch_id=batch_id, rate_share=rate_share), metrics)
 
     return make
 

@@ -303,11 +303,15 @@ class UpstreamPool:
             )
         return lines
 
-    def __call__(self, *, model: str | None = None, batch_id: str | None = None) -> Upstream:
+    def __call__(
+        self, *, model: str | None = None, batch_id: str | None = None, rate_share: float = 1.0
+    ) -> Upstream:
         spec = self.route(model)
         if spec is None:  # validation refuses such batches; a batch planned before a config change
             raise LookupError(f"no upstream serves model {model!r}")
         gate = self.gates[spec.name]
+        # one chunk at a time per Lambda container: the process's gate takes that worker's share
+        gate.share_rates(rate_share)
         inner: Upstream
         if spec.kind == "mock":
             inner = MockUpstream(latency_seconds=self.settings.mock_latency_seconds)

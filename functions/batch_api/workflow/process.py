@@ -142,19 +142,25 @@ class _Lease:
         self.holder = f"{batch.id}/{index}/{uuid.uuid4().hex[:12]}"
         self.renewed_at = 0.0
         self.route = deps.upstream_for(batch.model) if deps.leases is not None else None
+        # the part of the upstream's requests and tokens per minute this worker may use: its slots'
+        # part of the limit, so the workers together stay within the rates (all of it without leases)
+        self.rate_share = 1.0
 
     def acquire(self) -> int:
         settings = self.deps.settings
         if self.deps.leases is None or self.route is None:
             return settings.requests_per_chunk
         self.renewed_at = time.monotonic()
-        return self.deps.leases.acquire(
+        slots = self.deps.leases.acquire(
             self.route.name,
             self.holder,
             self.batch_id,
             settings.requests_per_chunk,
             self.route.max_in_flight,
         ).slots
+        if slots:
+            self.rate_share = slots / self.route.max_in_flight
+        return slots
 
     def keep(self) -> None:
         """Renew the lease when a quarter of its time has gone."""
@@ -229,7 +235,9 @@ class _ChunkRun:
     async def run(self) -> str | None:
         settings = self.deps.settings
         slots = asyncio.Semaphore(self.slots)
-        upstream = self.deps.upstream_factory(model=self.batch.model, batch_id=self.batch.id)
+        upstream = self.deps.upstream_factory(
+            model=self.batch.model, batch_id=self.batch.id, rate_share=self.lease.rate_share
+        )
         ticker = asyncio.create_task(self._tick(settings.progress_interval_seconds))
         try:
             for custom_id, body in self.requests():
