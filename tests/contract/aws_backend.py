@@ -5,10 +5,11 @@ shared key-schema constants) and the bucket; every later open over the same plac
 adapters over the same table and bucket, which is how the durability tests "restart" a store.
 
 moto is not thread-safe where AWS is atomic: it applies a conditional UpdateItem as read, check,
-write with no lock (two of eight racing writers can both win), and replaces an S3 object in steps
-(a concurrent PUT of the same key crashes). DynamoDB and S3 make each request atomic, so the
-backend serializes those moto handlers: the concurrency contract tests then judge the adapters
-(one conditional request per transition, whole-object PUTs), not moto's locking.
+write with no lock (two of eight racing writers can both win), sets an updated item's attributes one
+at a time (a concurrent Query saw a new item without the attribute being set), and replaces an S3
+object in steps (a concurrent PUT of the same key crashes). DynamoDB and S3 make each request atomic,
+so the backend serializes those moto handlers, reads included: the concurrency contract tests then
+judge the adapters (one conditional request per transition, whole-object PUTs), not moto's locking.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ _ATOMIC_IN_AWS = (
     (DynamoDBBackend, "update_item"),
     (DynamoDBBackend, "delete_item"),
     (DynamoDBBackend, "transact_write_items"),
+    (DynamoDBBackend, "get_item"),
+    (DynamoDBBackend, "query"),
+    (DynamoDBBackend, "scan"),
+    (DynamoDBBackend, "batch_get_item"),
     (S3Response, "put_object"),
     (S3Response, "get_object"),
 )

@@ -116,10 +116,16 @@ def test_a_waiting_batch_stops_counting_after_a_while(clock_and_leases: tuple[Cl
 def test_racing_workers_never_hold_more_than_the_limit(clock_and_leases: tuple[Clock, Any]) -> None:
     clock, leases = clock_and_leases
     granted: list[int] = []
+    errors: list[BaseException] = []
     lock = threading.Lock()
 
     def worker(i: int) -> None:
-        slots = leases.acquire("up", f"w{i}", f"batch_{i % 3}", 4, 10).slots
+        try:
+            slots = leases.acquire("up", f"w{i}", f"batch_{i % 3}", 4, 10).slots
+        except BaseException as exc:  # a crashed worker must fail the test, not vanish
+            with lock:
+                errors.append(exc)
+            raise
         with lock:
             granted.append(slots)
 
@@ -128,5 +134,6 @@ def test_racing_workers_never_hold_more_than_the_limit(clock_and_leases: tuple[C
         thread.start()
     for thread in threads:
         thread.join()
+    assert errors == [] and len(granted) == 12
     assert sum(granted) == held(leases, "up", clock) <= 10
     assert sum(granted) >= 9  # shares of 4 each (ceil(10 / 3)): up to the limit, less rounding
