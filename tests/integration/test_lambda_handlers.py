@@ -174,13 +174,18 @@ def test_a_batch_driven_handler_by_handler_completes(
     assert len(metrics[UPSTREAM_LATENCY]) == 3 and all(value >= 0 for value in metrics[UPSTREAM_LATENCY])
 
 
+def validated_process_event(deps: Deps, lambda_context: LambdaContext) -> dict[str, Any]:
+    """Seed the sample batch, run its validate step, and return the sample process event."""
+    seed_input_file(deps)
+    seed_batch(deps)
+    steps.validate_handler(load_event("workflow/validate.json"), lambda_context)
+    return load_event("workflow/process.json")
+
+
 def test_process_returns_a_cursor_when_time_runs_low_and_the_loop_finishes_the_chunk(
     step_deps: Deps, upstream: FakeUpstreamServer, lambda_context: LambdaContext
 ) -> None:
-    seed_input_file(step_deps)
-    seed_batch(step_deps)
-    steps.validate_handler(load_event("workflow/validate.json"), lambda_context)
-    sample = load_event("workflow/process.json")
+    sample = validated_process_event(step_deps, lambda_context)
 
     lambda_context.remaining_millis = 10_000  # below the worker's safety margin: one request, then a cursor
     first = steps.process_handler(sample, lambda_context)
@@ -207,10 +212,7 @@ def test_a_warm_lambda_worker_reuses_its_upstream_connections_across_invocations
     """The runtime names the function: the worker keeps its event loop, so the second invocation
     sends on the connection the first opened (no new connect or TLS handshake per chunk)."""
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "batch-api-test-process")
-    seed_input_file(step_deps)
-    seed_batch(step_deps)
-    steps.validate_handler(load_event("workflow/validate.json"), lambda_context)
-    sample = load_event("workflow/process.json")
+    sample = validated_process_event(step_deps, lambda_context)
     try:
         lambda_context.remaining_millis = 10_000  # one request, then a cursor
         assert steps.process_handler(sample, lambda_context)["done"] is False
@@ -225,10 +227,7 @@ def test_a_warm_lambda_worker_reuses_its_upstream_connections_across_invocations
 def test_outside_lambda_each_invocation_has_its_own_connections(
     step_deps: Deps, upstream: FakeUpstreamServer, lambda_context: LambdaContext
 ) -> None:
-    seed_input_file(step_deps)
-    seed_batch(step_deps)
-    steps.validate_handler(load_event("workflow/validate.json"), lambda_context)
-    sample = load_event("workflow/process.json")
+    sample = validated_process_event(step_deps, lambda_context)
     lambda_context.remaining_millis = 10_000
     steps.process_handler(sample, lambda_context)
     lambda_context.remaining_millis = 900_000

@@ -216,10 +216,12 @@ class UpstreamPool:
         environ = os.environ if environ is None else environ
         self._secrets = secrets
         # keys given or in the environment are read now (a missing variable fails at start); secrets later
-        self._keys = {spec.name: spec.key(environ) for spec in specs if spec.api_key_secret is None}
-        if secrets is None:
-            for spec in specs:
-                spec.key(environ)  # an api_key_secret without a reader fails now, naming the upstream
+        self._keys: dict[str, str | None] = {}
+        for spec in specs:
+            if spec.api_key_secret is None:
+                self._keys[spec.name] = spec.key(environ)
+            elif secrets is None:
+                spec.key(environ)  # raises now, naming the upstream: a secret needs a reader
         self._discovered: dict[str, tuple[float, list[str]]] = {}  # name -> (when, models)
         self._discovery_lock = threading.Lock()
         self.clock: Callable[[], float] = time.monotonic

@@ -137,45 +137,41 @@ class _Lease:
     for a model no upstream serves (the factory refuses it next), the chunk's own `requests_per_chunk`."""
 
     def __init__(self, deps: Deps, batch: BatchRecord, index: int) -> None:
-        self.deps = deps
+        self.settings = deps.settings
         self.batch_id = batch.id
         self.holder = f"{batch.id}/{index}/{uuid.uuid4().hex[:12]}"
         self.renewed_at = 0.0
-        self.route = deps.upstream_for(batch.model) if deps.leases is not None else None
+        route = deps.upstream_for(batch.model) if deps.leases is not None else None
+        # the store and the upstream the leases are taken on; None: no leases to take
+        self.shared = (deps.leases, route) if deps.leases is not None and route is not None else None
         # the part of the upstream's requests and tokens per minute this worker may use: its slots'
         # part of the limit, so the workers together stay within the rates (all of it without leases)
         self.rate_share = 1.0
 
     def acquire(self) -> int:
-        settings = self.deps.settings
-        if self.deps.leases is None or self.route is None:
-            return settings.requests_per_chunk
+        if self.shared is None:
+            return self.settings.requests_per_chunk
+        leases, route = self.shared
         self.renewed_at = time.monotonic()
-        slots = self.deps.leases.acquire(
-            self.route.name,
-            self.holder,
-            self.batch_id,
-            settings.requests_per_chunk,
-            self.route.max_in_flight,
+        slots = leases.acquire(
+            route.name, self.holder, self.batch_id, self.settings.requests_per_chunk, route.max_in_flight
         ).slots
         if slots:
-            self.rate_share = slots / self.route.max_in_flight
+            self.rate_share = slots / route.max_in_flight
         return slots
 
     def keep(self) -> None:
         """Renew the lease when a quarter of its time has gone."""
-        if (
-            self.deps.leases is not None
-            and self.route is not None
-            and time.monotonic() - self.renewed_at >= LEASE_SECONDS / 4
-        ):
+        if self.shared is not None and time.monotonic() - self.renewed_at >= LEASE_SECONDS / 4:
+            leases, route = self.shared
             self.renewed_at = time.monotonic()
-            self.deps.leases.renew(self.route.name, self.holder)
+            leases.renew(route.name, self.holder)
 
     def release(self) -> None:
-        if self.deps.leases is not None and self.route is not None:
+        if self.shared is not None:
+            leases, route = self.shared
             try:
-                self.deps.leases.release(self.route.name, self.holder)
+                leases.release(route.name, self.holder)
             except Exception:  # the lease expires by itself
                 logger.warning("releasing capacity lease %s failed", self.holder, exc_info=True)
 
