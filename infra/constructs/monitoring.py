@@ -151,9 +151,10 @@ class Monitoring(Construct):
             ),
         )
         # per upstream (batch_api.upstreams.metered): slots leased across the workers against its
-        # limit, each worker's adaptive limit, the queue of batches waiting for a slot, 429/503s
-        self.dashboard.add_widgets(
-            *(
+        # limit, each worker's adaptive limit, the queue of batches waiting for a slot, 429/503s; and
+        # its latency beside it
+        for spec in config.upstream_specs:
+            self.dashboard.add_widgets(
                 cloudwatch.GraphWidget(
                     title=f"Upstream {spec.name} (limit {spec.max_in_flight} in flight)",
                     left=[
@@ -165,8 +166,14 @@ class Monitoring(Construct):
                         app_metric("UpstreamThrottled", "Sum", "429/503", spec.name),
                     ],
                     width=12,
-                )
-                for spec in config.upstream_specs
+                ),
+                cloudwatch.GraphWidget(
+                    title=f"Upstream {spec.name} latency (ms)",
+                    left=[
+                        app_metric("UpstreamLatency", "p50", "p50", spec.name),
+                        app_metric("UpstreamLatency", "p99", "p99", spec.name),
+                    ],
+                    width=12,
+                ),
             )
-        )
         self.dashboard.add_widgets(cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=24))

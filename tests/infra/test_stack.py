@@ -778,7 +778,14 @@ def test_the_dashboard_graphs_each_upstream_by_its_dimension(fleet_template: dic
     body = json.dumps(dashboard["Properties"]["DashboardBody"])
     for name, limit in (("vllm", 64), ("openai", 128), ("open", 128)):
         assert f"Upstream {name} (limit {limit} in flight)" in body
-        for metric in ("CapacityHeld", "CapacityWaitingBatches", "UpstreamThrottled", "UpstreamLimit"):
+        assert f"Upstream {name} latency (ms)" in body
+        for metric in (
+            "CapacityHeld",
+            "CapacityWaitingBatches",
+            "UpstreamThrottled",
+            "UpstreamLimit",
+            "UpstreamLatency",
+        ):
             assert f'\\"{metric}\\",\\"Upstream\\",\\"{name}\\",\\"service\\",\\"batch-api\\"' in body, (
                 metric,
                 name,

@@ -58,13 +58,16 @@ def step_deps(lambda_env: dict[str, str]) -> Iterator[Deps]:
     steps.get_deps.cache_clear()
 
 
-def emf_metrics(output: str) -> dict[str, list[float]]:
-    """Values per metric name in the EMF blobs Powertools printed."""
+def emf_metrics(output: str, upstream: str | None = None) -> dict[str, list[float]]:
+    """Values per metric name in the EMF blobs Powertools printed: those of the invocation, or those
+    with the `Upstream` dimension `upstream`."""
     values: dict[str, list[float]] = {}
     for line in output.splitlines():
         if not line.startswith("{") or '"_aws"' not in line:
             continue
         blob = json.loads(line)
+        if blob.get("Upstream") != upstream:
+            continue
         for directive in blob["_aws"]["CloudWatchMetrics"]:
             assert directive["Namespace"] == "BatchApi"
             for metric in directive["Metrics"]:
@@ -168,10 +171,13 @@ def test_a_batch_driven_handler_by_handler_completes(
     assert event["detail"]["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
     Batch.model_validate({k: v for k, v in event["detail"].items() if k != "project_id"})
 
-    metrics = emf_metrics(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    metrics = emf_metrics(out)
     assert sum(metrics[REQUESTS_SUCCEEDED]) == 2
     assert sum(metrics[REQUESTS_FAILED]) == 1
     assert len(metrics[UPSTREAM_LATENCY]) == 3 and all(value >= 0 for value in metrics[UPSTREAM_LATENCY])
+    # the same latencies again under the upstream the batch was routed to
+    assert sorted(emf_metrics(out, "default")[UPSTREAM_LATENCY]) == sorted(metrics[UPSTREAM_LATENCY])
 
 
 def validated_process_event(deps: Deps, lambda_context: LambdaContext) -> dict[str, Any]:

@@ -101,6 +101,21 @@ def test_the_limit_never_drops_below_one_and_server_errors_do_not_grow_it() -> N
     assert gate.limit == 1.0 and gate.in_flight == 0
 
 
+def test_answered_attempts_add_their_latency_and_unanswered_ones_do_not() -> None:
+    clock = Clock()
+    gate = full_gate(4, clock)
+    gate.in_flight = 4
+    admitted = clock()
+    clock.now += 0.25
+    gate.release(admitted, 200)
+    clock.now += 0.5
+    gate.release(admitted, 429)  # a push back is an answer too
+    gate.release(admitted, None)  # no answer (a timeout): no latency to report
+    stats = gate.stats()
+    assert (stats.answered, stats.answer_seconds) == (2, pytest.approx(0.25 + 0.75))
+    assert stats.in_flight == 1
+
+
 def test_never_more_than_the_limit_in_flight_and_every_slot_comes_back() -> None:
     gate = full_gate(3)
     peak = 0

@@ -144,8 +144,10 @@ class RecordingMetrics:
     def add_metric(self, name: str, unit: Any, value: float) -> None:
         self.added.append((name, str(getattr(unit, "value", unit)), value))
 
-    def add_upstream_metric(self, upstream: str, name: str, unit: Any, value: float) -> None:
-        self.per_upstream.append((upstream, name, str(getattr(unit, "value", unit)), value))
+    def add_upstream_metrics(self, upstream: str, reported: Any) -> None:
+        for name, unit, values in reported:
+            for value in values:
+                self.per_upstream.append((upstream, name, str(getattr(unit, "value", unit)), value))
 
 
 class ScriptedUpstream:
@@ -243,8 +245,18 @@ def test_a_gated_client_reports_its_upstreams_push_back_and_limit_when_it_closes
         await client.aclose()
 
     asyncio.run(run())
-    assert sink.per_upstream == [
+    latencies = [value for _up, name, _unit, value in sink.per_upstream if name == UPSTREAM_LATENCY]
+    assert latencies == [value for name, _unit, value in sink.added if name == UPSTREAM_LATENCY]
+    assert len(latencies) == 2 and all(value >= 0 for value in latencies)
+    assert [entry for entry in sink.per_upstream if entry[1] != UPSTREAM_LATENCY] == [
         ("up", UPSTREAM_THROTTLED, "Count", 1),
+        ("up", UPSTREAM_LIMIT, "Count", gate.limit),
+    ]
+    assert {unit for _up, name, unit, _v in sink.per_upstream if name == UPSTREAM_LATENCY} == {"Milliseconds"}
+    sink.per_upstream.clear()
+    asyncio.run(client.aclose())  # a second close reports what happened since the first: nothing
+    assert sink.per_upstream == [
+        ("up", UPSTREAM_THROTTLED, "Count", 0),
         ("up", UPSTREAM_LIMIT, "Count", gate.limit),
     ]
     assert {name for name, _unit, _value in sink.added} == {
@@ -294,8 +306,23 @@ def test_per_upstream_metrics_are_emf_lines_with_the_upstream_dimension(
 
     from batch_api.handlers.observability import LambdaMetrics, metrics
 
-    LambdaMetrics(metrics).add_upstream_metric("vllm-a", "CapacityHeld", MetricUnit.Count, 12)
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "BatchApi"
-    assert line["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [["service", "Upstream"]]
-    assert (line["service"], line["Upstream"], line["CapacityHeld"]) == ("batch-api", "vllm-a", [12.0])
+    LambdaMetrics(metrics).add_upstream_metrics(
+        "vllm-a",
+        [
+            ("CapacityHeld", MetricUnit.Count, [12]),
+            ("UpstreamLatency", MetricUnit.Milliseconds, [float(i) for i in range(150)]),
+            ("UpstreamThrottled", MetricUnit.Count, []),  # nothing to write
+        ],
+    )
+    lines = [json.loads(text) for text in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 2  # a document holds at most 100 values of a metric
+    for line in lines:
+        assert line["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "BatchApi"
+        assert line["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [["service", "Upstream"]]
+        assert (line["service"], line["Upstream"]) == ("batch-api", "vllm-a")
+        assert "UpstreamThrottled" not in line
+    assert lines[0]["CapacityHeld"] == [12.0] or lines[1]["CapacityHeld"] == [12.0]
+    written = [value for line in lines for value in line.get("UpstreamLatency", [])]
+    assert written == [float(i) for i in range(150)]
+    LambdaMetrics(metrics).add_upstream_metrics("vllm-a", [("UpstreamThrottled", MetricUnit.Count, [])])
+    assert capsys.readouterr().out == ""  # nothing reported, nothing written

@@ -9,6 +9,7 @@ import pytest
 
 from batch_api.config import Settings
 from batch_api.upstreams import OpenAIHttpUpstream, make_upstream_factory
+from batch_api.upstreams.capacity import GateStats
 from batch_api.upstreams.gated import GatedUpstream
 from batch_api.upstreams.routing import DISCOVERY_MAX_AGE_SECONDS, UpstreamPool, load_specs
 from tests.support.fake_upstream import FakeUpstreamServer, free_port
@@ -121,18 +122,24 @@ def test_descriptions_never_show_credentials(tmp_path: Path) -> None:
 
 def test_the_load_report_names_each_busy_upstream_once_per_change(tmp_path: Path) -> None:
     pool = pool_from(tmp_path, FILE)
-    seen: dict[str, int] = {}
+    seen: dict[str, GateStats] = {}
     assert pool.load_report(seen) == []  # nothing happened yet
     gate = pool.gates["llama"]
     gate.in_flight, gate.admitted, gate.throttled = 3, 10, 2
+    gate.answered, gate.answer_seconds = 4, 1.0
     [line] = pool.load_report(seen)
     assert line == (
         f"upstream llama: 3 in flight, limit {gate.limit:.1f} of 16, 0 waiting in 0 batch(es), "
+        "mean latency 250 ms over 4 answer(s) since the last report, "
         "10 attempts and 2 answered 429/503 since start"
     )
     assert pool.load_report(seen) == []  # unchanged since the last report
-    gate.admitted = 11
-    assert len(pool.load_report(seen)) == 1
+    gate.admitted, gate.answered, gate.answer_seconds = 11, 6, 1.6  # 2 more answers, 0.6 s between them
+    [line] = pool.load_report(seen)
+    assert "mean latency 300 ms over 2 answer(s) since the last report" in line
+    gate.admitted = 12  # admitted, not answered yet
+    [line] = pool.load_report(seen)
+    assert "no answer since the last report" in line
 
 
 # ---------------------------------------------------------------- models discovered from the upstream

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from aws_lambda_powertools import Logger, Metrics, Tracer, single_metric
+from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import AmazonCloudWatchEMFProvider
+
+if TYPE_CHECKING:
+    from batch_api.upstreams.metered import UpstreamMetric
 
 SERVICE = "batch-api"
 UPSTREAM_DIMENSION = "Upstream"  # upstreams.metered's
@@ -24,8 +30,8 @@ warnings.filterwarnings("ignore", message="No application metrics to publish", c
 
 class LambdaMetrics:
     """`upstreams.metered.MetricsSink` on Powertools: invocation metrics go to the shared `metrics`
-    (flushed by the handler decorator); per-upstream ones are written at once, each with its own
-    `Upstream` dimension (one Metrics object holds one dimension set)."""
+    (flushed by the handler decorator); per-upstream ones are written at once, one EMF document per
+    call with its own `Upstream` dimension (one Metrics object holds one dimension set)."""
 
     def __init__(self, shared: Metrics) -> None:
         self.shared = shared
@@ -33,15 +39,17 @@ class LambdaMetrics:
     def add_metric(self, name: str, unit: MetricUnit | str, value: float) -> None:
         self.shared.add_metric(name=name, unit=unit, value=value)
 
-    def add_upstream_metric(self, upstream: str, name: str, unit: MetricUnit | str, value: float) -> None:
-        with single_metric(
-            name=name,
-            unit=unit,  # type: ignore[arg-type]
-            value=value,
+    def add_upstream_metrics(self, upstream: str, reported: Sequence[UpstreamMetric]) -> None:
+        provider = AmazonCloudWatchEMFProvider(
             namespace=METRICS_NAMESPACE,
+            service=SERVICE,
             default_dimensions={"service": SERVICE, UPSTREAM_DIMENSION: upstream},
-        ):
-            pass
+        )
+        for name, unit, values in reported:
+            for value in values:  # 100 values of one metric are written as they fill a document
+                provider.add_metric(name=name, unit=unit, value=value)  # type: ignore[arg-type]
+        if provider.metric_set:
+            provider.flush_metrics()
 
 
 def in_lambda() -> bool:

@@ -136,6 +136,7 @@ def serve(settings: Settings) -> int:
     from batch_api.local.server import ApiAsgiApp, ResolverPool, build_server, listen
     from batch_api.service.housekeeping import sweep
     from batch_api.upstreams import UpstreamPool
+    from batch_api.upstreams.capacity import GateStats
 
     if settings.upstreams_file is None and settings.upstream_kind == "http" and not settings.upstream_url:
         logger.error("--upstream http needs --upstream-url (or BATCH_API_UPSTREAM_URL)")
@@ -185,7 +186,7 @@ def serve(settings: Settings) -> int:
     app.workflow.start_sweeper(lambda: sweep(app.deps))
     pool = app.deps.upstream_factory
     if isinstance(pool, UpstreamPool):
-        seen: dict[str, int] = {}
+        seen: dict[str, GateStats] = {}
 
         def log_load() -> None:
             for line in pool.load_report(seen):

@@ -124,6 +124,8 @@ class GateStats:
     waiting_batches: int
     throttled: int
     admitted: int
+    answered: int  # attempts that got an HTTP answer
+    answer_seconds: float  # their latencies, summed (admission to answer)
 
 
 @dataclass
@@ -137,6 +139,8 @@ class CapacityGate:
     in_flight: int = field(default=0, init=False)
     throttled: int = field(default=0, init=False)  # attempts answered 429/503
     admitted: int = field(default=0, init=False)
+    answered: int = field(default=0, init=False)  # attempts that got an HTTP answer
+    answer_seconds: float = field(default=0.0, init=False)  # their latencies, summed
     _slow_start: bool = field(default=True, init=False)
     _last_cut: float = field(default=float("-inf"), init=False)
     _pushed_back_at: float = field(default=float("inf"), init=False)  # in flight at the last push back
@@ -219,6 +223,9 @@ class CapacityGate:
         """One attempt admitted at `admitted_at` ended with HTTP `status` (None: no answer)."""
         now = self.clock()
         with self._lock:
+            if status is not None:
+                self.answered += 1
+                self.answer_seconds += now - admitted_at
             if status in THROTTLE_STATUSES:
                 self.throttled += 1
                 if admitted_at > self._last_cut:
@@ -253,6 +260,8 @@ class CapacityGate:
                 waiting_batches=len(self._turns),
                 throttled=self.throttled,
                 admitted=self.admitted,
+                answered=self.answered,
+                answer_seconds=self.answer_seconds,
             )
 
     # ---------------------------------------------------------------- under the lock

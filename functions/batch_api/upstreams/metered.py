@@ -6,8 +6,9 @@ retries) and UpstreamLatency (Milliseconds, per request, retries included). Coun
 client and emitted when it closes (one value per chunk invocation instead of one per request);
 latencies are emitted per request (Powertools flushes every 100 values).
 
-Per upstream (dimension `Upstream`, its name): UpstreamThrottled (attempts answered 429/503) and
-UpstreamLimit (the worker's adaptive limit) when a client closes; CapacityHeld (slots leased across
+Per upstream (dimension `Upstream`, its name), written together in one EMF document: UpstreamLatency
+(each request's), UpstreamThrottled (attempts answered 429/503) and UpstreamLimit (the worker's
+adaptive limit) when a client closes; CapacityHeld (slots leased across
 every worker), CapacityWaitingBatches (batches waiting for a slot: the queue) and CapacityWaits
 (workers sent away to wait) at each lease grant. The workflow code is unchanged: the Lambda entry
 point wraps the factory and the lease store.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -34,6 +36,9 @@ CAPACITY_WAITING_BATCHES = "CapacityWaitingBatches"  # batches waiting for slots
 CAPACITY_WAITS = "CapacityWaits"  # 1 for each worker that got no slot and was told to wait
 UPSTREAM_DIMENSION = "Upstream"
 
+# one metric of an upstream: its name, unit and values
+UpstreamMetric = tuple[str, MetricUnit | str, Sequence[float]]
+
 
 class MetricsSink(Protocol):
     """What we need of Powertools metrics (`handlers.observability.LambdaMetrics`)."""
@@ -41,8 +46,8 @@ class MetricsSink(Protocol):
     def add_metric(self, name: str, unit: MetricUnit | str, value: float) -> None:
         """A metric of the invocation (dimension: the service)."""
 
-    def add_upstream_metric(self, upstream: str, name: str, unit: MetricUnit | str, value: float) -> None:
-        """A metric of one upstream (dimensions: the service and `Upstream`)."""
+    def add_upstream_metrics(self, upstream: str, metrics: Sequence[UpstreamMetric]) -> None:
+        """Metrics of one upstream, written at once (dimensions: the service and `Upstream`)."""
 
 
 class MeteredUpstream:
@@ -55,6 +60,7 @@ class MeteredUpstream:
         self.failed = 0
         self.gate: CapacityGate | None = getattr(inner, "gate", None)  # the upstream's, when it has one
         self._throttled_before = self.gate.throttled if self.gate is not None else 0
+        self.latencies: list[float] = []  # milliseconds, since the last close
 
     async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
         began = time.perf_counter()
@@ -65,9 +71,10 @@ class MeteredUpstream:
         except Exception:
             self.failed += 1  # the caller records it as a failed request
             raise
-        self.metrics.add_metric(
-            name=UPSTREAM_LATENCY, unit=MetricUnit.Milliseconds, value=(time.perf_counter() - began) * 1000
-        )
+        latency = (time.perf_counter() - began) * 1000
+        self.metrics.add_metric(name=UPSTREAM_LATENCY, unit=MetricUnit.Milliseconds, value=latency)
+        if self.gate is not None:
+            self.latencies.append(latency)
         if response.status_code is not None and 200 <= response.status_code < 300:
             self.succeeded += 1
         else:
@@ -86,9 +93,15 @@ class MeteredUpstream:
             if self.gate is not None:
                 throttled = self.gate.throttled - self._throttled_before
                 self._throttled_before = self.gate.throttled
-                name = self.gate.name
-                self.metrics.add_upstream_metric(name, UPSTREAM_THROTTLED, MetricUnit.Count, throttled)
-                self.metrics.add_upstream_metric(name, UPSTREAM_LIMIT, MetricUnit.Count, self.gate.limit)
+                latencies, self.latencies = self.latencies, []
+                self.metrics.add_upstream_metrics(
+                    self.gate.name,
+                    [
+                        (UPSTREAM_LATENCY, MetricUnit.Milliseconds, latencies),
+                        (UPSTREAM_THROTTLED, MetricUnit.Count, [throttled]),
+                        (UPSTREAM_LIMIT, MetricUnit.Count, [self.gate.limit]),
+                    ],
+                )
 
 
 def metered(factory: UpstreamFactory, metrics: MetricsSink) -> UpstreamFactory:
@@ -109,12 +122,13 @@ class MeteredLeases:
 
     def acquire(self, upstream: str, holder: str, batch_id: str, want: int, limit: int) -> Grant:
         granted = self.inner.acquire(upstream, holder, batch_id, want, limit)
-        self.metrics.add_upstream_metric(upstream, CAPACITY_HELD, MetricUnit.Count, granted.held)
-        self.metrics.add_upstream_metric(
-            upstream, CAPACITY_WAITING_BATCHES, MetricUnit.Count, granted.waiting
-        )
+        reported: list[UpstreamMetric] = [
+            (CAPACITY_HELD, MetricUnit.Count, [granted.held]),
+            (CAPACITY_WAITING_BATCHES, MetricUnit.Count, [granted.waiting]),
+        ]
         if granted.slots == 0:
-            self.metrics.add_upstream_metric(upstream, CAPACITY_WAITS, MetricUnit.Count, 1)
+            reported.append((CAPACITY_WAITS, MetricUnit.Count, [1]))
+        self.metrics.add_upstream_metrics(upstream, reported)
         return granted
 
     def renew(self, upstream: str, holder: str) -> None:

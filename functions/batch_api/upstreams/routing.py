@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from batch_api.config import Settings, redact_url
 from batch_api.ports import Upstream
-from batch_api.upstreams.capacity import CapacityGate
+from batch_api.upstreams.capacity import CapacityGate, GateStats
 from batch_api.upstreams.gated import GatedUpstream
 from batch_api.upstreams.mock import MockUpstream
 from batch_api.upstreams.openai_http import OpenAIHttpUpstream, check_base_url, join_url, split_credentials
@@ -289,18 +289,28 @@ class UpstreamPool:
     def serves(self, model: str) -> bool:
         return self.route(model) is not None
 
-    def load_report(self, since: dict[str, int]) -> list[str]:
-        """One line per upstream that admitted attempts since the last report (`since`: admitted count
-        per upstream at that report, updated here): in flight, the effective limit, waiting, 429s."""
+    def load_report(self, since: dict[str, GateStats]) -> list[str]:
+        """One line per upstream that admitted attempts since the last report (`since`: each upstream's
+        stats at that report, updated here): in flight, the effective limit, waiting, the mean latency
+        of the attempts answered since that report, 429s."""
         lines = []
         for name, gate in self.gates.items():
             stats = gate.stats()
-            if stats.admitted == since.get(name, 0) and not stats.waiting:
+            last = since.get(name)
+            if stats.admitted == (last.admitted if last else 0) and not stats.waiting:
                 continue
-            since[name] = stats.admitted
+            since[name] = stats
+            answered = stats.answered - (last.answered if last else 0)
+            seconds = stats.answer_seconds - (last.answer_seconds if last else 0.0)
+            latency = (
+                f"mean latency {seconds / answered * 1000:.0f} ms over {answered} answer(s)"
+                if answered
+                else "no answer"
+            )
             lines.append(
                 f"upstream {name}: {stats.in_flight} in flight, limit {stats.limit:.1f} of "
                 f"{gate.max_in_flight}, {stats.waiting} waiting in {stats.waiting_batches} batch(es), "
+                f"{latency} since the last report, "
                 f"{stats.admitted} attempts and {stats.throttled} answered 429/503 since start"
             )
         return lines
