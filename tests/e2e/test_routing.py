@@ -3,6 +3,7 @@ none serves fails at validation as OpenAI words it; a bad file stops the server 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,10 +43,17 @@ def test_batches_are_routed_by_model(start_server: Callable[..., ServerProcess],
     assert batch.request_counts.completed == 6
     assert len(read_lines(client, batch.output_file_id)) == 6
     deadline = time.monotonic() + 10
-    done = "upstream small-models: 0 in flight, limit 4.0 of 4, 0 waiting in 0 batch(es), 6 attempts"
-    while done not in server.log() and time.monotonic() < deadline:
+    done = re.compile(
+        r"upstream small-models: 0 in flight, limit 4\.0 of 4, 0 waiting in 0 batch\(es\), "
+        r"(mean latency \d+ ms over [1-6] answer\(s\)|no answer) since the last report, "
+        r"6 attempts and 0 answered 429/503 since start"
+    )
+    while not done.search(server.log()) and time.monotonic() < deadline:
         time.sleep(0.05)  # the load line comes within one log interval of the work
-    assert done + " and 0 answered 429/503 since start" in server.log()
+    assert done.search(server.log())
+    # the answers of the reports add up to the six requests
+    answered = re.findall(r"upstream small-models: .* over (\d) answer\(s\)", server.log())
+    assert sum(int(n) for n in answered) == 6
 
     lines = [request_line(CHAT, i) for i in range(3)]
     for line in lines:
