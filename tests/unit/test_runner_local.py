@@ -3,6 +3,7 @@ retries, the catch that ends a batch failed, resume, and stopping."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -130,10 +131,10 @@ def test_a_chunk_that_keeps_failing_fails_the_batch(monkeypatch: pytest.MonkeyPa
     add_batch(deps, jsonl([request("a"), request("b")]))
     from batch_api.workflow import process
 
-    def broken(event: Any, step_deps: Any, **_: Any) -> Any:
+    async def broken(event: Any, step_deps: Any, **_: Any) -> Any:
         raise RuntimeError("no journal")
 
-    monkeypatch.setattr(process, "process_chunk", broken)
+    monkeypatch.setattr(process, "process_chunk_async", broken)
     drive(bound(deps, step_attempts=1))
 
     batch = get_batch(deps)
@@ -260,15 +261,15 @@ class HeldChunks:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.let_go = threading.Event()
-        real = process.process_chunk
+        real = process.process_chunk_async
 
-        def held(event: Any, step_deps: Any, **options: Any) -> Any:
+        async def held(event: Any, step_deps: Any, **options: Any) -> Any:
             self.entered.set()
-            self.release.wait(hold_seconds)
+            await asyncio.to_thread(self.release.wait, hold_seconds)
             self.let_go.set()
-            return real(event, step_deps, **options)
+            return await real(event, step_deps, **options)
 
-        monkeypatch.setattr(process, "process_chunk", held)
+        monkeypatch.setattr(process, "process_chunk_async", held)
 
 
 def test_deps_before_bind_is_an_error() -> None:
@@ -285,7 +286,7 @@ def test_stopping_a_workflow_that_was_never_bound_is_harmless() -> None:
     assert workflow.wait_idle(1)
 
 
-def test_a_batch_runs_on_a_daemon_thread_named_for_it_and_its_chunks_on_a_pool_of_its_own(
+def test_a_batch_runs_on_a_daemon_thread_named_for_it_and_its_chunks_on_the_chunk_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from batch_api.workflow import process, validate
@@ -294,25 +295,26 @@ def test_a_batch_runs_on_a_daemon_thread_named_for_it_and_its_chunks_on_a_pool_o
     deps = make_deps(FakeUpstream())
     add_batch(deps, jsonl([request("a")]), batch_id=batch_id)
     seen: dict[str, threading.Thread] = {}
-    real_validate, real_process = validate.validate_batch, process.process_chunk
+    real_validate, real_process = validate.validate_batch, process.process_chunk_async
 
     def validate_recording(event: Any, step_deps: Any) -> Any:
         seen["validate"] = threading.current_thread()
         return real_validate(event, step_deps)
 
-    def process_recording(event: Any, step_deps: Any, **options: Any) -> Any:
+    async def process_recording(event: Any, step_deps: Any, **options: Any) -> Any:
         seen["process"] = threading.current_thread()
-        return real_process(event, step_deps, **options)
+        return await real_process(event, step_deps, **options)
 
     monkeypatch.setattr(validate, "validate_batch", validate_recording)
-    monkeypatch.setattr(process, "process_chunk", process_recording)
+    monkeypatch.setattr(process, "process_chunk_async", process_recording)
 
     drive(bound(deps), batch_id)
 
     assert get_batch(deps, batch_id).status == "completed"
     assert seen["validate"].name == "batch-89abcdef"  # the id's last 8 characters
     assert seen["validate"].daemon  # a stuck batch never keeps the process from exiting
-    assert seen["process"].name.startswith("chunk-89abcdef_")  # the batch's own chunk pool
+    assert seen["process"].name == "chunks"  # the one loop every batch's chunks run on
+    assert seen["process"].daemon
 
 
 def test_the_sweeper_runs_on_a_daemon_thread_named_sweeper() -> None:
@@ -344,7 +346,7 @@ def test_no_more_chunks_run_at_once_than_chunk_concurrency(monkeypatch: pytest.M
     lock = threading.Lock()
     running: list[int] = []
     peak: list[int] = []
-    real_load, real_process = manifest.load_manifest, process.process_chunk
+    real_load, real_process = manifest.load_manifest, process.process_chunk_async
 
     class SignallingPlan(list[Any]):
         def __iter__(self) -> Iterator[Any]:
@@ -354,19 +356,20 @@ def test_no_more_chunks_run_at_once_than_chunk_concurrency(monkeypatch: pytest.M
     def load_then_signal(step_deps: Any, batch_id: str) -> Any:
         return SignallingPlan(real_load(step_deps, batch_id))
 
-    def counting(event: Any, step_deps: Any, **options: Any) -> Any:
+    async def counting(event: Any, step_deps: Any, **options: Any) -> Any:
         with lock:
             running.append(event.chunk.index)
             peak.append(len(running))
-        assert all_submitted.wait(10)  # every chunk is queued: a bigger pool would run them now
+        assert all_submitted.is_set()  # every chunk is queued: a bigger limit would run them now
+        await asyncio.sleep(0)  # a turn of the loop: the others start now if the limit lets them
         try:
-            return real_process(event, step_deps, **options)
+            return await real_process(event, step_deps, **options)
         finally:
             with lock:
                 running.remove(event.chunk.index)
 
     monkeypatch.setattr(manifest, "load_manifest", load_then_signal)
-    monkeypatch.setattr(process, "process_chunk", counting)
+    monkeypatch.setattr(process, "process_chunk_async", counting)
 
     drive(bound(deps))
 
@@ -417,13 +420,13 @@ def test_a_chunk_left_unfinished_without_a_shutdown_fails_the_batch(monkeypatch:
 
     deps = make_deps(FakeUpstream(), chunk_max_lines=1)
     add_batch(deps, jsonl([request("a"), request("b")]))
-    real = process.process_chunk
+    real = process.process_chunk_async
 
-    def second_never_finishes(event: Any, step_deps: Any, **options: Any) -> Any:
-        output = real(event, step_deps, **options)
+    async def second_never_finishes(event: Any, step_deps: Any, **options: Any) -> Any:
+        output = await real(event, step_deps, **options)
         return output.model_copy(update={"done": False}) if event.chunk.index == 1 else output
 
-    monkeypatch.setattr(process, "process_chunk", second_never_finishes)
+    monkeypatch.setattr(process, "process_chunk_async", second_never_finishes)
     drive(bound(deps))
 
     batch = get_batch(deps)

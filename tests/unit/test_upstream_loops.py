@@ -4,6 +4,7 @@ of the last one, a fresh loop's client keeps nothing, and the local runner close
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -62,7 +63,7 @@ def test_on_a_fresh_loop_each_chunk_opens_and_closes_its_own_connections() -> No
     assert len(set(ports)) == 4
 
 
-def test_the_local_runner_runs_chunks_on_kept_loops_and_closes_them_after_the_batch(
+def test_the_local_runner_runs_every_chunk_on_one_kept_loop_and_closes_it_when_idle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     kept: list[asyncio.AbstractEventLoop] = []
@@ -74,22 +75,47 @@ def test_the_local_runner_runs_chunks_on_kept_loops_and_closes_them_after_the_ba
         return runner
 
     monkeypatch.setattr(loops, "keep_loop", recording_keep)
+    from batch_api.workflow import process
+
+    real_process = process.process_chunk_async
+    entered: set[str] = set()
+    both_running = threading.Event()
+
+    async def together(event: Any, step_deps: Any, **options: Any) -> Any:
+        """Chunks wait until both batches are processing, so the two run at the same time."""
+        entered.add(event.batch_id)
+        if len(entered) == 2:
+            both_running.set()
+        await asyncio.to_thread(both_running.wait, 10)
+        return await real_process(event, step_deps, **options)
+
+    monkeypatch.setattr(process, "process_chunk_async", together)
     used: set[int] = set()
     upstream = FakeUpstream(on_call=lambda _n, _body: used.add(id(asyncio.get_running_loop())))
     deps = make_deps(upstream, chunk_max_lines=1, chunk_concurrency=2)
     add_batch(deps, jsonl([request(f"r{i}") for i in range(6)]))
+    add_batch(deps, jsonl([request(f"s{i}") for i in range(6)]), batch_id="batch_other", file_id="file-other")
     workflow = LocalWorkflow(step_backoff_seconds=0)
     workflow.bind(deps)
     deps.workflow = workflow
 
     workflow.start(PROJECT, "batch_test")
+    workflow.start(PROJECT, "batch_other")
     assert workflow.wait_idle(30)
 
-    assert get_batch(deps).status == "completed" and len(upstream.calls) == 6
-    assert 1 <= len(kept) <= 2  # one per worker the batch's pool started (at most chunk_concurrency)
-    assert used and used <= {id(loop) for loop in kept}  # six chunks on (at most) two kept loops
-    deadline = time.monotonic() + 10
+    assert get_batch(deps).status == get_batch(deps, "batch_other").status == "completed"
+    assert len(upstream.calls) == 12
+    assert both_running.is_set()
+    assert used == {id(kept[0])}  # twelve chunks of two batches at once, on one kept loop
+    deadline = time.monotonic() + 10  # the last batch's release ends the loop on its own thread
     while not all(loop.is_closed() for loop in kept) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert all(loop.is_closed() for loop in kept)
     assert all(loop not in loops._sessions for loop in kept)
+    assert not [t for t in threading.enumerate() if t.name == "chunks"]  # and its thread with it
+
+    add_batch(deps, jsonl([request("t")]), batch_id="batch_third", file_id="file-third")
+    workflow.start(PROJECT, "batch_third")
+    assert workflow.wait_idle(30)
+    assert get_batch(deps, "batch_third").status == "completed"
+    assert len(kept) >= 2 and kept[-1] is not kept[0]  # busy again: a new loop
