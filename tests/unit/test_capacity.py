@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -140,6 +141,24 @@ def test_never_more_than_the_limit_in_flight_and_every_slot_comes_back() -> None
     assert peak == 3
     stats = gate.stats()
     assert (stats.in_flight, stats.waiting, stats.waiting_batches, stats.admitted) == (0, 0, 0, 180)
+
+
+def test_a_waiter_on_another_threads_loop_is_woken_by_a_release_from_this_thread() -> None:
+    gate = full_gate(1)
+    admitted = asyncio.run(gate.acquire("a"))  # the one slot, taken
+    woken: list[float] = []
+    thread = threading.Thread(target=lambda: woken.append(asyncio.run(gate.acquire("b"))), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while gate.stats().waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)  # until the other loop waits (and sleeps in its selector)
+    assert gate.stats().waiting == 1
+
+    gate.release(admitted, 200)  # no loop runs here: the other loop must be woken from outside
+
+    thread.join(10)
+    assert not thread.is_alive() and len(woken) == 1
+    assert gate.stats().in_flight == 1
 
 
 def test_batches_take_turns_so_a_small_one_is_not_stuck_behind_a_big_one() -> None:

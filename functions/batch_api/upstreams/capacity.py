@@ -15,8 +15,9 @@
 - **Rates (optional).** Requests and tokens per minute (`RateLimit`), paced before an attempt queues
   for a slot; tokens are estimated from the request and corrected from the answer's `usage`.
 
-Thread-safe: chunks run on their own threads, each with its own event loop; a waiter is woken on
-its own loop (`call_soon_threadsafe`).
+Thread-safe: the local runner's chunks share one event loop, but a Lambda worker, a test or an
+embedding program may use the gate from several threads and loops; a waiter is woken on its own loop
+(`call_soon_threadsafe` when that is another thread's).
 """
 
 from __future__ import annotations
@@ -290,7 +291,10 @@ class CapacityGate:
             waiter.admitted = True
             self.in_flight += 1
             self.admitted += 1
-            waiter.loop.call_soon_threadsafe(_grant, waiter.future)
+            if waiter.loop is _running_loop():
+                waiter.loop.call_soon(_grant, waiter.future)  # our own loop: no wake-up write needed
+            else:
+                waiter.loop.call_soon_threadsafe(_grant, waiter.future)
 
     def _forget(self, batch_id: str, waiter: _Waiter) -> None:
         queue = self._waiting.get(batch_id)
@@ -300,6 +304,13 @@ class CapacityGate:
         if not queue:
             del self._waiting[batch_id]
             self._turns.remove(batch_id)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # released outside any loop
+        return None
 
 
 def _grant(future: asyncio.Future[None]) -> None:
