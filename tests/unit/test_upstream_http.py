@@ -319,13 +319,15 @@ def test_factory_builds_http_clients_from_settings() -> None:
         upstream_backoff_base_seconds=0.25,
         upstream_backoff_max_seconds=9,
         requests_per_chunk=48,
+        upstream_max_in_flight=96,
     )
     client = make_upstream_factory(settings)()
 
     assert isinstance(client, OpenAIHttpUpstream)
     assert (client.base_url, client.timeout, client.connect_timeout) == ("http://model:8001/v1", 30, 2)
     assert (client.max_retries, client.backoff_base, client.backoff_max) == (7, 0.25, 9)
-    assert client.max_connections == 48
+    # the upstream's ceiling, not one chunk's share: chunks on one loop share the session
+    assert client.max_connections == 96
     assert client._headers["Authorization"] == "Bearer sk-abc"
 
 

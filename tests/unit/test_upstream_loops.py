@@ -119,3 +119,27 @@ def test_the_local_runner_runs_every_chunk_on_one_kept_loop_and_closes_it_when_i
     assert workflow.wait_idle(30)
     assert get_batch(deps, "batch_third").status == "completed"
     assert len(kept) >= 2 and kept[-1] is not kept[0]  # busy again: a new loop
+
+
+def test_chunks_running_together_share_the_session_with_a_connection_for_each_request() -> None:
+    from dataclasses import replace
+
+    from batch_api.upstreams import make_upstream_factory
+
+    with FakeUpstreamServer(latency_seconds=0.2) as fake:
+        deps = make_deps(chunk_max_lines=4, chunk_concurrency=2, requests_per_chunk=4)
+        settings = deps.settings.model_copy(update={"upstream_url": fake.base_url, "upstream": "http"})
+        deps = replace(deps, settings=settings, upstream_factory=make_upstream_factory(settings))
+        add_batch(deps, jsonl([request(f"r{i}") for i in range(8)]))
+        workflow = LocalWorkflow(step_backoff_seconds=0)
+        workflow.bind(deps)
+        deps.workflow = workflow
+
+        workflow.start(PROJECT, "batch_test")
+        assert workflow.wait_idle(30)
+
+        assert get_batch(deps).status == "completed"
+        ports = [r.peer_port for r in fake.requests]
+    # two chunks of four at once: eight requests on the wire together, so eight connections (a session
+    # limited to one chunk's four would send the second four after the first)
+    assert len(ports) == 8 and len(set(ports)) == 8

@@ -338,8 +338,9 @@ class UpstreamPool:
             max_retries=settings.upstream_max_retries,
             backoff_base=settings.upstream_backoff_base_seconds,
             backoff_max=settings.upstream_backoff_max_seconds,
-            # a chunk keeps at most `requests_per_chunk` in flight on its own client: one connection each
-            max_connections=settings.requests_per_chunk,
+            # the chunks on one loop share one session per upstream (`upstreams.loops`), and its gate never
+            # lets more than `max_in_flight` through: one connection each, opened as they are needed
+            max_connections=spec.max_in_flight,
             gate=gate,
             batch_id=batch_id or "",
         )
