@@ -867,3 +867,57 @@ def test_without_leases_a_chunk_keeps_its_own_requests_in_flight() -> None:
     assert lease.acquire() == 9
     lease.keep()
     lease.release()  # nothing to give back
+
+
+# ---------------------------------------------------------------- slots shared by a batch's chunks
+
+
+def _run_shared(deps: Any, chunk: dict[str, Any], slots: int, **kwargs: Any) -> tuple[Any, int, int]:
+    """Run the chunk on its batch's `slots` shared slots; returns its output, how many times it said it
+    had dispatched everything, and how many slots were free afterwards."""
+    from batch_api.workflow.process import SharedSlots
+
+    async def call() -> tuple[Any, int, int]:
+        semaphore = asyncio.Semaphore(slots)
+        dispatched: list[bool] = []
+        shared = SharedSlots(semaphore, lambda: dispatched.append(True))
+        result = await process_chunk_async({**ids(), "chunk": chunk}, deps, shared=shared, **kwargs)
+        free = 0
+        while not semaphore.locked():
+            await semaphore.acquire()
+            free += 1
+        return result, len(dispatched), free
+
+    return asyncio.run(call())
+
+
+def test_on_shared_slots_a_chunk_bounds_its_requests_by_them_and_gives_every_one_back() -> None:
+    upstream = FakeUpstream(latency=0.005)
+    deps, _, [chunk] = _setup(10, upstream=upstream, requests_per_chunk=8)
+
+    result, dispatched, free = _run_shared(deps, chunk, slots=3)
+
+    assert result.done is True and len(_journal(deps)) == 10
+    assert upstream.max_in_flight == 3  # the batch's slots, not the chunk's own 8
+    assert (dispatched, free) == (1, 3)
+
+
+def test_on_shared_slots_requests_abandoned_at_a_hard_stop_give_their_slots_back() -> None:
+    remaining = {"seconds": 900.0}
+    slow = FakeUpstream(latency=5.0, on_call=lambda n, _b: remaining.update(seconds=2.0))
+    deps, _, [chunk] = _setup(6, upstream=slow, progress_interval_seconds=0.01)
+
+    result, dispatched, free = _run_shared(deps, chunk, slots=4, time_left=lambda: remaining["seconds"])
+
+    assert result.done is False and _journal(deps) == []
+    assert (dispatched, free) == (1, 4)  # the cancelled requests' slots came back
+
+
+def test_on_shared_slots_a_chunk_with_nothing_to_send_still_says_it_dispatched() -> None:
+    deps, upstream, [chunk] = _setup(2)
+    _run(deps, chunk)  # everything is journaled already
+
+    result, dispatched, free = _run_shared(deps, chunk, slots=2)
+
+    assert result.done is True and len(upstream.calls) == 2
+    assert (dispatched, free) == (1, 2)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, cast
 
+import orjson
 import pytest
 
 from batch_api.adapters.memory import MemoryJournal
@@ -337,45 +338,72 @@ def test_the_sweeper_runs_on_a_daemon_thread_named_sweeper() -> None:
     assert threads[0].daemon
 
 
-def test_no_more_chunks_run_at_once_than_chunk_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
-    from batch_api.workflow import manifest, process
-
-    deps = make_deps(FakeUpstream(), chunk_max_lines=1, chunk_concurrency=1)
-    add_batch(deps, jsonl([request(f"r{i}") for i in range(3)]))
-    all_submitted = threading.Event()
-    lock = threading.Lock()
-    running: list[int] = []
-    peak: list[int] = []
-    real_load, real_process = manifest.load_manifest, process.process_chunk_async
-
-    class SignallingPlan(list[Any]):
-        def __iter__(self) -> Iterator[Any]:
-            yield from super().__iter__()
-            all_submitted.set()  # the runner asks for the next chunk only after submitting the last
-
-    def load_then_signal(step_deps: Any, batch_id: str) -> Any:
-        return SignallingPlan(real_load(step_deps, batch_id))
-
-    async def counting(event: Any, step_deps: Any, **options: Any) -> Any:
-        with lock:
-            running.append(event.chunk.index)
-            peak.append(len(running))
-        assert all_submitted.is_set()  # every chunk is queued: a bigger limit would run them now
-        await asyncio.sleep(0)  # a turn of the loop: the others start now if the limit lets them
-        try:
-            return await real_process(event, step_deps, **options)
-        finally:
-            with lock:
-                running.remove(event.chunk.index)
-
-    monkeypatch.setattr(manifest, "load_manifest", load_then_signal)
-    monkeypatch.setattr(process, "process_chunk_async", counting)
+def test_a_batch_never_has_more_in_flight_than_its_chunks_together() -> None:
+    upstream = FakeUpstream(latency=0.01)
+    deps = make_deps(upstream, chunk_max_lines=3, chunk_concurrency=2, requests_per_chunk=2)
+    add_batch(deps, jsonl([request(f"r{i}") for i in range(12)]))
 
     drive(bound(deps))
 
-    assert get_batch(deps).status == "completed"
-    assert len(peak) == 3
-    assert max(peak) == 1
+    assert get_batch(deps).status == "completed" and len(upstream.calls) == 12
+    assert upstream.max_in_flight == 4  # 2 chunks x 2 requests, reached and never passed
+
+
+class HoldsLastOfFirstChunk(FakeUpstream):
+    """Answers "r1", the first chunk's last request, only once "r2", the second chunk's first, was
+    sent: a runner that waits for a chunk's last answer before it starts the next never finishes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second_chunk_sent = asyncio.Event()
+
+    async def send(self, endpoint: str, body: bytes) -> Any:
+        content = orjson.loads(body)["messages"][-1]["content"]
+        if content == "r2":
+            self.second_chunk_sent.set()
+        if content == "r1":
+            await asyncio.wait_for(self.second_chunk_sent.wait(), 10)
+        return await super().send(endpoint, body)
+
+
+def test_the_next_chunk_starts_while_the_last_requests_of_one_are_out() -> None:
+    upstream = HoldsLastOfFirstChunk()
+    deps = make_deps(upstream, chunk_max_lines=2, chunk_concurrency=1, requests_per_chunk=2)
+    add_batch(deps, jsonl([request(f"r{i}") for i in range(4)]))
+
+    drive(bound(deps))
+
+    assert upstream.second_chunk_sent.is_set()
+    batch = get_batch(deps)
+    assert batch.status == "completed"
+    # r1 was answered (not timed out): r2 went out while r1 was still waiting
+    assert batch.request_counts.model_dump() == {"total": 4, "completed": 4, "failed": 0}
+
+
+def test_a_chunk_that_fails_after_sending_everything_gives_its_turn_and_slots_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batch_api.workflow import process
+
+    upstream = FakeUpstream()
+    deps = make_deps(upstream, chunk_max_lines=2, chunk_concurrency=1, requests_per_chunk=2)
+    add_batch(deps, jsonl([request(f"r{i}") for i in range(6)]))
+    real = process.process_chunk_async
+    failed: list[int] = []
+
+    async def first_run_fails(event: Any, step_deps: Any, **options: Any) -> Any:
+        output = await real(event, step_deps, **options)
+        if event.chunk.index not in failed:  # every chunk's first run: sent it all, then failed
+            failed.append(event.chunk.index)
+            raise RuntimeError("lost the progress write")
+        return output
+
+    monkeypatch.setattr(process, "process_chunk_async", first_run_fails)
+    drive(bound(deps))
+
+    batch = get_batch(deps)
+    assert batch.status == "completed" and sorted(failed) == [0, 1, 2]
+    assert batch.request_counts.model_dump() == {"total": 6, "completed": 6, "failed": 0}
 
 
 def test_wait_idle_gives_up_at_its_timeout_while_a_batch_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -48,6 +49,17 @@ TimeLeft = Callable[[], float]
 INPUT_MISSING = "input_missing"  # `stopped` when the input file's body vanished under a running batch
 
 
+@dataclass(frozen=True)
+class SharedSlots:
+    """A batch's requests in flight, shared by its chunks (the local runner, whose chunks share one
+    loop). `slots` bounds them across the chunks; `dispatched` is called once a chunk has started its
+    last request (or stopped starting any), so that the next chunk can start while this one's last
+    requests are still out and the batch keeps its requests in flight from chunk to chunk."""
+
+    slots: asyncio.Semaphore
+    dispatched: Callable[[], None]
+
+
 def stop_reason(batch: BatchRecord, now: int) -> str | None:
     """Why no new request may start: "cancelled" or "expired"; None when there is no such reason."""
     if batch.status in ("cancelling", "cancelled"):
@@ -72,9 +84,14 @@ def process_chunk(
 
 
 async def process_chunk_async(
-    event: ProcessInput | Mapping[str, Any], deps: Deps, *, time_left: TimeLeft | None = None
+    event: ProcessInput | Mapping[str, Any],
+    deps: Deps,
+    *,
+    time_left: TimeLeft | None = None,
+    shared: SharedSlots | None = None,
 ) -> ProcessOutput:
-    """The async body of `process_chunk`, for callers that already run an event loop."""
+    """The async body of `process_chunk`, for callers that already run an event loop; with `shared`
+    the chunk takes its requests' slots from its batch's (instead of its lease's)."""
     step = parse_step(ProcessInput, event)
     plan = step.chunk
     batch = get_batch(deps, step.project_id, step.batch_id)
@@ -112,7 +129,7 @@ async def process_chunk_async(
         return answer(False, None, wait_seconds=WAIT_SECONDS)
     try:
         stopped = await _ChunkRun(
-            deps, batch, plan, input_file.blob_key, tally, time_left, slots, lease
+            deps, batch, plan, input_file.blob_key, tally, time_left, slots, lease, shared
         ).run()
     finally:
         lease.release()
@@ -189,10 +206,12 @@ class _ChunkRun:
         time_left: TimeLeft | None,
         slots: int,
         lease: _Lease,
+        shared: SharedSlots | None = None,
     ) -> None:
         self.deps = deps
         self.slots = slots  # requests in flight at most (the lease's share)
         self.lease = lease
+        self.shared = shared
         self.batch = batch
         self.plan = plan
         self.blob_key = blob_key
@@ -230,25 +249,35 @@ class _ChunkRun:
 
     async def run(self) -> str | None:
         settings = self.deps.settings
-        slots = asyncio.Semaphore(self.slots)
+        slots = self.shared.slots if self.shared is not None else asyncio.Semaphore(self.slots)
+
+        def done(task: asyncio.Task[None]) -> None:
+            # a callback, not the task's own `finally`: a task cancelled before it ran gives back its slot too
+            self.in_flight.discard(task)
+            slots.release()
+
         upstream = self.deps.upstream_factory(
             model=self.batch.model, batch_id=self.batch.id, rate_share=self.lease.rate_share
         )
         ticker = asyncio.create_task(self._tick(settings.progress_interval_seconds))
         try:
-            for custom_id, body in self.requests():
-                await slots.acquire()
-                if self.flush_error is not None:
-                    slots.release()
-                    raise self.flush_error
-                self.stopped = self.stopped or self._stop_before_start()
-                if self.stopped is not None:
-                    slots.release()
-                    break
-                task = asyncio.create_task(self._send(upstream, slots, custom_id, body))
-                self.in_flight.add(task)
-                task.add_done_callback(self.in_flight.discard)
-                self.started += 1
+            try:
+                for custom_id, body in self.requests():
+                    await slots.acquire()
+                    if self.flush_error is not None:
+                        slots.release()
+                        raise self.flush_error
+                    self.stopped = self.stopped or self._stop_before_start()
+                    if self.stopped is not None:
+                        slots.release()
+                        break
+                    task = asyncio.create_task(self._send(upstream, custom_id, body))
+                    self.in_flight.add(task)
+                    task.add_done_callback(done)
+                    self.started += 1
+            finally:
+                if self.shared is not None:
+                    self.shared.dispatched()
             # nothing new starts now; cancelled (hard stop) requests simply stay unjournaled
             await asyncio.gather(*list(self.in_flight), return_exceptions=True)
         finally:
@@ -284,22 +313,19 @@ class _ChunkRun:
                 return "time"
         return None
 
-    async def _send(self, upstream: Upstream, slots: asyncio.Semaphore, custom_id: str, body: bytes) -> None:
+    async def _send(self, upstream: Upstream, custom_id: str, body: bytes) -> None:
         began = time.monotonic()
         try:
-            try:
-                response = await upstream.send(self.batch.endpoint, body)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the port promises not to raise; a bug there must not lose the batch
-                logger.exception("upstream client raised for %s", custom_id)
-                response = UpstreamResponse(
-                    status_code=None,
-                    error_code="internal_error",
-                    error_message=f"The request failed: {exc!r}",
-                )
-        finally:
-            slots.release()
+            response = await upstream.send(self.batch.endpoint, body)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the port promises not to raise; a bug there must not lose the batch
+            logger.exception("upstream client raised for %s", custom_id)
+            response = UpstreamResponse(
+                status_code=None,
+                error_code="internal_error",
+                error_message=f"The request failed: {exc!r}",
+            )
         self.slowest = max(self.slowest, time.monotonic() - began)
         success = response.status_code is not None and 200 <= response.status_code < 300
         tokens = tokens_of(self.batch.endpoint, response.body) if success else NO_TOKENS

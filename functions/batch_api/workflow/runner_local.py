@@ -206,13 +206,33 @@ class LocalWorkflow:
     async def _run_chunks(self, ref: BatchRef, chunks: list[ChunkPlan]) -> None:
         from batch_api.workflow import process
 
-        turns = asyncio.Semaphore(max(1, self.deps.settings.chunk_concurrency))
+        settings = self.deps.settings
+        turns = asyncio.Semaphore(max(1, settings.chunk_concurrency))
+        # the batch's requests in flight, shared by its chunks: a chunk sending its last requests hands
+        # its turn to the next one, which takes the slots those requests free, so the batch keeps
+        # chunk_concurrency x requests_per_chunk in flight from chunk to chunk
+        slots = asyncio.Semaphore(max(1, settings.chunk_concurrency) * settings.requests_per_chunk)
 
         async def run(chunk: ChunkPlan) -> ProcessOutput:
-            async with turns:
-                step = partial(process.process_chunk_async, time_left=self._time_left)
-                event = ProcessInput(project_id=ref.project_id, batch_id=ref.batch_id, chunk=chunk)
+            await turns.acquire()
+            holds_turn = True
+
+            def next_may_start() -> None:
+                nonlocal holds_turn
+                if holds_turn:
+                    holds_turn = False
+                    turns.release()
+
+            step = partial(
+                process.process_chunk_async,
+                time_left=self._time_left,
+                shared=process.SharedSlots(slots, next_may_start),
+            )
+            event = ProcessInput(project_id=ref.project_id, batch_id=ref.batch_id, chunk=chunk)
+            try:
                 return await self._step_async("process", step, event)
+            finally:
+                next_may_start()
 
         tasks = [asyncio.create_task(run(chunk)) for chunk in chunks]
         try:
