@@ -214,6 +214,40 @@ def test_large_downloads_go_through_a_signed_link(address: tuple[str, int]) -> N
     assert tampered.envelope()["code"] == "invalid_signature"
 
 
+class _VanishesOnceOpen:
+    """A blob's path whose file is deleted the moment the server has opened it: a delete racing the
+    download, at its worst moment."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def open(self, mode: str) -> Any:
+        handle = self.path.open(mode)
+        self.path.unlink()
+        return handle
+
+    def stat(self) -> Any:
+        return self.path.stat()
+
+
+def test_a_link_whose_file_is_deleted_once_opened_serves_the_whole_body(
+    local: tuple[LocalApp, Settings], address: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, _ = local
+    client = _client(address)
+    data = b"".join(b'{"n": %d}\n' % i for i in range(2000))
+    uploaded = client.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="batch")
+    real_path_for = app.blobs.path_for
+    monkeypatch.setattr(app.blobs, "path_for", lambda key: _VanishesOnceOpen(real_path_for(key)))
+
+    raw = client.files.with_raw_response.content(uploaded.id)
+
+    assert raw.http_response.history and raw.http_response.history[0].status_code == 302
+    assert raw.http_response.status_code == 200 and raw.http_response.read() == data
+    with pytest.raises(openai.NotFoundError):  # gone for the next download
+        client.files.content(uploaded.id).read()
+
+
 # ---------------------------------------------------------------- no state shared between requests
 
 

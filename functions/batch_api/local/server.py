@@ -18,6 +18,7 @@ answer 302 to a signed, expiring link, streamed from the data directory.
 from __future__ import annotations
 
 import asyncio
+import os
 import base64
 import contextlib
 import logging
@@ -338,7 +339,9 @@ class ApiAsgiApp:
             return
         loop = asyncio.get_running_loop()
         with handle_:
-            size = path.stat().st_size
+            # the size of what was opened: a delete now unlinks the path, not the open file, which is
+            # served whole (a stat of the path would find it gone)
+            size = os.fstat(handle_.fileno()).st_size
             await send(
                 {
                     "type": "http.response.start",
