@@ -345,7 +345,10 @@ def _batch_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
         summary="Create a batch",
         tags=["Batches"],
         operation_id="createBatch",
-        responses={200: {"description": "The Batch, validating."}, **error_responses(400, 401, 413, 500)},
+        responses={
+            200: {"description": "The Batch, validating."},
+            **error_responses(400, 401, 409, 413, 500),
+        },
     )
     def create_batch(
         body: CreateBatchBody,
