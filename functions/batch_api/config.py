@@ -18,9 +18,13 @@ def redact_url(url: str | None) -> str | None:
     if not url:
         return url
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    if "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    if "@" in url and not parts.netloc:
+        # not scheme://host (say "user:password@host/v1", which reads as scheme "user"): whatever
+        # comes before the last @ may be a secret
+        return "***@" + url.rpartition("@")[2]
+    return url
 
 
 class Settings(BaseSettings):

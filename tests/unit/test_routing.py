@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from batch_api.config import Settings
+from batch_api.config import Settings, redact_url
 from batch_api.upstreams import OpenAIHttpUpstream, make_upstream_factory
 from batch_api.upstreams.capacity import GateStats
 from batch_api.upstreams.gated import GatedUpstream
+from batch_api.upstreams.openai_http import check_base_url
 from batch_api.upstreams.routing import DISCOVERY_MAX_AGE_SECONDS, UpstreamPool, load_specs
 from tests.support.fake_upstream import FakeUpstreamServer, free_port
 
@@ -118,6 +119,46 @@ def test_descriptions_never_show_credentials(tmp_path: Path) -> None:
     text = " ".join(spec.describe() for spec in pool.specs)
     assert "secret" not in text and "***@gpu-a:8000" in text
     assert "any model" in text and "llama-3.1-8b, llama-3.1-70b" in text
+
+
+@pytest.mark.parametrize(
+    "key_line",
+    ['api_key = "sk-file"', 'api_key_env = "LLAMA_KEY"', 'api_key_secret = "batch-api/llama"'],
+)
+def test_credentials_in_a_base_url_and_a_key_are_refused_at_start(tmp_path: Path, key_line: str) -> None:
+    text = FILE.replace("http://gpu-a:8000/v1", "http://bob:pw-secret@gpu-a:8000/v1").replace(
+        'api_key_env = "LLAMA_KEY"', key_line
+    )
+    with pytest.raises(ValueError, match="carries credentials and .* gives a key too; give one") as caught:
+        pool_from(tmp_path, text)
+    assert "pw-secret" not in str(caught.value)
+    # the same list as the stack passes it (BATCH_API_UPSTREAMS_JSON) is refused the same way
+    specs = '[{"name": "x", "base_url": "http://bob:pw-secret@h/v1", "api_key_secret": "s"}]'
+    with pytest.raises(ValueError, match="give one") as caught:
+        load_specs(Settings(upstreams_json=specs))
+    assert "pw-secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://u:secret@host:8000/v1", "http://***@host:8000/v1"),
+        ("u:secret@host:8000/v1", "***@host:8000/v1"),  # no scheme: "u" reads as one
+        ("http://host:8000/v1", "http://host:8000/v1"),
+        ("host/v1", "host/v1"),
+        (None, None),
+    ],
+)
+def test_redacted_urls_never_show_what_comes_before_an_at(url: str | None, shown: str | None) -> None:
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("url", ["http://host:99999/v1", "http://host:port/v1", "http://:8000/v1"])
+def test_a_base_url_with_a_bad_port_or_no_host_is_refused_at_start(url: str) -> None:
+    with pytest.raises(ValueError, match="upstream base URL"):
+        check_base_url(url)
+    with pytest.raises(ValueError, match="upstream base URL"):
+        make_upstream_factory(Settings(upstream="http", upstream_url=url))
 
 
 def test_the_load_report_names_each_busy_upstream_once_per_change(tmp_path: Path) -> None:

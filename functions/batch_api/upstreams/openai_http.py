@@ -58,8 +58,12 @@ def join_url(base_url: str, endpoint: str) -> str:
 def check_base_url(base_url: str) -> str:
     """The host[:port] of an http(s) base URL; `ValueError` for anything else."""
     parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"upstream base URL must be an http(s) URL, got {redact_url(base_url)!r}")
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError:
+        raise ValueError(f"upstream base URL has an invalid port: {redact_url(base_url)!r}") from None
     return parts.netloc.rpartition("@")[2]  # never echo credentials embedded in a URL
 
 

@@ -91,6 +91,11 @@ class UpstreamSpec(BaseModel):
         given = [name for name in KEY_SOURCES if getattr(self, name) is not None]
         if len(given) > 1:
             raise ValueError(f"upstream {self.name!r}: give only one of {', '.join(given)}")
+        if given and self.base_url and split_credentials(self.base_url)[1] is not None:
+            raise ValueError(
+                f"upstream {self.name!r}: the base_url carries credentials and {given[0]} gives a key "
+                "too; give one"
+            )
         if self.models == DISCOVER and self.kind == "mock":
             self.models = [ANY_MODEL]  # the mock answers any model
         return self
