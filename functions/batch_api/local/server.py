@@ -18,10 +18,10 @@ answer 302 to a signed, expiring link, streamed from the data directory.
 from __future__ import annotations
 
 import asyncio
-import os
 import base64
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
