@@ -129,7 +129,7 @@ def test_credentials_in_a_base_url_and_a_key_are_refused_at_start(tmp_path: Path
     text = FILE.replace("http://gpu-a:8000/v1", "http://bob:pw-secret@gpu-a:8000/v1").replace(
         'api_key_env = "LLAMA_KEY"', key_line
     )
-    with pytest.raises(ValueError, match="carries credentials and .* gives a key too; give one") as caught:
+    with pytest.raises(ValueError, match=r"carries credentials and .* gives a key too; give one") as caught:
         pool_from(tmp_path, text)
     assert "pw-secret" not in str(caught.value)
     # the same list as the stack passes it (BATCH_API_UPSTREAMS_JSON) is refused the same way
