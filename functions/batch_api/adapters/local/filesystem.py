@@ -200,11 +200,13 @@ class FilesystemBlobStore:
 
 
 class _JournalFile:
-    """Per-file state: a lock, and whether this process has already cut off a torn tail."""
+    """Per-file state: its path, a lock, and whether this process has already cut off a torn tail."""
 
-    __slots__ = ("checked", "lock")
+    __slots__ = ("checked", "lock", "name", "path")
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = os.fspath(path)
         self.lock = threading.Lock()
         self.checked = False
 
@@ -247,7 +249,8 @@ class FilesystemJournal:
         self.root = Path(root)
         self.fsync = fsync
         self._lock = threading.Lock()
-        self._files: dict[Path, _JournalFile] = {}
+        # (batch id, chunk index) -> its file's state: an append finds its path without building it
+        self._files: dict[tuple[str, int], _JournalFile] = {}
 
     def _batch_dir(self, batch_id: str) -> Path:
         _check_key(batch_id)
@@ -258,12 +261,15 @@ class FilesystemJournal:
     def path_for(self, batch_id: str, chunk_index: int) -> Path:
         return self._batch_dir(batch_id) / f"{chunk_index:05d}.jsonl"
 
-    def _state(self, path: Path) -> _JournalFile:
+    def _state(self, batch_id: str, chunk_index: int) -> _JournalFile:
+        key = (batch_id, chunk_index)
         with self._lock:
-            state = self._files.get(path)
-            if state is None:
-                state = self._files[path] = _JournalFile()
-            return state
+            state = self._files.get(key)
+        if state is None:
+            path = self.path_for(batch_id, chunk_index)  # checks the id, outside the lock
+            with self._lock:
+                state = self._files.setdefault(key, _JournalFile(path))
+        return state
 
     def append(self, batch_id: str, chunk_index: int, lines: list[bytes]) -> None:
         for line in lines:
@@ -272,14 +278,13 @@ class FilesystemJournal:
         if not lines:
             return
         data = b"".join(lines)
-        path = self.path_for(batch_id, chunk_index)
-        state = self._state(path)
+        state = self._state(batch_id, chunk_index)
         with state.lock:
             if not state.checked:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _truncate_torn_tail(path)
+                state.path.parent.mkdir(parents=True, exist_ok=True)
+                _truncate_torn_tail(state.path)
                 state.checked = True
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(state.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 written = os.write(fd, data)
                 while written < len(data):  # a short write (rare on regular files): finish it
@@ -318,6 +323,6 @@ class FilesystemJournal:
     def delete_batch(self, batch_id: str) -> None:
         directory = self._batch_dir(batch_id)
         with self._lock:
-            for path in [p for p in self._files if p.parent == directory]:
-                del self._files[path]
+            for key in [key for key in self._files if key[0] == batch_id]:
+                del self._files[key]
         shutil.rmtree(directory, ignore_errors=True)
