@@ -1,9 +1,9 @@
 """The local twin of the Step Functions state machine: the same steps, in the same order, in-process.
 
-validate -> process every chunk of the manifest (at most `chunk_concurrency` chunks of the batch at
-once, like the Distributed Map's MaxConcurrency; every batch's chunks on one event loop) -> finalize. A step that raises is retried
-with backoff, like a Lambda task's Retry; when the retries run out the batch ends `failed`, like the
-state machine's Catch. Durability comes from the steps, not from here: every step is idempotent and
+validate -> process every chunk of the manifest (at most `chunk_concurrency` chunks of the batch
+sending at once, like the Distributed Map's MaxConcurrency; every batch's chunks on one event loop)
+-> finalize. A step that raises is retried with backoff, like a Lambda task's Retry; when the retries
+run out the batch ends `failed`, like the state machine's Catch. Durability comes from the steps, not from here: every step is idempotent and
 the journal records each finished request, so `resume()` after a crash simply runs the batch again.
 """
 
@@ -301,9 +301,10 @@ class _ChunkLoop:
 
     One loop rather than a thread and loop per chunk: the requests of all chunks share one pooled
     client session per upstream (`upstreams.loops`), and the chunks do not take the interpreter's lock
-    from each other on every send, write and journal append (at ~1,000 requests a second that
-    contention cost more than a tenth of the throughput). Chunks do little else on it: local store
-    calls, each well under a millisecond. The loop runs while some batch uses it (`acquire` /
+    from each other on every send, read and journal append (bench/results/pipeline_overhead.md
+    measures the step). Chunks do little else on it: local store calls, each well under a
+    millisecond (with the aws backend in this process, a development mode, they are network calls
+    the loop waits for). The loop runs while some batch uses it (`acquire` /
     `release`); the last user's release cancels what is left on it, closes its upstream sessions and
     ends the thread, and the next `acquire` starts a new one.
     """
