@@ -272,7 +272,13 @@ class Workflow(Construct):
         ).next(process)
         chunk_done = (
             sfn.Choice(self, "ChunkDone")
-            .when(sfn.Condition.boolean_equals("$.result.done", True), sfn.Succeed(self, "ChunkFinished"))
+            .when(
+                sfn.Condition.boolean_equals("$.result.done", True),
+                # each chunk's output is {}: without a ResultWriter the Map gathers every child's output
+                # into one array, which must stay under Step Functions' 256 KiB; {} keeps a batch of the
+                # most chunks there can be (one line each, MAX_REQUESTS_PER_BATCH) at 3 bytes a chunk
+                sfn.Succeed(self, "ChunkFinished", output_path=sfn.JsonPath.DISCARD),
+            )
             .when(sfn.Condition.number_greater_than("$.result.wait_seconds", 0), wait_for_capacity)
             .otherwise(process)
         )

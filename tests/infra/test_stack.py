@@ -6,6 +6,7 @@ import json
 import typing
 from typing import Any
 
+import orjson
 import pytest
 
 from batch_api.adapters.aws import schema
@@ -444,6 +445,22 @@ def test_definition_follows_the_contract(
     assert chunks["Next"] == "Finalize"
     assert states["Finalize"]["Next"] == "Done"
     assert states["Done"]["Type"] == "Succeed"
+
+
+def test_the_gathered_output_of_the_most_chunks_a_batch_can_have_fits_step_functions(
+    template: dict[str, Any],
+) -> None:
+    """No ResultWriter: the Map gathers every child's output into one array, which Step Functions
+    caps at 256 KiB (States.DataLimitExceeded). Each child ends with an empty output, so even a batch
+    of MAX_REQUESTS_PER_BATCH one-line chunks stays well under it."""
+    from batch_api.contract.models import MAX_REQUESTS_PER_BATCH
+
+    child = render_definition(template)["States"]["ProcessChunks"]["ItemProcessor"]["States"]
+    finished = [name for name, state in child.items() if state["Type"] == "Succeed"]
+    assert finished == ["ChunkFinished"] and child["ChunkFinished"]["OutputPath"] is None
+    assert not [name for name, state in child.items() if state.get("End")]  # no other way out
+    gathered = len(orjson.dumps([{}] * MAX_REQUESTS_PER_BATCH))
+    assert gathered <= 0.6 * 256 * 1024  # with a margin of 40%
 
 
 def test_each_chunk_loops_until_the_worker_says_done(
