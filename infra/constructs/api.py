@@ -20,7 +20,10 @@ from infra.functions import FunctionFactory
 from infra.nag import acknowledge
 
 API_HANDLER = "batch_api.handlers.lambda_api.handler"
-API_TIMEOUT = Duration.seconds(29)  # API Gateway's integration timeout
+GATEWAY_TIMEOUT_SECONDS = 29  # API Gateway's integration timeout (REST API default)
+# under the gateway's, so a request that runs long ends as the function's error (a 502 in the envelope,
+# from the gateway responses) rather than the gateway's 504 while the function goes on working
+API_TIMEOUT = Duration.seconds(GATEWAY_TIMEOUT_SECONDS - 1)
 # A Lambda proxy takes 6 MB each way and binary bodies travel base64 (4/3 larger): ~4.5 MB of raw
 # request and ~4 MB of inline download fit; bigger uploads use the Uploads API, bigger downloads a 302.
 MAX_REQUEST_BYTES = 4_500_000

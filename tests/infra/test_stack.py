@@ -222,7 +222,7 @@ def test_function_timeouts_memory_and_log_retention(
     template: dict[str, Any], functions: dict[str, str], env_settings: dict[str, Any]
 ) -> None:
     expected = {
-        API_HANDLER: (29, env_settings["api_memory_mb"]),
+        API_HANDLER: (28, env_settings["api_memory_mb"]),  # under the gateway's 29 s
         f"{WORKFLOW}.validate_handler": (900, env_settings["step_memory_mb"]),
         f"{WORKFLOW}.process_handler": (900, env_settings["worker_memory_mb"]),
         f"{WORKFLOW}.finalize_handler": (900, env_settings["step_memory_mb"]),
@@ -231,6 +231,14 @@ def test_function_timeouts_memory_and_log_retention(
     for handler, (timeout, memory) in expected.items():
         props = template["Resources"][functions[handler]]["Properties"]
         assert (props["Timeout"], props["MemorySize"]) == (timeout, memory), handler
+    proxies = [
+        method["Properties"]["Integration"]
+        for method in resources(template, "AWS::ApiGateway::Method").values()
+        if method["Properties"].get("Integration", {}).get("Type") == "AWS_PROXY"
+    ]
+    assert proxies
+    for integration in proxies:  # the gateway waits 29 s unless told otherwise
+        assert integration.get("TimeoutInMillis", 29_000) > 28 * 1000
         log_group = props["LoggingConfig"]["LogGroup"]["Ref"]
         assert (
             template["Resources"][log_group]["Properties"]["RetentionInDays"]
