@@ -1,14 +1,16 @@
 """The one Lambda code asset for every function, built without Docker.
 
 `pip install --platform manylinux..._<arch> --only-binary=:all:` fetches wheels for the Lambda
-architecture and Python version (not for this machine), then the `batch_api` package is copied next
-to them. The AWS SDK is left to the Lambda runtime: it is removed again when a dependency (the X-Ray
+architecture and Python version (not for this machine), then the modules of the `batch_api` package
+that the functions' handlers import (directly or through each other, at any depth) are copied next to
+them: the local server, its SQLite and filesystem adapters and the in-memory fakes stay out. The AWS SDK is left to the Lambda runtime: it is removed again when a dependency (the X-Ray
 SDK) drags botocore in, because a bundled botocore would shadow the runtime's and skew against its
 boto3.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import re
 import shutil
@@ -33,6 +35,63 @@ RUNTIME_PROVIDED = frozenset(
 # the local HTTP server's; no Lambda function runs it
 LOCAL_ONLY = frozenset({"uvicorn", "h11"})
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+# the modules the functions' handler strings name (infra/constructs: api, workflow, housekeeping)
+HANDLER_MODULES = ("batch_api.handlers.lambda_api", "batch_api.handlers.workflow")
+
+
+def _module_file(package_root: Path, module: str) -> Path | None:
+    base = package_root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(
+    roots: tuple[str, ...] = HANDLER_MODULES, package_root: Path = FUNCTIONS_DIR
+) -> set[str]:
+    """The package's modules `roots` import, at any depth and wherever the import statement is (inside
+    functions too), with every package `__init__` on their way: what the functions can ever run."""
+    seen: set[str] = set()
+    pending = list(roots)
+    while pending:
+        module = pending.pop()
+        if module in seen or not module.startswith(PACKAGE_NAME):
+            continue
+        path = _module_file(package_root, module)
+        if path is None:  # a name imported from a module, not a module of its own
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        pending += [".".join(parts[:i]) for i in range(1, len(parts))]  # the packages on its way
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                pending += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    anchor = parts if is_package else parts[:-1]
+                    base = ".".join(
+                        anchor[: len(anchor) - node.level + 1] + ([node.module] if node.module else [])
+                    )
+                else:
+                    base = node.module or ""
+                pending.append(base)
+                pending += [f"{base}.{alias.name}" for alias in node.names]
+    return seen
+
+
+def copy_imported(out: Path, package_root: Path = FUNCTIONS_DIR) -> list[Path]:
+    """Copy the modules `imported_modules` finds into `out`; returns the files copied (relative)."""
+    copied = []
+    for module in sorted(imported_modules(package_root=package_root)):
+        source = _module_file(package_root, module)
+        assert source is not None
+        relative = source.relative_to(package_root)
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, out / relative)
+        copied.append(relative)
+    return copied
 
 
 def runtime_requirements(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
@@ -92,7 +151,7 @@ class PipLocalBundling:
         subprocess.run(command, check=True)
         remove_distributions(out, RUNTIME_PROVIDED)
         shutil.rmtree(out / "bin", ignore_errors=True)  # console scripts pointing at this machine's python
-        shutil.copytree(FUNCTIONS_DIR / PACKAGE_NAME, out / PACKAGE_NAME, ignore=IGNORED, dirs_exist_ok=True)
+        copy_imported(out)
         return True
 
 
