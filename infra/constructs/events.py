@@ -7,6 +7,7 @@ from aws_cdk import aws_events as events
 from constructs import Construct
 
 from infra.config import EnvConfig
+from infra.naming import kept_name
 
 ARCHIVE_DAYS = 30
 
@@ -16,7 +17,9 @@ class Events(Construct):
         self, scope: Construct, id: str, *, config: EnvConfig, removal_policy: RemovalPolicy
     ) -> None:
         super().__init__(scope, id)
-        self.bus = events.EventBus(self, "Bus", event_bus_name=config.bus_name)
+        # kept on destroy in a retaining environment: then named for this stack's creation, so the next
+        # deploy makes a bus of its own instead of failing on the kept one's name
+        self.bus = events.EventBus(self, "Bus", event_bus_name=kept_name(config.bus_name, removal_policy))
         self.bus.apply_removal_policy(removal_policy)
         # replayable history of batch.* events, e.g. for a consumer that was down
         self.archive = self.bus.archive(

@@ -32,6 +32,7 @@ from infra.constructs.storage import (
 )
 from infra.functions import FunctionFactory
 from infra.nag import XRAY_REASON, acknowledge, logical_id, wildcard
+from infra.naming import kept_name
 
 HANDLERS = "batch_api.handlers.workflow"
 STEP_TIMEOUT = Duration.minutes(15)  # the Lambda maximum; process returns a cursor well before it
@@ -176,7 +177,7 @@ class Workflow(Construct):
             self,
             "Logs",
             # the vendedlogs prefix keeps the Logs resource policy small (Step Functions' advice)
-            log_group_name=f"/aws/vendedlogs/states/{config.stack_name}-workflow",
+            log_group_name=kept_name(f"/aws/vendedlogs/states/{config.stack_name}-workflow", removal_policy),
             retention=log_retention,
             removal_policy=removal_policy,
         )

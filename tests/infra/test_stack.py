@@ -568,11 +568,36 @@ def data_bucket_id(template: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ events, API, monitoring
 
 
+STACK_CREATION_ID = {"Fn::Select": [2, {"Fn::Split": ["/", {"Ref": "AWS::StackId"}]}]}
+
+
 def test_one_custom_bus_per_environment(synthesized: Synthesized, template: dict[str, Any]) -> None:
     bus_id, bus = only(template, "AWS::Events::EventBus")
-    assert bus["Properties"]["Name"] == f"batch-api-{synthesized.env}"
+    kept = synthesized.env == "prod"
+    assert bus.get("DeletionPolicy") == ("Retain" if kept else "Delete")
+    # kept on destroy: named for the stack's creation, so deploy -> destroy -> deploy never meets it
+    expected = {"Fn::Join": ["-", ["batch-api-prod", STACK_CREATION_ID]]} if kept else "batch-api-dev"
+    assert bus["Properties"]["Name"] == expected
     outputs = [o for o in template["Outputs"].values() if o["Value"] == {"Ref": bus_id}]
     assert outputs
+
+
+def test_every_kept_resource_with_a_name_is_named_for_the_stacks_creation(
+    synthesized: Synthesized, template: dict[str, Any]
+) -> None:
+    name_keys = ("Name", "LogGroupName", "TableName", "BucketName", "TopicName", "FunctionName", "RoleName")
+    kept_named = {
+        lid: (key, resource["Properties"][key])
+        for lid, resource in template["Resources"].items()
+        if resource.get("DeletionPolicy") == "Retain"
+        for key in name_keys
+        if key in resource.get("Properties", {})
+    }
+    if synthesized.env == "prod":  # the bus and the workflow's log group
+        types = {template["Resources"][lid]["Type"] for lid in kept_named}
+        assert types == {"AWS::Events::EventBus", "AWS::Logs::LogGroup"}
+    for key, value in kept_named.values():
+        assert isinstance(value, dict) and STACK_CREATION_ID in value["Fn::Join"][1], (key, value)
 
 
 def test_rest_api_proxies_everything_to_the_api_function(
