@@ -170,9 +170,11 @@ class UpstreamResponse:
 class Upstream(Protocol):
     """An OpenAI-compatible model endpoint. Async: one client serves many requests in flight."""
 
-    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+    async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
         """POST `body` (the input line's body, unchanged) to `endpoint` (e.g. "/v1/chat/completions"),
-        with retries; never raises for upstream or transport failures."""
+        with retries; never raises for upstream or transport failures. `deadline` (a `time.monotonic()`
+        value, None: none) is when the caller must have its answer: no attempt runs past it and no
+        retry starts that would; when it passes, the request ends as an `upstream_timeout` failure."""
 
     async def aclose(self) -> None: ...
 

@@ -8,6 +8,7 @@ import asyncio
 import io
 import re
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -569,13 +570,18 @@ VALIDATION_CASES: dict[str, Callable[[], Observed]] = {
 
 
 def _upstream_line(
-    directive: str | None = None, *, base_url: str | None = None, timeout: float = 60
+    directive: str | None = None,
+    *,
+    base_url: str | None = None,
+    timeout: float = 60,
+    within: float | None = None,
 ) -> Observed:
     async def send(url: str) -> UpstreamResponse:
         client = OpenAIHttpUpstream(url, "sk-upstream", max_retries=0, timeout=timeout)
         try:
             body = {"model": "m", "messages": [], "user": directive or ""}
-            return await client.send(CHAT, orjson.dumps(body))
+            deadline = None if within is None else time.monotonic() + within
+            return await client.send(CHAT, orjson.dumps(body), deadline)
         finally:
             await client.aclose()
 
@@ -645,6 +651,7 @@ RESULT_CASES: dict[str, Callable[[], Observed]] = {
     "R7": _no_error_code,
     "R8": lambda: _never_ran("batch_cancelled"),
     "R9": lambda: _never_ran("batch_expired"),
+    "R10": lambda: _upstream_line("hang", within=0.2),
 }
 
 

@@ -8,6 +8,7 @@ or `input` / `prompt`), and can hook every call (to cancel the batch or move the
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -88,19 +89,25 @@ class FakeUpstream:
         self.clients_closed = 0
         self.routes: list[tuple[str | None, str | None]] = []  # (model, batch_id) of each client made
         self.rate_shares: list[float] = []  # the rate share each client was made with
+        self.deadlines: list[float | None] = []  # the deadline each request was sent with
 
     def sent_contents(self) -> list[str]:
         return [content_of(body) for _, body in self.calls]
 
-    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+    async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
         parsed = orjson.loads(body)
         self.calls.append((endpoint, parsed))
         n = len(self.calls)
         if self.on_call is not None:
             self.on_call(n, parsed)
+        self.deadlines.append(deadline)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and self.latency > left:  # like a client whose timeout is clipped
+                await asyncio.sleep(max(0.0, left))
+                return transport_failure("upstream_timeout", "no complete answer in the time left")
             if self.latency:
                 await asyncio.sleep(self.latency)
             else:

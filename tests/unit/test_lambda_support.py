@@ -155,7 +155,7 @@ class ScriptedUpstream:
         self.answers = list(answers)
         self.closed = False
 
-    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+    async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
@@ -195,7 +195,7 @@ def test_requests_are_counted_per_client_and_timed_per_request() -> None:
 
 def test_cancelled_requests_are_not_counted() -> None:
     class Hanging(ScriptedUpstream):
-        async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+        async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
             await asyncio.sleep(60)
             raise AssertionError("unreachable")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,6 +24,7 @@ from batch_api.workflow import process as process_module
 from batch_api.workflow.lines import result_line
 from batch_api.workflow.manifest import load_manifest
 from batch_api.workflow.process import (
+    DEADLINE_MARGIN_SECONDS,
     HARD_STOP_SECONDS,
     TIME_MARGIN_FLOOR_SECONDS,
     process_chunk,
@@ -656,14 +659,51 @@ def test_the_first_reason_to_stop_is_the_one_reported() -> None:
     assert len(upstream.calls) == 1 and len(_journal(deps)) == 1
 
 
-@pytest.mark.parametrize("seconds", [10.0, 0.5])
-def test_any_time_left_at_all_starts_the_first_request(seconds: float) -> None:
+LAST_SAFE = HARD_STOP_SECONDS + DEADLINE_MARGIN_SECONDS  # a request's deadline comes this long before the end
+
+
+@pytest.mark.parametrize("seconds", [10.0, LAST_SAFE + 0.5])
+def test_any_time_left_before_the_deadline_starts_the_first_request(seconds: float) -> None:
     deps, upstream, [chunk] = _setup(3, requests_per_chunk=1)
 
     result = _run(deps, chunk, time_left=lambda: seconds)
 
     assert result.done is False
     assert len(upstream.calls) == 1 and len(_journal(deps)) == 1
+    [deadline] = upstream.deadlines
+    assert deadline is not None and 0 < deadline - time.monotonic() <= seconds - LAST_SAFE
+
+
+@pytest.mark.parametrize("seconds", [LAST_SAFE, 0.5])
+def test_with_no_time_before_the_deadline_nothing_is_sent_and_nothing_journaled(seconds: float) -> None:
+    """It could not be answered and journaled before the hard stop: it is left to the next invocation
+    rather than sent now and again then."""
+    deps, upstream, [chunk] = _setup(3, requests_per_chunk=1)
+
+    result = _run(deps, chunk, time_left=lambda: seconds)
+
+    assert result.done is False
+    assert upstream.calls == [] and _journal(deps) == []
+
+
+def test_a_worker_driven_to_its_time_limit_sends_no_request_twice() -> None:
+    """The first invocation's only request is still out when its time runs short: it ends at its
+    deadline as a journaled upstream_timeout, instead of being abandoned at the hard stop and sent
+    again by the next invocation (billed twice by the upstream)."""
+    upstream = FakeUpstream(latency=2.0)
+    deps, _, [chunk] = _setup(4, upstream=upstream, requests_per_chunk=2, progress_interval_seconds=0.01)
+    end = time.monotonic() + LAST_SAFE + 0.2  # 0.2 s until the deadline, 1.2 s until the hard stop
+
+    first = _run(deps, chunk, time_left=lambda: end - time.monotonic())
+    upstream.latency = 0
+    second = _run(deps, chunk, time_left=lambda: 900.0)
+
+    assert (first.done, second.done) == (False, True)
+    sent = Counter(upstream.sent_contents())
+    assert sorted(sent) == ["r0", "r1", "r2", "r3"] and set(sent.values()) == {1}
+    lines = {line["custom_id"]: line for line in _journal(deps)}
+    assert lines["r0"]["error"]["code"] == "upstream_timeout"  # it ran out of time, once
+    assert all(lines[f"r{i}"]["error"] is None for i in (1, 2, 3))
 
 
 SLOWEST = 20.0  # seconds the first request takes: twice that is above the margin's floor
@@ -697,11 +737,18 @@ def test_the_time_margin_is_twice_the_slowest_request_seen(
     assert result.done is all_sent
 
 
-def test_with_exactly_the_hard_stop_time_left_in_flight_requests_are_still_awaited() -> None:
-    upstream = FakeUpstream(latency=0.03)
-    deps, _, [chunk] = _setup(1, upstream=upstream, requests_per_chunk=1, progress_interval_seconds=0.002)
+class _OverrunsItsDeadline(FakeUpstream):
+    """A client that answers after its deadline (the hard stop is there for such a one)."""
 
-    result = _run(deps, chunk, time_left=lambda: HARD_STOP_SECONDS)
+    async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
+        return await super().send(endpoint, body, None)
+
+
+def test_with_exactly_the_hard_stop_time_left_in_flight_requests_are_still_awaited() -> None:
+    upstream = _OverrunsItsDeadline(latency=0.03)
+    deps, _, [chunk] = _setup(1, upstream=upstream, requests_per_chunk=1, progress_interval_seconds=0.002)
+    # enough to send it; once it is out, exactly the hard stop
+    result = _run(deps, chunk, time_left=lambda: HARD_STOP_SECONDS if upstream.calls else LAST_SAFE + 1)
 
     assert result.done is True
     assert len(_journal(deps)) == 1
@@ -716,10 +763,10 @@ class _SlowToUnwind(FakeUpstream):
         self.open = 0
         self.open_at_close: list[int] = []
 
-    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+    async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
         self.open += 1
         try:
-            return await super().send(endpoint, body)
+            return await super().send(endpoint, body, deadline)
         except asyncio.CancelledError:
             for _ in range(5):
                 await asyncio.sleep(0)

@@ -357,13 +357,13 @@ class HoldsLastOfFirstChunk(FakeUpstream):
         super().__init__()
         self.second_chunk_sent = asyncio.Event()
 
-    async def send(self, endpoint: str, body: bytes) -> Any:
+    async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> Any:
         content = orjson.loads(body)["messages"][-1]["content"]
         if content == "r2":
             self.second_chunk_sent.set()
         if content == "r1":
             await asyncio.wait_for(self.second_chunk_sent.wait(), 10)
-        return await super().send(endpoint, body)
+        return await super().send(endpoint, body, deadline)
 
 
 def test_the_next_chunk_starts_while_the_last_requests_of_one_are_out() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,13 +44,17 @@ def chat_body(directive: str, text: str = "hello there") -> bytes:
     return orjson.dumps({"model": "m", "messages": [{"role": "user", "content": text}], "user": directive})
 
 
-def send_one(base_url: str, body: bytes, endpoint: str = CHAT, **options: Any) -> tuple[Any, SleepRecorder]:
+def send_one(
+    base_url: str, body: bytes, endpoint: str = CHAT, *, within: float | None = None, **options: Any
+) -> tuple[Any, SleepRecorder]:
+    """Send `body` once; `within`: the seconds until the request's deadline (None: no deadline)."""
     sleep = SleepRecorder()
     options.setdefault("sleep", sleep)
 
     async def run() -> Any:
         async with OpenAIHttpUpstream(base_url, options.pop("api_key", None), **options) as client:
-            return await client.send(endpoint, body)
+            deadline = None if within is None else time.monotonic() + within
+            return await client.send(endpoint, body, deadline)
 
     return asyncio.run(run()), sleep
 
@@ -166,6 +171,37 @@ def test_timeout_fails_after_the_budget(fake: FakeUpstreamServer) -> None:
     assert "2 attempts" in response.error_message
     assert len(sleep.waits) == 1
     assert fake.attempts("slow") == 2
+
+
+def test_an_attempt_never_runs_past_the_deadline(fake: FakeUpstreamServer) -> None:
+    began = time.monotonic()
+    response, sleep = send_one(fake.base_url, chat_body("id=past-deadline;delay=5"), within=0.3)
+
+    assert time.monotonic() - began < 2  # not the client's 600 s, nor the 5 s the server takes
+    assert (response.status_code, response.error_code, response.attempts) == (None, "upstream_timeout", 1)
+    assert "no complete answer in the time the worker had left" in response.error_message
+    assert sleep.waits == []  # and no retry: it could not end in time either
+
+
+def test_no_retry_starts_that_would_start_after_the_deadline(fake: FakeUpstreamServer) -> None:
+    response, sleep = send_one(
+        fake.base_url, chat_body("id=late-retry;status=500;times=1"), within=5, backoff_base=20, rng=lambda: 1
+    )
+
+    assert (response.status_code, response.attempts) == (500, 1)  # the answer it had, not a retry in 20 s
+    assert sleep.waits == [] and fake.attempts("late-retry") == 1
+    retried, sleep = send_one(
+        fake.base_url, chat_body("id=early-retry;status=500;times=1"), within=5, backoff_base=2, rng=lambda: 1
+    )
+    assert (retried.status_code, retried.attempts, sleep.waits) == (200, 2, [2.0])  # 2 s: still in time
+
+
+def test_past_its_deadline_a_request_is_not_sent(fake: FakeUpstreamServer) -> None:
+    response, _ = send_one(fake.base_url, chat_body("id=never-sent"), within=-1)
+
+    assert (response.status_code, response.error_code) == (None, "upstream_timeout")
+    assert "no time was left to send it" in response.error_message
+    assert fake.attempts("never-sent") == 0
 
 
 def test_a_slow_first_attempt_then_a_fast_one_succeeds(fake: FakeUpstreamServer) -> None:

@@ -227,3 +227,21 @@ def test_mock_server_serves_every_endpoint_over_http() -> None:
     assert missing_model.status_code == 400
     assert missing_model.body["error"]["param"] == "model"
     assert models["object"] == "list" and models["data"]
+
+
+def test_the_mock_times_out_at_a_deadline_it_cannot_meet_and_answers_before_one_it_can() -> None:
+    mock = MockUpstream(latency_seconds=5.0)
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+
+    async def both() -> tuple[Any, Any, float]:
+        began = time.monotonic()
+        late = await mock.send("/v1/chat/completions", body, began + 0.05)
+        took = time.monotonic() - began
+        fast = await MockUpstream(latency_seconds=0.01).send(
+            "/v1/chat/completions", body, time.monotonic() + 5
+        )
+        return late, fast, took
+
+    late, fast, took = asyncio.run(both())
+    assert (late.status_code, late.error_code) == (None, "upstream_timeout") and took < 1
+    assert fast.status_code == 200

@@ -16,14 +16,14 @@ class GatedUpstream:
         self.gate = gate
         self.batch_id = batch_id
 
-    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+    async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
         tokens = estimate_tokens(body) if self.gate.counts_tokens else 0
         await self.gate.pace(tokens)
         admitted = await self.gate.acquire(self.batch_id)
         status: int | None = None
         headers = None
         try:
-            response = await self.inner.send(endpoint, body)
+            response = await self.inner.send(endpoint, body, deadline)
             status, headers = response.status_code, response.headers
         finally:
             self.gate.release(admitted, status, headers)

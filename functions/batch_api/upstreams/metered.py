@@ -62,10 +62,10 @@ class MeteredUpstream:
         self._throttled_before = self.gate.throttled if self.gate is not None else 0
         self.latencies: list[float] = []  # milliseconds, since the last close
 
-    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+    async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
         began = time.perf_counter()
         try:
-            response = await self.inner.send(endpoint, body)
+            response = await self.inner.send(endpoint, body, deadline)
         except asyncio.CancelledError:
             raise  # abandoned, not answered: it runs again on the next invocation
         except Exception:

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import math
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -410,8 +411,17 @@ class MockUpstream:
     def __init__(self, latency_seconds: float = 0.0) -> None:
         self.latency_seconds = latency_seconds
 
-    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+    async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
         if self.latency_seconds > 0:
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            if left < self.latency_seconds:  # it would answer too late: time out at the deadline
+                await asyncio.sleep(max(0.0, left))
+                return UpstreamResponse(
+                    status_code=None,
+                    error_code="upstream_timeout",
+                    error_message="request to the mock failed after 1 attempt: no complete answer in "
+                    "the time the worker had left",
+                )
             await asyncio.sleep(self.latency_seconds)
         status, answer = mock_answer(endpoint, body)
         return UpstreamResponse(

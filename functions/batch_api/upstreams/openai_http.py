@@ -78,6 +78,11 @@ def split_credentials(base_url: str) -> tuple[str, str | None]:
     return bare, "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
 
 
+def _in_time(delay: float, deadline: float | None) -> bool:
+    """Whether a retry after `delay` seconds would still start before `deadline` (None: no deadline)."""
+    return deadline is None or time.monotonic() + delay < deadline
+
+
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """The pause the server asked for, from `retry-after-ms` or `Retry-After` (seconds or HTTP-date).
 
@@ -226,21 +231,28 @@ class OpenAIHttpUpstream:
         ceiling = min(self.backoff_max, self.backoff_base * (2**retry_index))
         return self._rng() * ceiling
 
-    async def send(self, endpoint: str, body: bytes) -> UpstreamResponse:
+    async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
         url = self._url(endpoint)
         session = self._client()
         tokens = estimate_tokens(body) if self._gate is not None and self._gate.counts_tokens else 0
         attempt = 0
         while True:
             attempt += 1
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return self._transport_failure(
+                    "upstream_timeout", "no time was left to send it", max(1, attempt - 1)
+                )
             retries_left = attempt <= self.max_retries
             # tokens are reserved once per request; every attempt counts as a request
-            answer, failure = await self._attempt(session, url, body, tokens if attempt == 1 else 0)
+            answer, failure = await self._attempt(session, url, body, tokens if attempt == 1 else 0, left)
             if answer is not None:
                 status, headers, raw = answer
                 if _should_retry(status, headers) and retries_left:
-                    await self._pause(attempt, f"HTTP {status}", headers)
-                    continue
+                    delay = self.backoff(attempt - 1, headers)
+                    if _in_time(delay, deadline):
+                        await self._pause(attempt, f"HTTP {status}", delay)
+                        continue
                 response = self._http_answer(status, headers, raw, attempt)
                 if tokens and self._gate is not None:
                     self._gate.used_tokens(tokens, answer_tokens(response.body))
@@ -248,23 +260,34 @@ class OpenAIHttpUpstream:
             code, detail = failure
             if code == "invalid_url":  # retrying cannot fix the URL
                 return self._transport_failure("upstream_connection_error", detail, attempt)
-            if not retries_left:
+            delay = self.backoff(attempt - 1, None)
+            if not retries_left or not _in_time(delay, deadline):
                 return self._transport_failure(code, detail, attempt)
-            await self._pause(attempt, code, None)
+            await self._pause(attempt, code, delay)
 
     async def _attempt(
-        self, session: aiohttp.ClientSession, url: str, body: bytes, tokens: int
+        self, session: aiohttp.ClientSession, url: str, body: bytes, tokens: int, left: float | None
     ) -> tuple[tuple[int, Mapping[str, str], bytes] | None, tuple[str, str]]:
         """One POST, paced by the upstream's rates and holding a slot of its gate (if any) only while
-        it is on the wire: (status, headers, body) of the answer, or None and (error code, detail)."""
+        it is on the wire: (status, headers, body) of the answer, or None and (error code, detail).
+        `left`: the seconds the caller has left, which the attempt's timeout never passes."""
         admitted = 0.0
+        began = time.monotonic()
         if self._gate is not None:
             await self._gate.pace(tokens)
             admitted = await self._gate.acquire(self._batch_id)
         status: int | None = None
         headers: Mapping[str, str] | None = None
+        options: dict[str, Any] = {}  # the session's timeout unless the caller has less time left
+        if left is not None:
+            left -= time.monotonic() - began  # spent waiting for the rates and a slot
+        clipped = left is not None and left < self.timeout
+        if clipped:
+            options["timeout"] = aiohttp.ClientTimeout(
+                total=max(left or 0.0, 0.001), sock_connect=self.connect_timeout
+            )
         try:
-            async with session.post(url, data=body) as response:
+            async with session.post(url, data=body, **options) as response:
                 status = response.status
                 headers = response.headers  # case-insensitive, and no copy per answer
                 raw = await response.read()
@@ -272,6 +295,8 @@ class OpenAIHttpUpstream:
         except TimeoutError as exc:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
                 return None, ("upstream_timeout", f"could not connect within {self.connect_timeout:g} s")
+            if clipped:
+                return None, ("upstream_timeout", "no complete answer in the time the worker had left")
             return None, ("upstream_timeout", f"no complete answer within {self.timeout:g} s")
         except aiohttp.InvalidURL as exc:
             return None, ("invalid_url", f"invalid URL: {exc}")
@@ -281,8 +306,7 @@ class OpenAIHttpUpstream:
             if self._gate is not None:
                 self._gate.release(admitted, status, headers)
 
-    async def _pause(self, attempt: int, reason: str, headers: Mapping[str, str] | None) -> None:
-        delay = self.backoff(attempt - 1, headers)
+    async def _pause(self, attempt: int, reason: str, delay: float) -> None:
         logger.info("upstream %s: %s on attempt %d, retrying in %.2f s", self._host, reason, attempt, delay)
         await self._sleep(delay)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 # requests are abandoned at HARD_STOP_SECONDS so the journal and progress get written before Lambda kills us.
 TIME_MARGIN_FLOOR_SECONDS = 30.0
 HARD_STOP_SECONDS = 5.0
+# Requests run at most until DEADLINE_MARGIN_SECONDS before the hard stop: they end (answered, or as
+# an upstream_timeout failure) and are journaled instead of being abandoned and sent again.
+DEADLINE_MARGIN_SECONDS = 1.0
 
 # Statuses in which requests may be sent. `validating` cannot normally be seen here (the manifest is
 # published only after the batch moved on) but is harmless.
@@ -301,6 +305,17 @@ class _ChunkRun:
         )
         return self.stopped
 
+    def _deadline(self, now: float) -> float | None:
+        """When a request started `now` must have its answer: before the hard stop would abandon it
+        (an abandoned request is sent again by the next invocation, and billed twice), with a second
+        for its line to be journaled. None without a time budget."""
+        if self.time_left is None:
+            return None
+        left = self.time_left()
+        if math.isinf(left):
+            return None
+        return now + left - HARD_STOP_SECONDS - DEADLINE_MARGIN_SECONDS
+
     def _stop_before_start(self) -> str | None:
         """The cheap checks made before every request: the deadline and this invocation's time budget
         (none left at all stops even the first request: the local runner is shutting down)."""
@@ -315,8 +330,11 @@ class _ChunkRun:
 
     async def _send(self, upstream: Upstream, custom_id: str, body: bytes) -> None:
         began = time.monotonic()
+        deadline = self._deadline(began)
+        if deadline is not None and deadline <= began:
+            return  # out of time before it went out: not sent, not journaled; the next invocation sends it
         try:
-            response = await upstream.send(self.batch.endpoint, body)
+            response = await upstream.send(self.batch.endpoint, body, deadline)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the port promises not to raise; a bug there must not lose the batch
