@@ -140,7 +140,7 @@ def test_a_chunk_that_keeps_failing_fails_the_batch(monkeypatch: pytest.MonkeyPa
 
     batch = get_batch(deps)
     assert batch.status == "failed"
-    assert batch.errors[0].message.startswith("process failed after 1 attempts")
+    assert batch.errors[0].message == "process failed after 1 attempts: RuntimeError('no journal')"
 
 
 def test_starting_a_batch_that_is_being_driven_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -338,15 +338,85 @@ def test_the_sweeper_runs_on_a_daemon_thread_named_sweeper() -> None:
     assert threads[0].daemon
 
 
-def test_a_batch_never_has_more_in_flight_than_its_chunks_together() -> None:
+@pytest.mark.parametrize(("concurrency", "per_chunk"), [(2, 2), (1, 3)])
+def test_a_batch_never_has_more_in_flight_than_its_chunks_together(concurrency: int, per_chunk: int) -> None:
     upstream = FakeUpstream(latency=0.01)
-    deps = make_deps(upstream, chunk_max_lines=3, chunk_concurrency=2, requests_per_chunk=2)
+    deps = make_deps(
+        upstream, chunk_max_lines=3, chunk_concurrency=concurrency, requests_per_chunk=per_chunk
+    )
     add_batch(deps, jsonl([request(f"r{i}") for i in range(12)]))
 
     drive(bound(deps))
 
     assert get_batch(deps).status == "completed" and len(upstream.calls) == 12
-    assert upstream.max_in_flight == 4  # 2 chunks x 2 requests, reached and never passed
+    assert upstream.max_in_flight == concurrency * per_chunk  # reached, and never passed
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_no_more_chunks_send_at_once_than_chunk_concurrency(
+    monkeypatch: pytest.MonkeyPatch, concurrency: int
+) -> None:
+    """A chunk sends from when it starts until it has sent its last request (then the next may start
+    while its last answers are out)."""
+    from batch_api.workflow import process
+
+    upstream = FakeUpstream(latency=0.005)
+    deps = make_deps(upstream, chunk_max_lines=2, chunk_concurrency=concurrency, requests_per_chunk=1)
+    add_batch(deps, jsonl([request(f"r{i}") for i in range(12)]))
+    real = process.process_chunk_async
+    sending: set[int] = set()
+    peak: list[int] = []
+
+    async def counted(event: Any, step_deps: Any, *, shared: Any, **options: Any) -> Any:
+        index = event.chunk.index
+        sending.add(index)
+        peak.append(len(sending))
+
+        def dispatched() -> None:
+            sending.discard(index)
+            shared.dispatched()
+
+        await asyncio.sleep(0)  # a turn of the loop: others start now if their turns let them
+        try:
+            return await real(event, step_deps, shared=process.SharedSlots(shared.slots, dispatched), **options)
+        finally:
+            sending.discard(index)
+
+    monkeypatch.setattr(process, "process_chunk_async", counted)
+    drive(bound(deps))
+
+    assert get_batch(deps).status == "completed" and len(peak) == 6
+    assert max(peak) == concurrency
+
+
+def test_chunks_cancelled_by_a_failure_have_ended_before_the_batch_is_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batch_api.workflow import process
+
+    deps = make_deps(FakeUpstream(latency=5.0), chunk_max_lines=1, chunk_concurrency=2)
+    add_batch(deps, jsonl([request("a"), request("b")]))
+    real = process.process_chunk_async
+    ended_while: list[str] = []
+
+    async def first_fails_second_unwinds_slowly(event: Any, step_deps: Any, **options: Any) -> Any:
+        if event.chunk.index == 0:
+            await asyncio.sleep(0.05)  # the other one is sending by now
+            raise RuntimeError("no journal")
+        try:
+            return await real(event, step_deps, **options)
+        except asyncio.CancelledError:
+            for _ in range(20):  # unwinding takes a while, like a client closing its connections
+                await asyncio.sleep(0.001)
+            raise
+        finally:
+            ended_while.append(get_batch(step_deps).status)
+
+    monkeypatch.setattr(process, "process_chunk_async", first_fails_second_unwinds_slowly)
+    drive(bound(deps, step_attempts=1))
+
+    assert get_batch(deps).status == "failed"
+    assert ended_while == ["in_progress"]  # it had ended before the batch was marked failed
 
 
 class HoldsLastOfFirstChunk(FakeUpstream):
