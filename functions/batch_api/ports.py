@@ -127,6 +127,10 @@ class BlobStore(Protocol):
         """Hint the store to delete the object after `expires_at` (S3: lifecycle tag; local: no-op,
         the sweep removes expired files)."""
 
+    def clear_expiry(self, key: str) -> None:
+        """Take back `set_expiry`: the store keeps the object until told again (a batch reads it);
+        a missing object is left alone."""
+
     def download_url(self, key: str, *, filename: str, expires_in: int) -> str | None:
         """A URL a client can GET the bytes from (S3 presigned, local signed link), or None."""
 

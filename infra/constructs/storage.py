@@ -143,10 +143,14 @@ class Storage(Construct):
         read: tuple[str, ...] = (),
         write: tuple[str, ...] = (),
         delete: tuple[str, ...] = (),
+        tag: tuple[str, ...] = (),
     ) -> None:
+        """`tag`: prefixes whose objects' expiry tag the function sets without writing them (a batch's
+        end gives its input file its expiry back)."""
         statements = [
             (("s3:GetObject",), read),
             (("s3:PutObject", "s3:PutObjectTagging", "s3:AbortMultipartUpload"), write),
+            (("s3:PutObjectTagging",), tuple(p for p in tag if p not in write)),
             (("s3:DeleteObject",), delete),
         ]
         role = _role(function)

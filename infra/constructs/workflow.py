@@ -148,11 +148,16 @@ class Workflow(Construct):
         storage.grant_table(self.finalize_function, READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
         storage.grant_table(self.fail_function, READ_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
         # Every step that can end a batch (validate, finalize, fail) releases its input file: the body of
-        # an input file deleted or expired while the batch ran is kept for it, and removed when it ends
-        # (service.files.release_input_file), so those steps delete under files/ too.
+        # an input file deleted or expired while the batch ran is kept for it, and removed when it ends;
+        # a live one gets its expiry tag back (service.files.release_input_file), so those steps delete
+        # and tag under files/ too.
         # validate: reads the input file, writes the manifest
         storage.grant_objects(
-            self.validate_function, read=("files/", "batches/"), write=("batches/",), delete=("files/",)
+            self.validate_function,
+            read=("files/", "batches/"),
+            write=("batches/",),
+            delete=("files/",),
+            tag=("files/",),
         )
         # process: reads its chunk of the input, appends to the journal
         storage.grant_objects(self.process_function, read=("files/", "batches/"), write=("batches/",))
@@ -163,7 +168,8 @@ class Workflow(Construct):
             write=("files/", "batches/"),
             delete=("files/", "batches/"),
         )
-        storage.grant_objects(self.fail_function, delete=("files/", "batches/"))  # the journal, the input
+        # the journal, the input (deleted, or its expiry given back)
+        storage.grant_objects(self.fail_function, delete=("files/", "batches/"), tag=("files/",))
         for publisher in (self.validate_function, self.finalize_function, self.fail_function):
             bus.grant_put_events_to(publisher)
         # the workers read every upstream's key; validation only those of upstreams asked for their models

@@ -367,6 +367,22 @@ def test_set_expiry_on_a_missing_object_is_quiet(account: MotoAccount) -> None:
         S3BlobStore(account.client("s3"), "no-such-bucket").set_expiry("files/none", NOW)
 
 
+def test_clear_expiry_drops_the_tag_the_lifecycle_rules_filter_on(account: MotoAccount) -> None:
+    client = account.client("s3")
+    store = S3BlobStore(client, BUCKET, clock=lambda: NOW)
+    store.put("files/f", b"x")
+    store.set_expiry("files/f", NOW + 86400)
+    store.clear_expiry("files/f")
+    assert client.get_object_tagging(Bucket=BUCKET, Key="files/f")["TagSet"] == [
+        {"Key": EXPIRE_DAYS_TAG, "Value": "held"}
+    ]
+    assert "held" not in {str(days) for days in range(1, 31)}  # the values the bucket's rules match
+    assert store.get("files/f") == b"x"
+    store.clear_expiry("files/none")  # a missing object: nothing to keep
+    with pytest.raises(ClientError):  # other errors still surface
+        S3BlobStore(client, "no-such-bucket").clear_expiry("files/f")
+
+
 def test_delete_prefix_handles_more_than_one_delete_batch(
     account: MotoAccount, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -341,9 +341,7 @@ def test_the_sweeper_runs_on_a_daemon_thread_named_sweeper() -> None:
 @pytest.mark.parametrize(("concurrency", "per_chunk"), [(2, 2), (1, 3)])
 def test_a_batch_never_has_more_in_flight_than_its_chunks_together(concurrency: int, per_chunk: int) -> None:
     upstream = FakeUpstream(latency=0.01)
-    deps = make_deps(
-        upstream, chunk_max_lines=3, chunk_concurrency=concurrency, requests_per_chunk=per_chunk
-    )
+    deps = make_deps(upstream, chunk_max_lines=3, chunk_concurrency=concurrency, requests_per_chunk=per_chunk)
     add_batch(deps, jsonl([request(f"r{i}") for i in range(12)]))
 
     drive(bound(deps))
@@ -378,7 +376,9 @@ def test_no_more_chunks_send_at_once_than_chunk_concurrency(
 
         await asyncio.sleep(0)  # a turn of the loop: others start now if their turns let them
         try:
-            return await real(event, step_deps, shared=process.SharedSlots(shared.slots, dispatched), **options)
+            return await real(
+                event, step_deps, shared=process.SharedSlots(shared.slots, dispatched), **options
+            )
         finally:
             sending.discard(index)
 

@@ -198,10 +198,41 @@ def test_delete_keeps_the_body_of_a_running_batchs_input_until_it_ends(deps: Dep
     assert not deps.blobs.exists(record.blob_key)
 
 
-def test_release_leaves_a_live_input_file_alone(deps: Deps) -> None:
+def test_release_keeps_a_live_input_file_and_gives_the_store_its_expiry_back(deps: Deps) -> None:
     record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
+    deps.blobs.clear_expiry(record.blob_key)
     files.release_input_file(deps, "p1", record.id)
     assert deps.blobs.exists(record.blob_key)
+    assert deps.blobs.expiry[record.blob_key] == record.expires_at  # type: ignore[attr-defined]
+
+
+def test_a_batch_keeps_the_store_from_expiring_its_input_until_the_last_one_using_it_ends(
+    deps: Deps,
+) -> None:
+    from batch_api.service import batches
+
+    record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
+    expiry: dict[str, int] = deps.blobs.expiry  # type: ignore[attr-defined]
+    assert expiry[record.blob_key] == record.expires_at
+    first = batches.create_batch(deps, "p1", "/v1/chat/completions", record.id, "24h")
+    assert record.blob_key not in expiry  # S3's lifecycle rule would delete it whatever the batch
+    second = batches.create_batch(deps, "p1", "/v1/chat/completions", record.id, "24h")
+
+    deps.metadata.update_batch("p1", first.id, {"status": "completed"}, expected_status={"validating"})
+    files.release_input_file(deps, "p1", record.id)
+    assert record.blob_key not in expiry  # the second batch still reads it
+    deps.metadata.update_batch("p1", second.id, {"status": "failed"}, expected_status={"validating"})
+    files.release_input_file(deps, "p1", record.id)
+    assert expiry[record.blob_key] == record.expires_at
+
+
+def test_a_refused_batch_leaves_its_inputs_expiry_alone(deps: Deps) -> None:
+    from batch_api.service import batches
+
+    record = files.create_file(deps, "p1", "a.jsonl", "batch", DATA)
+    with pytest.raises(InvalidRequest):
+        batches.create_batch(deps, "p1", "/v1/chat/completions", record.id, "48h")
+    assert deps.blobs.expiry[record.blob_key] == record.expires_at  # type: ignore[attr-defined]
 
 
 def test_a_batch_of_another_project_does_not_keep_a_body(deps: Deps) -> None:

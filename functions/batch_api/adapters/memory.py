@@ -243,6 +243,9 @@ class MemoryBlobStore:
     def set_expiry(self, key: str, expires_at: int) -> None:
         self.expiry[key] = expires_at
 
+    def clear_expiry(self, key: str) -> None:
+        self.expiry.pop(key, None)
+
     def download_url(self, key: str, *, filename: str, expires_in: int) -> str | None:
         return None
 

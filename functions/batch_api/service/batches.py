@@ -28,6 +28,7 @@ from batch_api.contract.models import (
     MAX_METADATA_VALUE,
     OUTPUT_DEFAULT_TTL,
     BatchRecord,
+    FileRecord,
     RequestCounts,
     Usage,
 )
@@ -92,7 +93,7 @@ def _check_request(endpoint: str, completion_window: str) -> None:
         )
 
 
-def _check_input_file(deps: Deps, project_id: str, input_file_id: str) -> None:
+def _check_input_file(deps: Deps, project_id: str, input_file_id: str) -> FileRecord:
     record = deps.metadata.get_file(project_id, input_file_id)
     if record is None or not record.is_live(deps.now()):
         raise InvalidRequest(
@@ -105,6 +106,7 @@ def _check_input_file(deps: Deps, project_id: str, input_file_id: str) -> None:
             param="input_file_id",
             code="invalid_request",
         )
+    return record
 
 
 def create_batch(
@@ -125,7 +127,7 @@ def create_batch(
     _check_request(endpoint, completion_window)
     checked_metadata = validate_metadata(metadata)
     output_ttl = expires_after_seconds(output_expires_after, param="output_expires_after")
-    _check_input_file(deps, project_id, input_file_id)
+    input_file = _check_input_file(deps, project_id, input_file_id)
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         raise InvalidRequest(
             f"The Idempotency-Key header must have 1 to {MAX_IDEMPOTENCY_KEY} characters.",
@@ -160,6 +162,11 @@ def create_batch(
         metadata=request.metadata,
         output_expires_after_seconds=request.output_expires_after_seconds,
     )
+    if input_file.expires_at is not None:
+        # the batch reads the input until it ends: the store must not expire it meanwhile (S3's lifecycle
+        # rule would delete it on its day whatever the batch); the batch's end gives the expiry back
+        # (files.release_input_file). Before the record: a failure here leaves no batch behind.
+        deps.blobs.clear_expiry(input_file.blob_key)
     try:
         deps.metadata.create_batch(record)
     except AlreadyExists:

@@ -253,13 +253,16 @@ def input_of_active_batch(deps: Deps, record: FileRecord) -> bool:
 
 
 def release_input_file(deps: Deps, project_id: str, file_id: str) -> None:
-    """Called when a batch has ended: if its input file was deleted or has expired meanwhile, remove the
-    body that was kept for the batch (unless another running batch still reads it)."""
+    """Called when a batch has ended, unless another running batch still reads its input file: if the
+    file was deleted or has expired meanwhile, remove the body that was kept for the batch; if it is
+    still live, give the store back the file's own expiry (`create_batch` took it away)."""
     record = deps.metadata.get_file(project_id, file_id)
-    if record is None or record.is_live(deps.now()):
+    if record is None or input_of_active_batch(deps, record):
         return
-    if not input_of_active_batch(deps, record):
+    if not record.is_live(deps.now()):
         deps.blobs.delete(record.blob_key)
+    elif record.expires_at is not None:
+        deps.blobs.set_expiry(record.blob_key, record.expires_at)
 
 
 def file_content(deps: Deps, project_id: str, file_id: str) -> tuple[FileRecord, str]:

@@ -22,6 +22,7 @@ from urllib.parse import quote
 from botocore.exceptions import ClientError
 
 EXPIRE_DAYS_TAG = "expire-days"
+HELD = "held"  # the tag's value while a running batch reads the object: no rule matches it
 MIN_EXPIRE_DAYS = 1
 MAX_EXPIRE_DAYS = 30
 DEFAULT_PART_SIZE = 8 * 1024 * 1024  # S3 wants >= 5 MiB for every part but the last
@@ -176,6 +177,18 @@ class S3BlobStore:
                 Bucket=self.bucket,
                 Key=key,
                 Tagging={"TagSet": [{"Key": EXPIRE_DAYS_TAG, "Value": str(days)}]},
+            )
+        except ClientError as exc:
+            if not _is_not_found(exc):
+                raise
+
+    def clear_expiry(self, key: str) -> None:
+        """Tag `expire-days=held`: no lifecycle rule deletes it (the rules are for 1 to 30 days)."""
+        try:
+            self.client.put_object_tagging(
+                Bucket=self.bucket,
+                Key=key,
+                Tagging={"TagSet": [{"Key": EXPIRE_DAYS_TAG, "Value": HELD}]},
             )
         except ClientError as exc:
             if not _is_not_found(exc):

@@ -125,6 +125,9 @@ class FilesystemBlobStore:
     def set_expiry(self, key: str, expires_at: int) -> None:
         """No-op: the local sweep deletes files whose metadata says they expired."""
 
+    def clear_expiry(self, key: str) -> None:
+        """No-op, as `set_expiry`."""
+
     # ------------------------------------------------------------ reads
 
     def _open(self, key: str) -> BinaryIO:
