@@ -874,6 +874,20 @@ def test_a_lease_bounds_the_requests_in_flight_and_is_given_back() -> None:
     assert deps.leases.held("default") == 0
 
 
+def test_the_lease_is_taken_on_the_upstream_the_batchs_model_is_routed_to() -> None:
+    deps, upstream, [chunk] = _setup(4, upstream=FakeUpstream(latency=0.01), requests_per_chunk=8)
+    deps.leases = RecordingLeases(grant_at_most=2)
+    routes = {"gpt-test": SimpleNamespace(name="fleet-a", max_in_flight=16)}
+    deps.route = routes.get  # the batch's model is gpt-test; any other model has no upstream
+
+    result = _run(deps, chunk)
+
+    assert result.done and upstream.max_in_flight == 2
+    acquire = deps.leases.calls[0]
+    assert (acquire[:2], acquire[5]) == (("acquire", "fleet-a"), 16)  # its name and its limit
+    assert upstream.rate_shares == [2 / 16]  # its slots' part of that upstream's limit
+
+
 def test_without_leases_a_chunk_may_use_all_of_its_upstreams_rates() -> None:
     deps, upstream, [chunk] = _setup(2)
     assert _run(deps, chunk).done
