@@ -52,13 +52,18 @@ def build_aws_deps(
     from batch_api.adapters.aws.leases import DynamoCapacityLeases
 
     metadata = DynamoMetadataStore(clients.dynamodb.Table(table))
+    link_signer = None
+    if settings.download_signer_role_arn:
+        from batch_api.adapters.aws.links import AssumedRoleSigner
+
+        link_signer = AssumedRoleSigner(clients.sts, settings.download_signer_role_arn, clients.s3_with)
     if upstream_factory is None:
         pool = aws_upstream_pool(settings)
         upstream_factory, route = pool, pool.route
     deps = Deps(
         settings=settings,
         metadata=metadata,
-        blobs=S3BlobStore(clients.s3, bucket),
+        blobs=S3BlobStore(clients.s3, bucket, link_signer=link_signer),
         journal=S3Journal(clients.s3, bucket),
         events=EventBridgeSink(clients.events, bus, source=settings.event_source),
         workflow=workflow,

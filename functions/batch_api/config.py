@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     event_source: str = "batch-api"
     upstream_secret_name: str | None = None  # Secrets Manager secret holding the upstream API key
     api_keys_secret_name: str | None = None  # Secrets Manager secret holding the client API keys (AWS)
+    # a role the API assumes to sign download links, so they live their whole stated lifetime (AWS)
+    download_signer_role_arn: str | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod

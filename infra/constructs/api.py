@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from aws_cdk import CfnOutput, Duration, RemovalPolicy
 from aws_cdk import aws_apigateway as apigateway
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_stepfunctions as sfn
@@ -17,7 +18,7 @@ from constructs import Construct
 from infra.config import EnvConfig
 from infra.constructs.storage import PUT_ITEMS, READ_ITEMS, UPDATE_ITEMS, Storage
 from infra.functions import FunctionFactory
-from infra.nag import acknowledge
+from infra.nag import acknowledge, logical_id, wildcard
 
 API_HANDLER = "batch_api.handlers.lambda_api.handler"
 GATEWAY_TIMEOUT_SECONDS = 29  # API Gateway's integration timeout (REST API default)
@@ -70,10 +71,35 @@ class Api(Construct):
             },
         )
         storage.grant_table(self.function, READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS)
-        # files/: uploads, downloads (presigned GETs are signed with this role), deletes, expiry tags;
-        # uploads/: Uploads API parts until complete concatenates them into files/
+        # files/: uploads, reads, deletes, expiry tags; uploads/: Uploads API parts until complete
+        # concatenates them into files/
         prefixes = ("files/", "uploads/")
         storage.grant_objects(self.function, read=prefixes, write=prefixes, delete=prefixes)
+        # Download links are signed with this role's credentials, which the API assumes for an hour at a
+        # time (adapters/aws/links.py): their expiry is known, so a link lives its whole stated lifetime
+        # (signed with the function's own credentials it would die with them). It may only read files.
+        assert self.function.role is not None
+        self.link_signer = iam.Role(
+            self,
+            "DownloadLinkSigner",
+            assumed_by=iam.ArnPrincipal(self.function.role.role_arn),
+            description=f"batch-api {config.name}: signs download links of files (read only)",
+            max_session_duration=Duration.hours(1),
+        )
+        self.link_signer.add_to_policy(
+            iam.PolicyStatement(
+                actions=["s3:GetObject"], resources=[storage.bucket.arn_for_objects("files/*")]
+            )
+        )
+        self.link_signer.grant_assume_role(self.function.role)
+        self.function.add_environment("BATCH_API_DOWNLOAD_SIGNER_ROLE_ARN", self.link_signer.role_arn)
+        acknowledge(
+            self.link_signer,
+            {
+                wildcard(f"<{logical_id(storage.bucket)}.Arn>/files/*"): "Reads the objects under the files/ "
+                "prefix of this bucket only: the files whose download links it signs, by generated ids."
+            },
+        )
         state_machine.grant_start_execution(self.function)
         api_keys_secret.grant_read(self.function)
 

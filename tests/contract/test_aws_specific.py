@@ -7,6 +7,7 @@ lifecycle tags, presigned downloads, idempotent Step Functions starts, EventBrid
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -445,6 +446,46 @@ def test_presigned_download_works_over_http(moto_server: str) -> None:
 
     long = store.download_url("files/file-1", filename="a", expires_in=30 * 86400)
     assert long is not None and parse_qs(urlsplit(long).query)["X-Amz-Expires"] == ["604800"]  # SigV4 max
+
+
+def test_links_are_signed_with_the_signer_roles_credentials_that_outlive_them(account: MotoAccount) -> None:
+    from batch_api.adapters.aws.links import ASSUME_SECONDS, MARGIN_SECONDS, AssumedRoleSigner
+
+    sts = account.client("sts")
+    assumed: list[str] = []
+    now = {"t": time.time()}
+
+    def s3_with(credentials: dict[str, Any]) -> Any:
+        assumed.append(credentials["AccessKeyId"])
+        return shared_session().client(
+            "s3",
+            region_name=REGION,
+            aws_access_key_id=credentials["AccessKeyId"],
+            aws_secret_access_key=credentials["SecretAccessKey"],
+            aws_session_token=credentials["SessionToken"],
+            config=Config(signature_version="s3v4"),
+        )
+
+    role = "arn:aws:iam::123456789012:role/download-links"
+    signer = AssumedRoleSigner(sts, role, s3_with, clock=lambda: now["t"])
+    store = S3BlobStore(account.client("s3"), BUCKET, link_signer=signer)
+    store.put("files/f", b"x")
+
+    first = store.download_url("files/f", filename="f", expires_in=1800)
+    assert first is not None and len(assumed) == 1
+    expires = signer.expires_at  # as STS stated it
+    assert expires > now["t"] + ASSUME_SECONDS - 60
+    credential = parse_qs(urlsplit(first).query)["X-Amz-Credential"][0]
+    assert credential.startswith(assumed[0] + "/")  # signed with the role's credentials
+    assert parse_qs(urlsplit(first).query)["X-Amz-Expires"] == ["1800"]
+
+    now["t"] = expires - 1800 - MARGIN_SECONDS  # still exactly long enough for a 30-minute link
+    assert signer.expires_at == expires
+    store.download_url("files/f", filename="f", expires_in=1800)
+    assert len(assumed) == 1
+    now["t"] += 1  # no longer: the role is assumed again for the next link
+    store.download_url("files/f", filename="f", expires_in=1800)
+    assert len(assumed) == 2
 
 
 # ---------------------------------------------------------------- S3 journal

@@ -600,6 +600,36 @@ def test_every_kept_resource_with_a_name_is_named_for_the_stacks_creation(
         assert isinstance(value, dict) and STACK_CREATION_ID in value["Fn::Join"][1], (key, value)
 
 
+def test_download_links_are_signed_by_a_read_only_role_the_api_assumes(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    api = template["Resources"][functions[API_HANDLER]]
+    api_role = api["Properties"]["Role"]["Fn::GetAtt"][0]
+    signer_ref = api["Properties"]["Environment"]["Variables"]["BATCH_API_DOWNLOAD_SIGNER_ROLE_ARN"]
+    signer_id = signer_ref["Fn::GetAtt"][0]
+    signer = template["Resources"][signer_id]
+    assert signer["Type"] == "AWS::IAM::Role"
+    assert signer["Properties"]["MaxSessionDuration"] == 3600  # what the API assumes it for
+    [trust] = signer["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Action"] == "sts:AssumeRole"
+    assert trust["Principal"] == {"AWS": {"Fn::GetAtt": [api_role, "Arn"]}}  # the API function only
+    signer_statements = [
+        statement
+        for policy in resources(template, "AWS::IAM::Policy").values()
+        if {"Ref": signer_id} in policy["Properties"]["Roles"]
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+    ]
+    assert [statement["Action"] for statement in signer_statements] == ["s3:GetObject"]
+    [resource] = [statement["Resource"] for statement in signer_statements]
+    assert resource["Fn::Join"][1][-1] == "/files/*"  # read files, nothing else
+    assumes = [
+        statement
+        for statement in role_statements(template, functions[API_HANDLER])
+        if statement["Action"] == "sts:AssumeRole"
+    ]
+    assert [statement["Resource"] for statement in assumes] == [{"Fn::GetAtt": [signer_id, "Arn"]}]
+
+
 def test_rest_api_proxies_everything_to_the_api_function(
     synthesized: Synthesized, template: dict[str, Any], functions: dict[str, str]
 ) -> None:

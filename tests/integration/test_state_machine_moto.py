@@ -97,11 +97,14 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def resolve_environment(template: dict[str, Any], logical_id: str, refs: dict[str, str]) -> dict[str, str]:
-    """The function's environment from the template, each Ref replaced by the moto resource it names."""
+    """The function's environment from the template, each Ref (or a GetAtt of an Arn) replaced by the
+    moto resource it names."""
     variables = template["Resources"][logical_id]["Properties"].get("Environment", {}).get("Variables", {})
     resolved: dict[str, str] = {}
     for name, value in variables.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "Fn::GetAtt" in value and value["Fn::GetAtt"][1] == "Arn":
+            resolved[name] = refs[value["Fn::GetAtt"][0]]
+        elif isinstance(value, dict):
             assert set(value) == {"Ref"}, f"{logical_id}: cannot resolve {name}={value}"
             resolved[name] = refs[value["Ref"]]
         else:
@@ -332,6 +335,8 @@ def deployment(
         refs[logical_id] = BUCKET  # the functions and the ItemReader name only the data bucket
     for logical_id in resources(template, "AWS::Events::EventBus"):
         refs[logical_id] = BUS
+    for logical_id in resources(template, "AWS::IAM::Role"):  # the download links' signer
+        refs[logical_id] = f"arn:aws:iam::123456789012:role/{logical_id}"
     for logical_id in handlers.values():
         refs[logical_id] = lambda_client.create_function(
             FunctionName=logical_id,

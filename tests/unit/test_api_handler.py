@@ -17,6 +17,7 @@ from batch_api import object_keys
 from batch_api.contract.models import BatchRecord, FileRecord, UploadPartRecord, UploadRecord
 from batch_api.deps import Deps
 from batch_api.handlers import api, resolver
+from batch_api.handlers.api import MAX_DOWNLOAD_URL_SECONDS
 from batch_api.handlers.auth import project_id_for_key
 from batch_api.service import files
 from tests.unit.api_events import (
@@ -293,7 +294,8 @@ def test_large_file_content_redirects_to_a_short_lived_url(
     result = client(load_event("files_content.json"))
     assert result["statusCode"] == 302
     assert result["multiValueHeaders"]["Location"] == ["https://bucket.example/signed"]
-    assert calls == [(object_keys.file_key(INPUT_FILE_ID), "in.jsonl", 3600)]
+    assert calls == [(object_keys.file_key(INPUT_FILE_ID), "in.jsonl", MAX_DOWNLOAD_URL_SECONDS)]
+    assert MAX_DOWNLOAD_URL_SECONDS == 1800  # half of the signer role's one-hour session
 
     clock.advance(86400 - 60)  # the file expires in a minute: the link may not outlive it
     client(load_event("files_content.json"))

@@ -326,3 +326,24 @@ def test_per_upstream_metrics_are_emf_lines_with_the_upstream_dimension(
     assert written == [float(i) for i in range(150)]
     LambdaMetrics(metrics).add_upstream_metrics("vllm-a", [("UpstreamThrottled", MetricUnit.Count, [])])
     assert capsys.readouterr().out == ""  # nothing reported, nothing written
+
+
+def test_with_a_signer_role_download_links_are_signed_by_it_and_without_one_by_the_function() -> None:
+    from batch_api.adapters.aws.links import AssumedRoleSigner
+
+    base = {
+        "backend": "aws",
+        "table_name": "t",
+        "bucket_name": "b",
+        "event_bus_name": "e",
+        "aws_region": "us-east-1",
+        "state_machine_arn": "arn:aws:states:us-east-1:123456789012:stateMachine:m",
+        "upstream_url": "http://127.0.0.1:9/v1",
+    }
+    role = "arn:aws:iam::123456789012:role/links"
+    signed = bootstrap_aws.build_aws_deps(Settings(**base, download_signer_role_arn=role))  # no AWS call
+    signer = signed.blobs.link_signer  # type: ignore[attr-defined]
+    assert isinstance(signer, AssumedRoleSigner) and signer.role_arn == role
+    assert signer.expires_at == float("-inf")  # nothing assumed until the first link
+    plain = bootstrap_aws.build_aws_deps(Settings(**base))
+    assert plain.blobs.link_signer is None  # type: ignore[attr-defined]

@@ -44,7 +44,9 @@ from batch_api.handlers.resolver import BatchApiResolver, error_responses
 from batch_api.service import batches, files, uploads
 
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs"})
-MAX_DOWNLOAD_URL_SECONDS = 3600
+# a large download's link lives 30 minutes (the SDK follows it at once); on AWS it is signed with a role
+# assumed for an hour (adapters/aws/links.py), so each session signs half an hour of links
+MAX_DOWNLOAD_URL_SECONDS = 1800
 TITLE = "batch-api: an OpenAI-compatible Batch API"
 DESCRIPTION = (
     "The Files, Uploads and Batches APIs of OpenAI, as the official `openai` SDK uses them. Every request "
@@ -260,7 +262,7 @@ def _file_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
                 "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
             },
             302: {
-                "description": "A large file: a signed link to its bytes, valid for at most an hour.",
+                "description": "A large file: a signed link to its bytes, valid for at most 30 minutes.",
                 "headers": {"Location": {"schema": {"type": "string"}}},
             },
             **error_responses(401, 404, 500),

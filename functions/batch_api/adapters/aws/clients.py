@@ -110,6 +110,9 @@ class AwsClients:
     s3: Any
     stepfunctions: Any
     events: Any
+    sts: Any
+    # an S3 client on given STS credentials (the download links' signer role)
+    s3_with: Callable[[dict[str, Any]], Any]
 
 
 def aws_clients(settings: Settings, session: boto3.session.Session | None = None) -> AwsClients:
@@ -128,4 +131,15 @@ def aws_clients(settings: Settings, session: boto3.session.Session | None = None
         s3=aws_client(settings, "s3", session),
         stepfunctions=aws_client(settings, "stepfunctions", session),
         events=aws_client(settings, "events", session),
+        sts=aws_client(settings, "sts", session),
+        s3_with=lambda credentials: boto3.session.Session(
+            aws_access_key_id=credentials["AccessKeyId"],
+            aws_secret_access_key=credentials["SecretAccessKey"],
+            aws_session_token=credentials["SessionToken"],
+        ).client(
+            "s3",
+            endpoint_url=settings.aws_endpoint_url,
+            region_name=settings.aws_region,
+            config=client_config(settings, s3=True),
+        ),
     )

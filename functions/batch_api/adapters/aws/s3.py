@@ -79,6 +79,8 @@ class S3BlobStore:
     `client` is a boto3 S3 client. `presign_client` (default: `client`) signs download URLs, for a
     deployment whose clients reach S3 through another endpoint than the code does (a moto server
     in tests). It should be built with `signature_version="s3v4"` and the bucket's region.
+    `link_signer`, when given, gives the client to sign a link of a given lifetime with instead
+    (`links.AssumedRoleSigner`: credentials that outlive the link).
     """
 
     def __init__(
@@ -87,12 +89,14 @@ class S3BlobStore:
         bucket: str,
         *,
         presign_client: Any | None = None,
+        link_signer: Callable[[int], Any] | None = None,
         clock: Callable[[], float] = time.time,
         part_size: int = DEFAULT_PART_SIZE,
     ) -> None:
         self.client = client
         self.bucket = bucket
         self.presign_client = presign_client if presign_client is not None else client
+        self.link_signer = link_signer
         self._clock = clock
         self.part_size = part_size
 
@@ -265,16 +269,19 @@ class S3BlobStore:
         return sorted(self._iter_keys(prefix))
 
     def download_url(self, key: str, *, filename: str, expires_in: int) -> str | None:
-        """A presigned GET that downloads as `filename`. With temporary credentials (a Lambda role) the
-        URL also stops working when those credentials expire, whichever comes first."""
-        url: str = self.presign_client.generate_presigned_url(
+        """A presigned GET that downloads as `filename`. It works for its whole lifetime only if the
+        credentials that sign it live as long: with a `link_signer` they do; with the function's own
+        temporary credentials (a Lambda role) it may stop earlier, when those expire."""
+        lifetime = max(1, min(int(expires_in), MAX_PRESIGN_SECONDS))
+        signer = self.link_signer(lifetime) if self.link_signer is not None else self.presign_client
+        url: str = signer.generate_presigned_url(
             "get_object",
             Params={
                 "Bucket": self.bucket,
                 "Key": key,
                 "ResponseContentDisposition": content_disposition(filename),
             },
-            ExpiresIn=max(1, min(int(expires_in), MAX_PRESIGN_SECONDS)),
+            ExpiresIn=lifetime,
         )
         return url
 
