@@ -171,6 +171,10 @@ class UpstreamResponse:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+# the detail of a request that was still out at its deadline (`Upstream.send`)
+DEADLINE_PASSED = "no complete answer in the time the worker had left"
+
+
 class Upstream(Protocol):
     """An OpenAI-compatible model endpoint. Async: one client serves many requests in flight."""
 

@@ -347,3 +347,34 @@ def test_with_a_signer_role_download_links_are_signed_by_it_and_without_one_by_t
     assert signer.expires_at == float("-inf")  # nothing assumed until the first link
     plain = bootstrap_aws.build_aws_deps(Settings(**base))
     assert plain.blobs.link_signer is None  # type: ignore[attr-defined]
+
+
+def test_threads_signing_links_at_once_share_one_assumed_session() -> None:
+    import datetime
+    import threading
+
+    from batch_api.adapters.aws.links import AssumedRoleSigner
+
+    calls: list[str] = []
+    expiration = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+
+    class Sts:
+        def assume_role(self, **request: Any) -> dict[str, Any]:
+            calls.append(request["RoleArn"])
+            threading.Event().wait(0.01)  # an STS round trip: the others arrive meanwhile
+            return {"Credentials": {"AccessKeyId": f"ASIA{len(calls)}", "Expiration": expiration}}
+
+    signer = AssumedRoleSigner(Sts(), "arn:aws:iam::1:role/links", lambda c: c["AccessKeyId"])
+    start = threading.Barrier(8)
+    got: list[Any] = []
+
+    def sign() -> None:
+        start.wait()
+        got.append(signer(1800))
+
+    threads = [threading.Thread(target=sign) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert calls == ["arn:aws:iam::1:role/links"] and got == ["ASIA1"] * 8

@@ -3,7 +3,7 @@
 A chunk runs on an event loop (`run`). By default each run gets a fresh loop (`asyncio.run`), and its
 upstream client opens new connections and closes them at the end: for a 1,000-line chunk at 32 in
 flight, 32 connects (32 TLS handshakes against a hosted API) for 31 waves of requests. A thread that
-runs chunk after chunk (a worker of the local runner, a warm Lambda container) keeps its loop instead
+runs chunk after chunk (the local runner's chunk loop, a warm Lambda container) keeps its loop instead
 (`keep_loop`): HTTP clients then share one session per upstream on that loop (`shared_session`),
 whose pooled keep-alive connections the next chunk picks up. `close_loop` closes those sessions and
 the loop when the thread is done with it.

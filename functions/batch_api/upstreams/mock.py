@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from batch_api.ports import UpstreamResponse
+from batch_api.ports import DEADLINE_PASSED, UpstreamResponse
 
 # A fixed timestamp keeps answers deterministic; real servers put the current time here.
 MOCK_CREATED_AT = 1_700_000_000
@@ -419,8 +419,7 @@ class MockUpstream:
                 return UpstreamResponse(
                     status_code=None,
                     error_code="upstream_timeout",
-                    error_message="request to the mock failed after 1 attempt: no complete answer in "
-                    "the time the worker had left",
+                    error_message=f"request to the mock failed after 1 attempt: {DEADLINE_PASSED}",
                 )
             await asyncio.sleep(self.latency_seconds)
         status, answer = mock_answer(endpoint, body)

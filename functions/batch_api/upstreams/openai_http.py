@@ -27,7 +27,7 @@ import orjson
 
 from batch_api.config import redact_url
 from batch_api.contract.ids import new_request_id
-from batch_api.ports import UpstreamResponse
+from batch_api.ports import DEADLINE_PASSED, UpstreamResponse
 from batch_api.upstreams import loops
 from batch_api.upstreams.capacity import CapacityGate, answer_tokens, estimate_tokens
 
@@ -296,7 +296,7 @@ class OpenAIHttpUpstream:
             if isinstance(exc, aiohttp.ConnectionTimeoutError):
                 return None, ("upstream_timeout", f"could not connect within {self.connect_timeout:g} s")
             if clipped:
-                return None, ("upstream_timeout", "no complete answer in the time the worker had left")
+                return None, ("upstream_timeout", DEADLINE_PASSED)
             return None, ("upstream_timeout", f"no complete answer within {self.timeout:g} s")
         except aiohttp.InvalidURL as exc:
             return None, ("invalid_url", f"invalid URL: {exc}")

@@ -132,14 +132,13 @@ def aws_clients(settings: Settings, session: boto3.session.Session | None = None
         stepfunctions=aws_client(settings, "stepfunctions", session),
         events=aws_client(settings, "events", session),
         sts=aws_client(settings, "sts", session),
-        s3_with=lambda credentials: boto3.session.Session(
-            aws_access_key_id=credentials["AccessKeyId"],
-            aws_secret_access_key=credentials["SecretAccessKey"],
-            aws_session_token=credentials["SessionToken"],
-        ).client(
+        s3_with=lambda credentials: aws_client(
+            settings,
             "s3",
-            endpoint_url=settings.aws_endpoint_url,
-            region_name=settings.aws_region,
-            config=client_config(settings, s3=True),
+            boto3.session.Session(
+                aws_access_key_id=credentials["AccessKeyId"],
+                aws_secret_access_key=credentials["SecretAccessKey"],
+                aws_session_token=credentials["SessionToken"],
+            ),
         ),
     )
