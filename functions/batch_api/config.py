@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     )  # empty: no auth, one local project
     # one HTTP request body: fits a 64 MiB Uploads part with its multipart framing; bigger files: Uploads API
     max_request_bytes: int = Field(default=80 * 1024 * 1024, ge=1024)
+    # the largest Upload: 8 GiB as OpenAI's; on AWS the stack sets what completes within the API's time
+    max_upload_bytes: int = Field(default=8 * 1024**3, ge=0, le=8 * 1024**3)
     max_inline_download_bytes: int = Field(default=8 * 1024 * 1024, ge=0)  # bigger: 302 to a signed link
     file_sweep_interval_seconds: float = Field(default=60.0, gt=0)
     # local server: requests whose bodies are read and resolved at once (each on its own thread); more wait

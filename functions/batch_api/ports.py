@@ -7,7 +7,7 @@ Every method is synchronous; the async upstream client is the one exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -102,6 +102,18 @@ class BlobStore(Protocol):
 
     def write_stream(self, key: str, chunks: Iterable[bytes]) -> int:
         """Write whole from an iterable without holding it in memory; atomic; return the size."""
+
+    def concatenate(
+        self,
+        key: str,
+        sources: Sequence[tuple[str, int]],
+        *,
+        on_bytes: Callable[[bytes], None] | None = None,
+    ) -> int:
+        """Write the objects named by `sources` ((key, size) pairs), in order, as one object at `key`;
+        atomic; return the size. `on_bytes`, when given, sees every byte in order; without it the
+        store may assemble the object without reading it (S3: `UploadPartCopy`). `KeyError` if a
+        source is absent (and nothing is written)."""
 
     def get(self, key: str) -> bytes: ...
 

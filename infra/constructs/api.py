@@ -7,6 +7,8 @@ Gateway authorizers (IAM, Cognito) cannot check those keys.
 
 from __future__ import annotations
 
+import json
+
 from aws_cdk import CfnOutput, Duration, RemovalPolicy
 from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_iam as iam
@@ -15,6 +17,8 @@ from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
+from batch_api.contract import limits
+from batch_api.service.uploads import MAX_PART_BYTES
 from infra.config import EnvConfig
 from infra.constructs.storage import PUT_ITEMS, READ_ITEMS, UPDATE_ITEMS, Storage
 from infra.functions import FunctionFactory
@@ -25,18 +29,29 @@ GATEWAY_TIMEOUT_SECONDS = 29  # API Gateway's integration timeout (REST API defa
 # under the gateway's, so a request that runs long ends as the function's error (a 502 in the envelope,
 # from the gateway responses) rather than the gateway's 504 while the function goes on working
 API_TIMEOUT = Duration.seconds(GATEWAY_TIMEOUT_SECONDS - 1)
-# A Lambda proxy takes 6 MB each way and binary bodies travel base64 (4/3 larger): ~4.5 MB of raw
-# request and ~4 MB of inline download fit; bigger uploads use the Uploads API, bigger downloads a 302.
-MAX_REQUEST_BYTES = 4_500_000
-MAX_INLINE_DOWNLOAD_BYTES = 4_000_000
+# A Lambda proxy event takes 6 MB each way and bodies travel base64 (contract/limits.py works out what
+# fits): bigger files go through the Uploads API in parts of PART_SIZE, bigger downloads answer a 302.
+MAX_REQUEST_BYTES = limits.proxy_max_request_bytes()
+MAX_INLINE_DOWNLOAD_BYTES = limits.proxy_max_inline_download_bytes()
+PART_SIZE = limits.part_size_for(MAX_REQUEST_BYTES, MAX_PART_BYTES)
+# An Upload's complete assembles its file within one API request. Parts that arrive through the gateway
+# are under S3's 5 MiB part minimum, so their bytes pass through the function (read 8 objects at a time,
+# written 4 parts at a time: adapters/aws/s3.py). Assumed: 25 MiB/s each way, well under what one
+# function reaches to S3 in its region, for the 20 s of the budget left after the rest of the request.
+# Larger Uploads are refused when created (400 on `bytes`), before any part is sent.
+ASSEMBLY_MIB_PER_SECOND = 25
+ASSEMBLY_SECONDS = GATEWAY_TIMEOUT_SECONDS - 9
+MAX_UPLOAD_BYTES = ASSEMBLY_SECONDS * ASSEMBLY_MIB_PER_SECOND * 1024 * 1024
 
 
-def openai_error_template(error_type: str) -> str:
-    """A gateway response body in the OpenAI envelope; `messageString` is the message, JSON-quoted."""
-    return (
-        '{"error":{"message":$context.error.messageString,'
-        f'"type":"{error_type}","param":null,"code":null}}}}'
-    )
+def openai_error_template(error_type: str, message: str | None = None, code: str | None = None) -> str:
+    """A gateway response body in the OpenAI envelope: `message`, or API Gateway's own (`messageString`
+    is it JSON-quoted)."""
+    text = json.dumps(message) if message is not None else "$context.error.messageString"
+    return json.dumps(
+        {"error": {"message": "@MESSAGE@", "type": error_type, "param": None, "code": code}},
+        separators=(",", ":"),
+    ).replace('"@MESSAGE@"', text)
 
 
 class Api(Construct):
@@ -67,6 +82,7 @@ class Api(Construct):
                 "BATCH_API_API_KEYS_SECRET_NAME": config.api_keys_secret,
                 "BATCH_API_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
                 "BATCH_API_MAX_INLINE_DOWNLOAD_BYTES": str(MAX_INLINE_DOWNLOAD_BYTES),
+                "BATCH_API_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
                 "POWERTOOLS_TRACER_CAPTURE_RESPONSE": "false",  # file downloads would bloat traces
             },
         )
@@ -139,8 +155,8 @@ class Api(Construct):
                 ),
             ),
         )
-        # Answers API Gateway makes itself (stage throttling, a body over 10 MB, a Lambda error or
-        # timeout) keep the OpenAI error envelope, with all four keys, like the handler's answers.
+        # Answers API Gateway makes itself (stage throttling, a Lambda error or timeout) keep the OpenAI
+        # error envelope, with all four keys, like the handler's answers.
         for response_id, response_type, error_type in (
             ("Throttled", apigateway.ResponseType.THROTTLED, "rate_limit_exceeded"),
             ("Default4xx", apigateway.ResponseType.DEFAULT_4_XX, "invalid_request_error"),
@@ -151,6 +167,22 @@ class Api(Construct):
                 type=response_type,
                 templates={"application/json": openai_error_template(error_type)},
             )
+        # A body too large for the Lambda invoke (or over API Gateway's 10 MB) never reaches the handler:
+        # API Gateway answers REQUEST_TOO_LARGE itself. Worded as the handler's own 413: the limit, a
+        # part size that fits, and no retry (the same body would be refused again).
+        self.rest_api.add_gateway_response(
+            "RequestTooLarge",
+            type=apigateway.ResponseType.REQUEST_TOO_LARGE,
+            status_code="413",
+            response_headers={"x-should-retry": "'false'", "Content-Type": "'application/json'"},
+            templates={
+                "application/json": openai_error_template(
+                    "invalid_request_error",
+                    limits.too_large_message(MAX_REQUEST_BYTES, PART_SIZE),
+                    code="request_too_large",
+                )
+            },
+        )
         self.base_url = f"{self.rest_api.url}v1"
         CfnOutput(self, "BaseUrl", value=self.base_url, description="openai SDK base_url")
 

@@ -7,6 +7,8 @@ lifecycle tags, presigned downloads, idempotent Step Functions starts, EventBrid
 from __future__ import annotations
 
 import json
+import math
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -331,6 +333,97 @@ def test_failing_large_stream_aborts_the_multipart_upload(account: MotoAccount) 
     assert counter.count("UploadPart") == 2 and counter.count("AbortMultipartUpload") == 2
     assert not store.exists("files/new")
     assert store.get("files/kept") == b"old"
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=BUCKET)
+
+
+def _parts(store: S3BlobStore, sizes: list[int]) -> tuple[list[tuple[str, int]], bytes]:
+    """Upload parts of these sizes (each of its own byte) and what they make together."""
+    sources = []
+    for index, size in enumerate(sizes):
+        key = f"uploads/u/parts/p{index}"
+        store.put(key, bytes([65 + index]) * size)
+        sources.append((key, size))
+    return sources, b"".join(bytes([65 + index]) * size for index, size in enumerate(sizes))
+
+
+def test_concatenate_copies_server_side_when_the_sources_can_be_parts(account: MotoAccount) -> None:
+    client = account.client("s3")
+    store = S3BlobStore(client, BUCKET)
+    sources, expected = _parts(store, [5 * MiB, 5 * MiB, 100])
+    counter = CallCounter(client)
+
+    assert store.concatenate("files/f", sources) == 10 * MiB + 100
+
+    assert counter.count("UploadPartCopy") == 3  # no byte of the sources through this process
+    assert counter.count("GetObject") == 0 and counter.count("UploadPart") == 0
+    assert store.get("files/f") == expected
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=BUCKET)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "observed"),
+    [
+        ([5 * MiB, 5 * MiB, 100], True),  # could be copied, but the md5 needs the bytes
+        ([3 * MiB] * 5, False),  # parts under S3's 5 MiB minimum: as they come through API Gateway
+        ([5 * MiB, MiB, 5 * MiB], False),  # one small part in the middle
+        ([MiB, 2 * MiB], False),  # all of it under one part: one PUT
+    ],
+)
+def test_concatenate_reads_and_recuts_the_sources_when_it_must(
+    account: MotoAccount, sizes: list[int], observed: bool
+) -> None:
+    client = account.client("s3")
+    store = S3BlobStore(client, BUCKET)
+    sources, expected = _parts(store, sizes)
+    counter = CallCounter(client)
+    seen = bytearray()
+
+    size = store.concatenate("files/f", sources, on_bytes=seen.extend if observed else None)
+
+    assert size == len(expected)
+    assert counter.count("UploadPartCopy") == 0 and counter.count("GetObject") == len(sizes)
+    if size < store.part_size:
+        assert counter.count("PutObject") == 1 and counter.count("CreateMultipartUpload") == 0
+    else:  # re-cut into part_size parts, the last one shorter
+        assert counter.count("UploadPart") == math.ceil(size / store.part_size)
+    assert store.get("files/f") == expected
+    assert bytes(seen) == (expected if observed else b"")
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=BUCKET)
+
+
+def test_concatenate_reads_and_writes_several_at_once(account: MotoAccount) -> None:
+    """Each GET and each part upload waits until another is under way: done one at a time, they would
+    wait forever (the barrier breaks after 10 s and the concatenation fails)."""
+    client = account.client("s3")
+    store = S3BlobStore(client, BUCKET, part_size=5 * MiB)
+    sources, expected = _parts(store, [3 * MiB] * 6)  # 18 MiB: parts of 5, 5, 5 and 3 MiB
+    together = {"GetObject": threading.Barrier(2, timeout=10), "UploadPart": threading.Barrier(2, timeout=10)}
+
+    def wait_for_another(model: Any, **_: Any) -> None:
+        if model.name in together:
+            together[model.name].wait()
+
+    client.meta.events.register("before-call.s3.*", wait_for_another, unique_id="together")
+    try:
+        assert store.concatenate("files/f", sources) == 18 * MiB
+    finally:
+        client.meta.events.unregister("before-call.s3.*", unique_id="together")
+    assert store.get("files/f") == expected
+
+
+@pytest.mark.parametrize("sizes", [[5 * MiB, 5 * MiB], [3 * MiB, 3 * MiB, 3 * MiB]])
+def test_concatenate_with_a_source_gone_aborts_and_leaves_nothing(
+    account: MotoAccount, sizes: list[int]
+) -> None:
+    client = account.client("s3")
+    store = S3BlobStore(client, BUCKET)
+    sources, _expected = _parts(store, sizes)
+    store.delete(sources[-1][0])  # a concurrent complete or cancel dropped it
+
+    with pytest.raises(KeyError):
+        store.concatenate("files/f", sources)
+
+    assert not store.exists("files/f")
     assert "Uploads" not in client.list_multipart_uploads(Bucket=BUCKET)
 
 

@@ -62,6 +62,42 @@ def test_write_stream_returns_size_and_concatenates(blob_store: BlobStore) -> No
     assert blob_store.get("files/file-1") == b"abcde" + b"f" * 1000
 
 
+def test_concatenate_writes_the_sources_in_the_order_given(blob_store: BlobStore) -> None:
+    pieces = {"uploads/u/parts/a": b"first,", "uploads/u/parts/b": b"", "uploads/u/parts/c": b"x" * 3000}
+    for key, data in pieces.items():
+        blob_store.put(key, data)
+    order = ["uploads/u/parts/c", "uploads/u/parts/b", "uploads/u/parts/a"]
+    seen: list[bytes] = []
+
+    size = blob_store.concatenate("files/f", [(k, len(pieces[k])) for k in order], on_bytes=seen.append)
+
+    assert size == 3006
+    assert blob_store.get("files/f") == b"x" * 3000 + b"first,"
+    assert b"".join(seen) == b"x" * 3000 + b"first,"  # every byte, in order
+    assert blob_store.get("uploads/u/parts/a") == b"first,"  # the sources stay
+
+
+def test_concatenate_without_observer_and_of_nothing(blob_store: BlobStore) -> None:
+    blob_store.put("uploads/u/parts/a", b"abc")
+    assert blob_store.concatenate("files/f", [("uploads/u/parts/a", 3)] * 2) == 6
+    assert blob_store.get("files/f") == b"abcabc"
+    assert blob_store.concatenate("files/empty", []) == 0
+    assert blob_store.get("files/empty") == b""
+
+
+@pytest.mark.parametrize("missing_at", [0, 1])
+def test_concatenate_with_an_absent_source_is_a_key_error_and_writes_nothing(
+    blob_store: BlobStore, missing_at: int
+) -> None:
+    blob_store.put("uploads/u/parts/a", b"abc")
+    sources = [("uploads/u/parts/a", 3)]
+    sources.insert(missing_at, ("uploads/u/parts/gone", 3))
+    with pytest.raises(KeyError):
+        blob_store.concatenate("files/f", sources)
+    assert not blob_store.exists("files/f")
+    assert blob_store.list_keys("files/") == []
+
+
 def test_failing_write_stream_leaves_no_object(blob_store: BlobStore) -> None:
     with pytest.raises(Boom):
         blob_store.write_stream("files/new", failing_after([b"partial"]))

@@ -6,12 +6,16 @@ import json
 import typing
 from typing import Any
 
+import httpx2 as httpx
+import openai
 import orjson
 import pytest
 
 from batch_api.adapters.aws import schema
 from batch_api.config import Settings
+from batch_api.contract import limits
 from batch_api.contract.steps import FailInput, ProcessInput, ProcessOutput, ValidateOutput
+from batch_api.service.uploads import MAX_PART_BYTES
 from batch_api.upstreams.routing import UpstreamSpec, load_specs
 from tests.infra.helpers import (
     Synthesized,
@@ -272,8 +276,17 @@ def test_function_environment(
         assert ("BATCH_API_API_KEYS_SECRET_NAME" in env) is (handler == API_HANDLER), handler
     api = env_of(template, functions[API_HANDLER])
     assert api["BATCH_API_STATE_MACHINE_ARN"] == {"Ref": machine_id}
-    assert 4_000_000 <= int(api["BATCH_API_MAX_REQUEST_BYTES"]) <= 4_700_000  # 6 MB proxy limit after base64
-    assert int(api["BATCH_API_MAX_INLINE_DOWNLOAD_BYTES"]) <= int(api["BATCH_API_MAX_REQUEST_BYTES"])
+    # what fits a Lambda invoke after base64 (contract/limits.py; tests/unit/test_api_handler.py builds
+    # the events), and a 4 MiB inline download
+    assert int(api["BATCH_API_MAX_REQUEST_BYTES"]) == limits.proxy_max_request_bytes() == 4_638_720
+    assert int(api["BATCH_API_MAX_INLINE_DOWNLOAD_BYTES"]) == 4 * 1024 * 1024
+    # the largest Upload: what completes within the API's time at the assumed 25 MiB/s (infra/constructs/api.py)
+    assert int(api["BATCH_API_MAX_UPLOAD_BYTES"]) == 500 * 1024 * 1024
+    assert (
+        Settings(max_upload_bytes=api["BATCH_API_MAX_UPLOAD_BYTES"]).max_upload_bytes > 200 * 1000**2
+    )  # a batch file
+    answer = limits.base64_length(int(api["BATCH_API_MAX_INLINE_DOWNLOAD_BYTES"])) + 64 * 1024
+    assert answer <= limits.LAMBDA_SYNC_RESPONSE_BYTES
     process = env_of(template, functions[f"{WORKFLOW}.process_handler"])
     # what the worker reads is cdk.json's list
     read = load_specs(Settings(upstreams_json=process["BATCH_API_UPSTREAMS_JSON"]))
@@ -655,14 +668,62 @@ def test_rest_api_proxies_everything_to_the_api_function(
     assert base_urls[0]["Value"]["Fn::Join"][1][-1].endswith("/v1")
 
 
+def test_a_body_too_large_for_the_function_is_a_final_413_naming_a_part_size_that_fits(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    """API Gateway answers a body the invoke cannot carry (or one over its 10 MB) itself: the same
+    envelope, message and no-retry header as the handler's own 413, with numbers from this template."""
+    limit = int(env_of(template, functions[API_HANDLER])["BATCH_API_MAX_REQUEST_BYTES"])
+    (props,) = [
+        r["Properties"]
+        for r in resources(template, "AWS::ApiGateway::GatewayResponse").values()
+        if r["Properties"]["ResponseType"] == "REQUEST_TOO_LARGE"
+    ]
+    assert props["StatusCode"] == "413"
+    assert props["ResponseParameters"]["gatewayresponse.header.x-should-retry"] == "'false'"
+    body = props["ResponseTemplates"]["application/json"]
+    assert "$" not in body and "#" not in body  # a static body: nothing for API Gateway's VTL to expand
+    error = json.loads(body)["error"]
+    part_size = int(error["message"].rsplit("part_size=", 1)[1].rstrip(")."))
+    assert error == {
+        "message": limits.too_large_message(limit, part_size),
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "request_too_large",
+    }
+    # the part size named fits: its multipart request stays under the API's limit
+    assert part_size == limits.part_size_for(limit, MAX_PART_BYTES) == 4 * 1024 * 1024
+    assert part_size + limits.MULTIPART_OVERHEAD_BYTES <= limit
+
+    # and the openai SDK gives up at once on this answer, with the message in hand
+    calls: list[httpx.Request] = []
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        headers = {"content-type": "application/json", "x-should-retry": "false"}
+        return httpx.Response(413, headers=headers, content=body.encode())
+
+    sdk = openai.OpenAI(
+        api_key="sk-x",
+        base_url="https://api.example/v1",
+        http_client=openai.DefaultHttpxClient(transport=httpx.MockTransport(gateway)),
+    )
+    with pytest.raises(openai.APIStatusError) as raised:
+        sdk.uploads.parts.create(upload_id="upload_x", data=b"x" * 16)
+    assert raised.value.status_code == 413 and len(calls) == 1
+    assert f"part_size={part_size}" in raised.value.message
+
+
 def test_api_gateway_errors_keep_the_openai_envelope(template: dict[str, Any]) -> None:
     """Throttling, a body over 10 MB, a Lambda error or timeout are answered by API Gateway itself."""
     found = {
         r["Properties"]["ResponseType"]: r["Properties"]
         for r in resources(template, "AWS::ApiGateway::GatewayResponse").values()
     }
-    assert {"THROTTLED", "DEFAULT_4XX", "DEFAULT_5XX"} <= set(found)
+    assert {"THROTTLED", "DEFAULT_4XX", "DEFAULT_5XX", "REQUEST_TOO_LARGE"} <= set(found)
     for response_type, props in found.items():
+        if response_type == "REQUEST_TOO_LARGE":
+            continue  # its own message (the test above)
         body = props["ResponseTemplates"]["application/json"]
         # API Gateway puts the message in as a JSON string literal
         error = json.loads(body.replace("$context.error.messageString", '"Too Many Requests"'))["error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 from typing import Any
 
 import openai
@@ -14,6 +15,7 @@ from openai.types import Batch, FileDeleted, FileObject, Upload
 from openai.types.uploads import UploadPart
 
 from batch_api import object_keys
+from batch_api.contract import limits
 from batch_api.contract.models import BatchRecord, FileRecord, UploadPartRecord, UploadRecord
 from batch_api.deps import Deps
 from batch_api.handlers import api, resolver
@@ -210,6 +212,99 @@ def test_create_file_too_large_points_at_uploads(clock: FakeClock, lambda_contex
     assert "upload_file_chunked" in error["message"]
     assert "part_size=1048576" in error["message"]
     assert resolver.suggested_part_size(client.deps.settings) == 1024 * 1024
+
+
+def _with_largest_head(event: dict[str, Any]) -> dict[str, Any]:
+    """`event` as API Gateway would send it with the request line and headers at its 10,240-byte limit:
+    the padding in the user agent (which the event carries three times) and made of quotes (each
+    JSON-escaped to two bytes), with every requestContext field API Gateway fills."""
+    event = copy.deepcopy(event)
+    headers = {k: v for k, v in event["headers"].items() if k != "user-agent"}
+    line = f"{event['httpMethod']} {event['path']} HTTP/1.1\r\n"
+    used = len(line) + sum(len(f"{k}: {v}\r\n") for k, v in headers.items()) + len("user-agent: \r\n")
+    agent = '"' * (limits.GATEWAY_MAX_REQUEST_HEAD_BYTES - used)
+    event["headers"] = {**headers, "user-agent": agent}
+    event["multiValueHeaders"] = {k: [v] for k, v in event["headers"].items()}
+    event["requestContext"] = {
+        **event["requestContext"],
+        "resourceId": "a1b2c3",
+        "resourcePath": "/{proxy+}",
+        "extendedRequestId": "c6af9ac6-7b61-11e6-9a41-93e8deadbeefAA=",
+        "requestTime": "27/Nov/2026:19:10:55 +0000",
+        "requestTimeEpoch": 1795806655000,
+        "accountId": "123456789012",
+        "protocol": "HTTP/1.1",
+        "domainPrefix": "abcdefghij",
+        "domainName": "abcdefghij.execute-api.eu-west-1.amazonaws.com",
+        "apiId": "abcdefghij",
+        "identity": {
+            "cognitoIdentityPoolId": None,
+            "accountId": None,
+            "cognitoIdentityId": None,
+            "caller": None,
+            "sourceIp": "203.0.113.254",
+            "principalOrgId": None,
+            "accessKey": None,
+            "cognitoAuthenticationType": None,
+            "cognitoAuthenticationProvider": None,
+            "userArn": None,
+            "userAgent": agent,
+            "user": None,
+        },
+    }
+    return event
+
+
+def test_the_part_size_the_413_names_fits_the_lambda_invoke_on_aws(
+    clock: FakeClock, lambda_context: LambdaContext
+) -> None:
+    """With the limit the stack sets: a Part of the suggested size, sent by the SDK with the largest head
+    API Gateway lets through, makes an event under Lambda's invoke limit, and the handler takes it."""
+    client = Client(
+        make_deps(clock=clock, max_request_bytes=limits.proxy_max_request_bytes()), lambda_context
+    )
+    seed(client.deps)
+    part_size = resolver.suggested_part_size(client.deps.settings)
+    assert part_size == 4 * 1024 * 1024
+    sizes: list[int] = []
+
+    def resolve(event: dict[str, Any]) -> dict[str, Any]:
+        event = _with_largest_head(event)
+        sizes.append(len(json.dumps(event)))
+        return client(event)
+
+    sdk = openai.OpenAI(
+        api_key="sk-anything",
+        base_url="http://testserver/v1",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(transport=sdk_transport(resolve, [])),
+    )
+    part = sdk.uploads.parts.create(upload_id=UPLOAD_ID, data=b"\xff" * part_size)
+    assert part.upload_id == UPLOAD_ID
+    assert client.deps.blobs.size(object_keys.upload_part_key(UPLOAD_ID, part.id)) == part_size
+    assert len(sizes) == 1 and sizes[0] <= limits.LAMBDA_SYNC_PAYLOAD_BYTES
+
+
+def test_a_body_at_the_aws_limit_fits_the_invoke_and_one_byte_more_is_a_final_413(
+    clock: FakeClock, lambda_context: LambdaContext
+) -> None:
+    limit = limits.proxy_max_request_bytes()
+    client = Client(make_deps(clock=clock, max_request_bytes=limit), lambda_context)
+    at_limit = _with_largest_head(_with_body(load_event("files_create.json"), b"\xff" * limit))
+    assert len(json.dumps(at_limit)) <= limits.LAMBDA_SYNC_PAYLOAD_BYTES
+    # and not wasteful: even with the largest head under 48 KiB of the invoke is left unused
+    assert limits.LAMBDA_SYNC_PAYLOAD_BYTES - len(json.dumps(at_limit)) < 48 * 1024
+
+    result = client(_with_body(load_event("files_create.json"), b"\xff" * (limit + 1)))
+    assert result["statusCode"] == 413
+    assert result["multiValueHeaders"]["x-should-retry"] == ["false"]  # the same body fails again
+    error = orjson.loads(result["body"])["error"]
+    assert error["message"] == limits.too_large_message(limit, 4 * 1024 * 1024, limit + 1)
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        "file",
+        "request_too_large",
+    )
 
 
 def test_too_large_upload_part_names_data(clock: FakeClock, lambda_context: LambdaContext) -> None:

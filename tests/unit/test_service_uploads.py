@@ -107,25 +107,75 @@ def test_complete_concatenates_in_the_given_order(deps: Deps) -> None:
     assert wire.file.id == file.id
 
 
-def test_complete_streams_parts_through_write_stream(deps: Deps, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("with_md5", [False, True])
+def test_complete_hands_the_parts_to_the_store_and_shows_it_the_bytes_only_for_an_md5(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch, with_md5: bool
+) -> None:
+    """Without an md5 the store may assemble the file without reading it (S3 copies the parts
+    server-side); with one, every byte passes the digest, in the order given."""
     upload_id, part_ids = _upload_with_parts(deps)
-    seen: list[bytes] = []
-    original = deps.blobs.write_stream
+    order = [part_ids[1], part_ids[2], part_ids[0]]
+    expected = CHUNKS[1] + CHUNKS[2] + CHUNKS[0]
+    calls: list[tuple[str, list[tuple[str, int]], bool]] = []
+    original = deps.blobs.concatenate
 
-    def recording_write_stream(key: str, chunks: object) -> int:
-        assert not isinstance(chunks, (bytes, list)), "parts must arrive as a stream"
+    def recording(key: str, sources: Any, *, on_bytes: Any = None) -> int:
+        calls.append((key, list(sources), on_bytes is not None))
+        return original(key, sources, on_bytes=on_bytes)
 
-        def tee():  # type: ignore[no-untyped-def]
-            for chunk in chunks:  # type: ignore[attr-defined]
-                seen.append(chunk)
-                yield chunk
+    monkeypatch.setattr(deps.blobs, "concatenate", recording)
+    md5 = hashlib.md5(expected).hexdigest() if with_md5 else None
+    _upload, file = uploads.complete_upload(deps, "p1", upload_id, order, md5)
 
-        return original(key, tee())
+    keys = [object_keys.upload_part_key(upload_id, part_id) for part_id in order]
+    assert calls == [
+        (
+            file.blob_key,
+            list(zip(keys, [len(CHUNKS[1]), len(CHUNKS[2]), len(CHUNKS[0])], strict=True)),
+            with_md5,
+        )
+    ]
+    assert deps.blobs.get(file.blob_key) == expected
 
-    monkeypatch.setattr(deps.blobs, "write_stream", recording_write_stream)
-    uploads.complete_upload(deps, "p1", upload_id, part_ids)
-    assert b"".join(seen) == b"".join(CHUNKS)
-    assert len(seen) >= len(CHUNKS)  # piece by piece, never one joined body
+
+def test_complete_judges_a_batch_file_by_its_first_line_reading_no_further(
+    deps: Deps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunks = [b"\n", b'{"first": 1}\n' + b'{"n": 2}\n' * 1000, b"not json at all\n" * 1000]
+    upload_id, part_ids = _upload_with_parts(deps, chunks)
+    events: list[tuple[str, int]] = []
+    original_range, original_concatenate = deps.blobs.iter_range, deps.blobs.concatenate
+
+    def counting(key: str, start: int = 0, end: int | None = None, chunk_size: int = 1 << 20) -> Any:
+        for piece in original_range(key, start, end, chunk_size):
+            events.append((key.rsplit("/", 1)[-1], len(piece)))
+            yield piece
+
+    def concatenating(key: str, sources: Any, *, on_bytes: Any = None) -> int:
+        events.append(("concatenate", 0))
+        return original_concatenate(key, sources, on_bytes=on_bytes)
+
+    monkeypatch.setattr(deps.blobs, "iter_range", counting)
+    monkeypatch.setattr(deps.blobs, "concatenate", concatenating)
+    _upload, file = uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert file.bytes == sum(map(len, chunks))
+    # this store serves 7-byte pieces: the blank first part, then two pieces of the second hold the
+    # 13-byte first line; nothing more is read before the parts are put together
+    assert events[: events.index(("concatenate", 0)) + 1] == [
+        (part_ids[0], 1),
+        (part_ids[1], 7),
+        (part_ids[1], 7),
+        ("concatenate", 0),
+    ]
+
+
+def test_complete_refuses_a_batch_file_whose_first_line_is_no_json_object(deps: Deps) -> None:
+    upload_id, part_ids = _upload_with_parts(deps, [b"\n\n", b"[1, 2]\n", b'{"a": 1}\n'])
+    with pytest.raises(InvalidRequest) as raised:
+        uploads.complete_upload(deps, "p1", upload_id, part_ids)
+    assert raised.value.param == "part_ids"
+    assert deps.blobs.list_keys("files/") == []  # the stitched body is gone again
+    assert uploads.upload_wire(deps, "p1", deps.metadata.get_upload("p1", upload_id)).status == "pending"  # type: ignore[arg-type]
 
 
 def test_complete_keeps_the_file_expiry_policy(deps: Deps) -> None:
@@ -401,6 +451,20 @@ def test_a_mime_type_unfit_for_the_purpose_names_the_ones_that_fit(deps: Deps) -
     assert raised.value.message == (
         "Invalid value for 'mime_type': 'image/png' is not supported for purpose 'batch'. "
         f"Supported values are: {', '.join(allowed)}."
+    )
+
+
+def test_an_upload_over_the_deployments_ceiling_is_refused_when_created(deps: Deps) -> None:
+    """On AWS the stack sets what one API request can assemble; a bigger Upload is refused before any
+    part is sent, exactly at the ceiling it is taken."""
+    deps.settings.max_upload_bytes = 1000
+    assert uploads.create_upload(deps, "p1", "f.jsonl", "batch", 1000, "text/plain").bytes == 1000
+    with pytest.raises(InvalidRequest) as raised:
+        uploads.create_upload(deps, "p1", "f.jsonl", "batch", 1001, "text/plain")
+    assert (raised.value.param, raised.value.code) == ("bytes", "invalid_value")
+    assert raised.value.message == (
+        "Invalid value for 'bytes': 1001. An Upload can hold at most 1000 bytes on this deployment: "
+        "what it can assemble within the time of one API request."
     )
 
 

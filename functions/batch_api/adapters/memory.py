@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from batch_api.adapters.concat import streamed
 from batch_api.contract.errors import AlreadyExists, ConditionFailed
 from batch_api.contract.models import (
     IDEMPOTENCY_KEY_TTL,
@@ -208,6 +209,15 @@ class MemoryBlobStore:
         data = b"".join(chunks)
         self.put(key, data)
         return len(data)
+
+    def concatenate(
+        self,
+        key: str,
+        sources: Sequence[tuple[str, int]],
+        *,
+        on_bytes: Callable[[bytes], None] | None = None,
+    ) -> int:
+        return self.write_stream(key, streamed(self, sources, on_bytes))
 
     def get(self, key: str) -> bytes:
         with self._lock:

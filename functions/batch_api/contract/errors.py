@@ -82,9 +82,12 @@ class Conflict(ApiError):
 
 
 class PayloadTooLarge(ApiError):
+    """The same request will be as large next time: the SDK is told not to retry it."""
+
     status_code = 413
     error_type = "invalid_request_error"
     default_code = "request_too_large"
+    retryable = False
 
 
 class RateLimited(ApiError):

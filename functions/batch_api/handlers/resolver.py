@@ -35,15 +35,13 @@ from aws_lambda_powertools.event_handler.openapi.models import OpenAPI
 from aws_lambda_powertools.event_handler.openapi.params import File, Form, UploadFile
 
 from batch_api.config import Settings
+from batch_api.contract import limits
 from batch_api.contract.errors import InvalidRequest, PayloadTooLarge
 from batch_api.contract.wire import ErrorEnvelope
 from batch_api.handlers.multipart import parse_multipart
 from batch_api.service import uploads
 
 Guard = Callable[[APIGatewayRestResolver], None]
-
-_MIB = 1024 * 1024
-_MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around a part
 
 _ERROR_CONTENT = {"application/json": {"model": ErrorEnvelope}}
 
@@ -110,27 +108,13 @@ class _GuardedValidation(OpenAPIRequestValidationMiddleware):
 
 def suggested_part_size(settings: Settings) -> int:
     """A part size that fits one request to this deployment (whole MiB when it can be)."""
-    size = min(uploads.MAX_PART_BYTES, settings.max_request_bytes - _MULTIPART_OVERHEAD)
-    if size >= _MIB:
-        return size // _MIB * _MIB
-    return max(size, 1)
+    return limits.part_size_for(settings.max_request_bytes, uploads.MAX_PART_BYTES)
 
 
 def too_large(settings: Settings, size: int | None, param: str | None) -> PayloadTooLarge:
     """413 for a body over `max_request_bytes`; `param` is the form field that carried the bulk."""
-    got = f"of {size} bytes " if size is not None else ""
-    part_size = suggested_part_size(settings)
-    if param == "data":  # an upload part: the remedy is smaller parts
-        remedy = f"Send smaller Parts, e.g. upload_file_chunked(..., part_size={part_size})."
-    else:
-        remedy = (
-            "Upload larger files with the Uploads API in parts, e.g. "
-            f"client.uploads.upload_file_chunked(file=..., mime_type=..., purpose=..., part_size={part_size})."
-        )
-    return PayloadTooLarge(
-        f"The request body {got}exceeds this endpoint's limit of {settings.max_request_bytes} bytes. {remedy}",
-        param=param,
-    )
+    message = limits.too_large_message(settings.max_request_bytes, suggested_part_size(settings), size)
+    return PayloadTooLarge(message, param=param)
 
 
 def body_bytes(app: Any, settings: Settings, param: str | None) -> bytes:
@@ -140,8 +124,8 @@ def body_bytes(app: Any, settings: Settings, param: str | None) -> bytes:
     event = app.current_event
     body = event.body or ""
     if event.is_base64_encoded:
-        if len(body) > (limit + 2) // 3 * 4:
-            raise too_large(settings, len(body) * 3 // 4, param)
+        if len(body) > limits.base64_length(limit):
+            raise too_large(settings, len(body) // 4 * 3 - body[-2:].count("="), param)
         try:
             data = base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError) as exc:

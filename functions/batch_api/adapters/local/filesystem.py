@@ -14,10 +14,12 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote
+
+from batch_api.adapters.concat import streamed
 
 TEMP_PREFIX = ".tmp-"
 _READ_BLOCK = 1 << 16
@@ -111,6 +113,15 @@ class FilesystemBlobStore:
             raise
         _fsync_dir(path.parent)
         return size
+
+    def concatenate(
+        self,
+        key: str,
+        sources: Sequence[tuple[str, int]],
+        *,
+        on_bytes: Callable[[bytes], None] | None = None,
+    ) -> int:
+        return self.write_stream(key, streamed(self, sources, on_bytes))
 
     def delete(self, key: str) -> None:
         self.path_for(key).unlink(missing_ok=True)
