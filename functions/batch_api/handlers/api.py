@@ -10,7 +10,7 @@ here: `handlers/errors.py` turns them into the OpenAI envelope. The same resolve
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
 from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer, Server
@@ -422,10 +422,19 @@ def _batch_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
         return batches.cancel_batch(deps, project(), batch_id).to_wire()
 
 
-def handle(app: APIGatewayRestResolver, event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+def handle(
+    app: APIGatewayRestResolver,
+    event: dict[str, Any],
+    context: LambdaContext,
+    raw_body: bytes | None = None,
+) -> dict[str, Any]:
     """Resolve one API Gateway (REST, v1 proxy) event into its proxy response, with the request id in
-    `x-request-id` as OpenAI sends it (the SDK exposes it as `_request_id`; quote it when asking why)."""
-    response = app.resolve(event, context)
+    `x-request-id` as OpenAI sends it (the SDK exposes it as `_request_id`; quote it when asking why).
+    `raw_body`: the body as bytes instead of the event's (the local server; see `resolver.py`)."""
+    if raw_body is not None:
+        response = cast(BatchApiResolver, app).resolve(event, context, raw_body)
+    else:
+        response = app.resolve(event, context)
     request_id = (event.get("requestContext") or {}).get("requestId")
     if request_id:
         headers = response.get("multiValueHeaders") or {}

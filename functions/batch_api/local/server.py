@@ -186,11 +186,12 @@ class ResolverPool:
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, client: str
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         """Resolve one request on this (worker) thread."""
-        event = to_apigw_event(method, target, headers, body, client)
-        del body
+        # the body goes over as bytes beside the event, not base64 inside it: a 64 MiB part would
+        # otherwise be held three more times (its base64, the decoded copy, the part's copy)
+        event = to_apigw_event(method, target, headers, b"", client)
         context = LambdaContext(aws_request_id=event["requestContext"]["requestId"])
         # the dataclass has every attribute Powertools reads from a Lambda context
-        return from_apigw_response(handle(self.resolver(), event, cast(Any, context)))
+        return from_apigw_response(handle(self.resolver(), event, cast(Any, context), body))
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -295,21 +296,21 @@ class ApiAsgiApp:
         await _respond(send, status, response_headers, payload)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
-        """The whole body, or None once it grows past the limit (a chunked body has no Content-Length)."""
-        pieces: list[bytes] = []
-        total = 0
+        """The whole body, or None once it grows past the limit (a chunked body has no Content-Length).
+        The pieces are appended to one growing buffer (not listed and joined: the body is held once),
+        and not preallocated from the Content-Length (a client's claim, not yet bytes it sent)."""
+        body = bytearray()
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise _Disconnected()
             piece = message.get("body", b"")
             if piece:
-                total += len(piece)
-                if total > self.max_request_bytes:
+                if len(body) + len(piece) > self.max_request_bytes:
                     return None
-                pieces.append(piece)
+                body += piece
             if not message.get("more_body", False):
-                return b"".join(pieces)
+                return body  # type: ignore[return-value]  # bytes-like, and never resized from here on
 
     async def _serve_blob(self, target: str, send: Send) -> None:
         from batch_api.adapters.local.filesystem import verify_download
