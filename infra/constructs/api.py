@@ -15,6 +15,7 @@ from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
+from infra import outputs
 from infra.config import EnvConfig
 from infra.constructs.storage import PUT_ITEMS, READ_ITEMS, UPDATE_ITEMS, Storage
 from infra.functions import FunctionFactory
@@ -152,7 +153,15 @@ class Api(Construct):
                 templates={"application/json": openai_error_template(error_type)},
             )
         self.base_url = f"{self.rest_api.url}v1"
-        CfnOutput(self, "BaseUrl", value=self.base_url, description="openai SDK base_url")
+        CfnOutput(
+            self, "BaseUrl", value=self.base_url, description="openai SDK base_url"
+        ).override_logical_id(outputs.BASE_URL)
+        CfnOutput(
+            self,
+            "ApiKeysSecretName",
+            value=api_keys_secret.secret_name,
+            description="Secrets Manager secret holding the client API keys",
+        ).override_logical_id(outputs.API_KEYS_SECRET_NAME)
 
         acknowledge(
             self.rest_api,

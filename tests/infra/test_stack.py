@@ -13,6 +13,7 @@ from batch_api.adapters.aws import schema
 from batch_api.config import Settings
 from batch_api.contract.steps import FailInput, ProcessInput, ProcessOutput, ValidateOutput
 from batch_api.upstreams.routing import UpstreamSpec, load_specs
+from infra import outputs
 from tests.infra.helpers import (
     Synthesized,
     actions_of,
@@ -653,6 +654,28 @@ def test_rest_api_proxies_everything_to_the_api_function(
     base_urls = [o for o in template["Outputs"].values() if o.get("Description") == "openai SDK base_url"]
     assert len(base_urls) == 1
     assert base_urls[0]["Value"]["Fn::Join"][1][-1].endswith("/v1")
+
+
+def test_the_outputs_a_reader_needs_have_plain_keys(
+    template: dict[str, Any], functions: dict[str, str], env_settings: dict[str, Any]
+) -> None:
+    """`infra/smoke.py` (and anyone with describe-stacks) finds them by these keys, not by hashed ids."""
+    found = template["Outputs"]
+    base_url = found[outputs.BASE_URL]["Value"]["Fn::Join"][1]
+    stage_id, _ = only(template, "AWS::ApiGateway::Stage")
+    assert {"Ref": stage_id} in base_url
+    assert base_url[-1].endswith("/v1")
+    bus_id, _ = only(template, "AWS::Events::EventBus")
+    assert found[outputs.EVENT_BUS_NAME]["Value"] == {"Ref": bus_id}
+    # the very secret the API function reads its keys from
+    secret_name = found[outputs.API_KEYS_SECRET_NAME]["Value"]
+    assert secret_name == env_settings["api_keys_secret_name"]
+    assert secret_name == env_of(template, functions[API_HANDLER])["BATCH_API_API_KEYS_SECRET_NAME"]
+    topics = resources(template, "AWS::SNS::Topic")
+    expected_topic = (
+        {"Ref": only(template, "AWS::SNS::Topic")[0]} if topics else env_settings["alarm_topic_arn"]
+    )
+    assert found[outputs.ALARM_TOPIC_ARN]["Value"] == expected_topic
 
 
 def test_api_gateway_errors_keep_the_openai_envelope(template: dict[str, Any]) -> None:
