@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BENCH_BEFORE ?= b50d0e6  # the local server before uvicorn (bench/http_server.py compares against it)
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test unit contract integration e2e infra lint format coverage bench mutation clean
+.PHONY: run test unit contract integration e2e infra lint format coverage bench mutation smoke smoke-needs-env clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,14 @@ bench: $(STAMP)
 	$(PY) bench/memory_200mb.py
 	$(PY) bench/pipeline_overhead.py
 	$(PY) bench/http_server.py --before $(BENCH_BEFORE)
+
+# After `cdk deploy`, with your AWS credentials: a small batch end to end (infra/smoke.py).
+# SMOKE_ARGS passes more flags, e.g. SMOKE_ARGS="--model gpt-4o-mini --timeout 1200".
+smoke: $(if $(ENV),$(STAMP),smoke-needs-env)
+	$(PY) -m infra.smoke --env "$(ENV)" $(SMOKE_ARGS)
+
+smoke-needs-env:
+	@echo "make smoke: set ENV to an environment in cdk.json, e.g. make smoke ENV=dev" >&2; exit 2
 
 # mutmut wants the package at the top of its tree: it runs in a copy laid out that way (.mutation/)
 mutation: $(STAMP)

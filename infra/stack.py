@@ -10,6 +10,7 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
+from infra import outputs
 from infra.bundling import function_code
 from infra.config import EnvConfig
 from infra.constructs.api import Api
@@ -100,6 +101,8 @@ class BatchApiStack(Stack):
             rest_api=api.rest_api,
             other_alarms=[housekeeping.errors_alarm],
         )
-        CfnOutput(self, "AlarmTopicArn", value=monitoring.topic.topic_arn, description="Where alarms go")
+        CfnOutput(
+            self, outputs.ALARM_TOPIC_ARN, value=monitoring.topic.topic_arn, description="Where alarms go"
+        )
         self.storage, self.events, self.workflow, self.api = storage, events, workflow, api
         self.housekeeping, self.monitoring = housekeeping, monitoring

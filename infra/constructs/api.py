@@ -19,6 +19,7 @@ from constructs import Construct
 
 from batch_api.contract import limits
 from batch_api.service.uploads import MAX_PART_BYTES
+from infra import outputs
 from infra.config import EnvConfig
 from infra.constructs.storage import PUT_ITEMS, READ_ITEMS, UPDATE_ITEMS, Storage
 from infra.functions import FunctionFactory
@@ -184,7 +185,15 @@ class Api(Construct):
             },
         )
         self.base_url = f"{self.rest_api.url}v1"
-        CfnOutput(self, "BaseUrl", value=self.base_url, description="openai SDK base_url")
+        CfnOutput(
+            self, "BaseUrl", value=self.base_url, description="openai SDK base_url"
+        ).override_logical_id(outputs.BASE_URL)
+        CfnOutput(
+            self,
+            "ApiKeysSecretName",
+            value=api_keys_secret.secret_name,
+            description="Secrets Manager secret holding the client API keys",
+        ).override_logical_id(outputs.API_KEYS_SECRET_NAME)
 
         acknowledge(
             self.rest_api,

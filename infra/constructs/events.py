@@ -6,6 +6,7 @@ from aws_cdk import CfnOutput, Duration, RemovalPolicy
 from aws_cdk import aws_events as events
 from constructs import Construct
 
+from infra import outputs
 from infra.config import EnvConfig
 from infra.naming import kept_name
 
@@ -33,4 +34,4 @@ class Events(Construct):
             "EventBusName",
             value=self.bus.event_bus_name,
             description="EventBridge bus for batch.* events",
-        )
+        ).override_logical_id(outputs.EVENT_BUS_NAME)

@@ -17,6 +17,7 @@ from batch_api.contract import limits
 from batch_api.contract.steps import FailInput, ProcessInput, ProcessOutput, ValidateOutput
 from batch_api.service.uploads import MAX_PART_BYTES
 from batch_api.upstreams.routing import UpstreamSpec, load_specs
+from infra import outputs
 from tests.infra.helpers import (
     Synthesized,
     actions_of,
@@ -712,6 +713,28 @@ def test_a_body_too_large_for_the_function_is_a_final_413_naming_a_part_size_tha
         sdk.uploads.parts.create(upload_id="upload_x", data=b"x" * 16)
     assert raised.value.status_code == 413 and len(calls) == 1
     assert f"part_size={part_size}" in raised.value.message
+
+
+def test_the_outputs_a_reader_needs_have_plain_keys(
+    template: dict[str, Any], functions: dict[str, str], env_settings: dict[str, Any]
+) -> None:
+    """`infra/smoke.py` (and anyone with describe-stacks) finds them by these keys, not by hashed ids."""
+    found = template["Outputs"]
+    base_url = found[outputs.BASE_URL]["Value"]["Fn::Join"][1]
+    stage_id, _ = only(template, "AWS::ApiGateway::Stage")
+    assert {"Ref": stage_id} in base_url
+    assert base_url[-1].endswith("/v1")
+    bus_id, _ = only(template, "AWS::Events::EventBus")
+    assert found[outputs.EVENT_BUS_NAME]["Value"] == {"Ref": bus_id}
+    # the very secret the API function reads its keys from
+    secret_name = found[outputs.API_KEYS_SECRET_NAME]["Value"]
+    assert secret_name == env_settings["api_keys_secret_name"]
+    assert secret_name == env_of(template, functions[API_HANDLER])["BATCH_API_API_KEYS_SECRET_NAME"]
+    topics = resources(template, "AWS::SNS::Topic")
+    expected_topic = (
+        {"Ref": only(template, "AWS::SNS::Topic")[0]} if topics else env_settings["alarm_topic_arn"]
+    )
+    assert found[outputs.ALARM_TOPIC_ARN]["Value"] == expected_topic
 
 
 def test_api_gateway_errors_keep_the_openai_envelope(template: dict[str, Any]) -> None:
