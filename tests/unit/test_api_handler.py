@@ -307,6 +307,40 @@ def test_a_body_at_the_aws_limit_fits_the_invoke_and_one_byte_more_is_a_final_41
     )
 
 
+def test_a_body_handed_over_as_bytes_reaches_storage_without_a_copy(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local server passes the body beside the event (no base64); the part's bytes reach the
+    store as a view into that very buffer: a 64 MiB part is held once (bench/results/memory_200mb.md)."""
+    event = load_event("uploads_add_part.json")
+    raw = bytearray(base64.b64decode(event["body"]))
+    stored: list[Any] = []
+    original = client.deps.blobs.put
+
+    def recording_put(key: str, data: Any) -> None:
+        stored.append(data)
+        original(key, data)
+
+    monkeypatch.setattr(client.deps.blobs, "put", recording_put)
+    result = api.handle(client.app, {**event, "body": None, "isBase64Encoded": False}, client.context, raw)  # type: ignore[arg-type]
+
+    assert result["statusCode"] == 200, result
+    (data,) = stored
+    assert isinstance(data, memoryview) and data.obj is raw
+    assert bytes(data) == b"hello world\n"
+    assert client.app.raw_body is None  # not kept for the next request on this thread  # type: ignore[attr-defined]
+
+
+def test_a_body_handed_over_as_bytes_is_held_to_the_limit(
+    clock: FakeClock, lambda_context: LambdaContext
+) -> None:
+    client = Client(make_deps(clock=clock, max_request_bytes=2 * 1024 * 1024), lambda_context)
+    event = {**load_event("files_create.json"), "body": None, "isBase64Encoded": False}
+    result = api.handle(client.app, event, lambda_context, b"x" * (2 * 1024 * 1024 + 1))  # type: ignore[arg-type]
+    assert result["statusCode"] == 413
+    assert orjson.loads(result["body"])["error"]["param"] == "file"
+
+
 def test_too_large_upload_part_names_data(clock: FakeClock, lambda_context: LambdaContext) -> None:
     client = Client(make_deps(clock=clock, max_request_bytes=2 * 1024 * 1024), lambda_context)
     seed(client.deps)
