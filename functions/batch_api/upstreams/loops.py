@@ -12,7 +12,6 @@ the loop when the thread is done with it.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, TypeVar
@@ -27,23 +26,11 @@ _sessions: dict[asyncio.AbstractEventLoop, dict[Hashable, aiohttp.ClientSession]
 _sessions_lock = threading.Lock()
 
 
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop where it is installed (less CPU per request on the sockets), else asyncio's."""
-    if os.environ.get("BATCH_API_EVENT_LOOP", "uvloop") != "uvloop":
-        return None
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; a platform without it still runs
-        return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
-
-
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run `coro` on this thread's kept loop, or on a fresh one when the thread keeps none."""
     runner: asyncio.Runner | None = getattr(_local, "runner", None)
     if runner is None:
-        with asyncio.Runner(loop_factory=loop_factory()) as fresh:
-            return fresh.run(coro)
+        return asyncio.run(coro)
     return runner.run(coro)
 
 
@@ -51,7 +38,7 @@ def keep_loop() -> asyncio.Runner:
     """Keep this thread's event loop across `run` calls (idempotent); `close_loop` ends it."""
     runner: asyncio.Runner | None = getattr(_local, "runner", None)
     if runner is None:
-        runner = _local.runner = asyncio.Runner(loop_factory=loop_factory())
+        runner = _local.runner = asyncio.Runner()
         loop = runner.get_loop()
         with _sessions_lock:
             _sessions[loop] = {}
