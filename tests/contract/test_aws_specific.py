@@ -358,6 +358,139 @@ def test_a_shard_holding_the_first_items_pages_on_under_a_limit(account: MotoAcc
     assert [f.id for f in store.list_expired_files(NOW, 8)] == same_shard + sorted(others)[:2]
 
 
+def has_item(account: MotoAccount, pk: str, sk: str) -> bool:
+    return "Item" in account.table().get_item(Key={PARTITION_KEY: pk, SORT_KEY: sk})
+
+
+def test_a_batch_holds_its_input_with_an_item_beside_the_file_until_it_ends(account: MotoAccount) -> None:
+    store = DynamoMetadataStore(account.table())
+    store.create_file(make_file("file-in", expires_at=NOW + 5))
+    store.create_batch(make_batch("batch_1", input_file_id="file-in"))
+    store.create_batch(make_batch("batch_done", input_file_id="file-in", status="completed"))
+
+    hold = raw_item(account, "FILE#file-in", "HOLD#batch_1")
+    assert hold == {"pk": "FILE#file-in", "sk": "HOLD#batch_1", "project_id": "proj-a", "batch_id": "batch_1"}
+    assert not has_item(account, "FILE#file-in", "HOLD#batch_done")  # created ended: no hold
+    assert store.get_file("proj-a", "file-in") == make_file("file-in", expires_at=NOW + 5)
+    assert [
+        f.id for f in store.list_files("proj-a", purpose=None, order="asc", after=None, limit=9, now=NOW)
+    ] == ["file-in"]
+
+    store.update_batch(
+        "proj-a", "batch_1", {"status": "completed", "event_pending": True}, expected_status={"validating"}
+    )
+    assert not has_item(account, "FILE#file-in", "HOLD#batch_1")
+
+
+class CrashingTable:
+    """The table, except that write number `crash_at` (0-based) raises instead of reaching DynamoDB,
+    as if the process died there; `writes` records each write as (operation, sort key)."""
+
+    def __init__(self, table: Any, crash_at: int | None = None) -> None:
+        self._table = table
+        self.crash_at = crash_at
+        self.writes: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._table, name)
+
+    def _write(self, operation: str, sort_key: str, **kwargs: Any) -> Any:
+        if len(self.writes) == self.crash_at:
+            self.writes.append((operation, sort_key))
+            raise RuntimeError("kill -9")
+        self.writes.append((operation, sort_key))
+        return getattr(self._table, operation)(**kwargs)
+
+    def put_item(self, **kwargs: Any) -> Any:
+        return self._write("put_item", kwargs["Item"][SORT_KEY], **kwargs)
+
+    def update_item(self, **kwargs: Any) -> Any:
+        return self._write("update_item", kwargs["Key"][SORT_KEY], **kwargs)
+
+    def delete_item(self, **kwargs: Any) -> Any:
+        return self._write("delete_item", kwargs["Key"][SORT_KEY], **kwargs)
+
+
+def _create(store: DynamoMetadataStore) -> None:
+    store.create_batch(make_batch("batch_1", input_file_id="file-in"))
+
+
+def _end(store: DynamoMetadataStore) -> None:
+    store.update_batch(
+        "proj-a", "batch_1", {"status": "expired", "event_pending": True}, expected_status={"validating"}
+    )
+
+
+def _revive(store: DynamoMetadataStore) -> None:
+    store.update_batch("proj-a", "batch_1", {"status": "in_progress"}, expected_status={"expired"})
+
+
+HOLD_STEPS = {  # each with what must have run before it, and its writes in order
+    "create": ([], _create, [("put_item", "HOLD#batch_1"), ("put_item", "BATCH")]),
+    "end": ([_create], _end, [("update_item", "BATCH"), ("delete_item", "HOLD#batch_1")]),
+    "revive": ([_create, _end], _revive, [("put_item", "HOLD#batch_1"), ("update_item", "BATCH")]),
+}
+
+
+@pytest.mark.parametrize("crash_at", [0, 1])
+@pytest.mark.parametrize("step", list(HOLD_STEPS))
+def test_a_crash_between_a_batch_and_its_hold_never_leaves_a_running_batch_unheld_nor_an_ended_one_held(
+    account: MotoAccount, step: str, crash_at: int
+) -> None:
+    """Two items, two writes: a crash after either must leave the holders as the batch says, i.e. the
+    batch if it exists and has not ended, else none (a hold left behind is not counted)."""
+    before, run, writes = HOLD_STEPS[step]
+    store = DynamoMetadataStore(account.table())
+    for setup in before:
+        setup(store)
+    recorder = CrashingTable(account.table())
+    run(DynamoMetadataStore(recorder))  # the writes in order, no crash
+    assert recorder.writes == writes
+    account.table().delete_item(Key={PARTITION_KEY: "BATCH#batch_1", SORT_KEY: "BATCH"})
+    account.table().delete_item(Key={PARTITION_KEY: "FILE#file-in", SORT_KEY: "HOLD#batch_1"})
+    for setup in before:
+        setup(store)
+
+    crashing = CrashingTable(account.table(), crash_at=crash_at)
+    with pytest.raises(RuntimeError, match="kill -9"):
+        run(DynamoMetadataStore(crashing))
+
+    batch = store.get_batch("proj-a", "batch_1")
+    running = batch is not None and not batch.is_terminal
+    assert store.input_holders("proj-a", "file-in") == (["batch_1"] if running else [])
+    assert store.list_active_batches() == ([batch] if running else [])
+
+
+def test_a_hold_left_by_a_crash_after_the_end_goes_with_the_announce(account: MotoAccount) -> None:
+    store = DynamoMetadataStore(account.table())
+    _create(store)
+    with pytest.raises(RuntimeError):
+        _end(DynamoMetadataStore(CrashingTable(account.table(), crash_at=1)))  # the hold's delete dies
+    assert has_item(account, "FILE#file-in", "HOLD#batch_1")
+    assert store.input_holders("proj-a", "file-in") == []  # left behind, not counted
+
+    # the outbox: the end's event is announced, and the update clearing the mark deletes the hold
+    store.update_batch("proj-a", "batch_1", {"event_pending": False}, expected_status={"expired"})
+    assert not has_item(account, "FILE#file-in", "HOLD#batch_1")
+
+
+def test_input_holders_reads_the_files_holds_and_their_batches_only(account: MotoAccount) -> None:
+    """A key lookup: one Query of the file's own partition and a GetItem per hold of the project,
+    however many batches run on other files, and no index."""
+    store = DynamoMetadataStore(account.table())
+    for i in range(30):
+        store.create_batch(make_batch(f"batch_{i:02d}", input_file_id=f"file-{i % 10}"))
+    store.create_batch(make_batch("batch_theirs", project_id="proj-b", input_file_id="file-3"))
+    calls: list[tuple[str, str | None]] = []
+
+    def record(model: Any, params: dict[str, Any], **_: Any) -> None:
+        calls.append((model.name, params.get("IndexName")))
+
+    store.table.meta.client.meta.events.register("before-call.dynamodb.*", record)
+    assert store.input_holders("proj-a", "file-3") == ["batch_03", "batch_13", "batch_23"]
+    assert calls == [("Query", None)] + [("GetItem", None)] * 3
+
+
 def test_upload_part_counter_is_not_an_upload(account: MotoAccount) -> None:
     from batch_api.contract.models import UploadPartRecord, UploadRecord
 

@@ -13,6 +13,7 @@ Items (record fields are stored as native attributes beside the keys):
                                                           gsi2 ACTIVE#{shard} / {created_at:012d}#{id}
                                                                (non-terminal, or terminal with its event pending)
     chunk progress  pk BATCH#{id}            sk CHUNK#{index:05d}           (PutItem overwrite)
+    input hold      pk FILE#{file_id}        sk HOLD#{batch_id}             project_id, batch_id
     idempotency     pk IDEMP#{project}       sk KEY#{key}                   ttl created_at + 24 h (DynamoDB TTL)
     capacity lease  pk LEASES#{upstream}     sk VERSION | LEASE#{holder} | WAIT#{batch}  (adapters/aws/leases.py)
 
@@ -22,6 +23,19 @@ the table's writes): {shard} is `shard_of(id)`, the CRC-32 of the item's id modu
 two digits. Every reader of those partitions queries all shards, each paging on its own, and merges
 them in gsi2sk order, the order one partition gave. (Pre-release: no deployed table holds items under
 the old unsharded keys ACTIVE, EXPIRES and UPLOAD_EXPIRES, so nothing migrates them.)
+
+"Does a running batch read this file?" is one strongly consistent Query of the file's HOLD# items (a
+few at most) and a GetItem of each one's batch, never a read of every active batch. (Base-table reads:
+a lagging GSI could show two batches ending together each other's hold, and neither would drop the
+body.) A plain write changes one item (a transaction returns no record and collides with a concurrent
+cancel's update), so the hold is written around the batch's own writes in the order that a crash
+cannot turn into harm: put before the batch item is created (a batch is never running without
+it), deleted after the update that ends the batch. A crash between the two leaves a hold whose batch
+is absent or ended, so the batch item decides: a hold counts only while its batch exists in the
+hold's project, reads that file and has not ended. A hold left behind therefore never keeps a body.
+Every update that leaves a batch ended deletes its hold, and the outbox makes one more follow the end
+(`event_pending` cleared), so only a crash between a hold and its batch's creation leaves a small item
+behind for good.
 
 An upload keeps its gsi2sk whatever its status; only gsi2pk comes and goes (a GSI holds an item only
 when both its keys are present), so the sort key is always at hand should an upload become pending
@@ -156,6 +170,10 @@ def _upload_pk(upload_id: str) -> str:
 
 def _batch_pk(batch_id: str) -> str:
     return f"BATCH#{batch_id}"
+
+
+def _hold_key(file_id: str, batch_id: str) -> dict[str, str]:
+    return {PARTITION_KEY: _file_pk(file_id), SORT_KEY: f"HOLD#{batch_id}"}
 
 
 class DynamoMetadataStore:
@@ -470,7 +488,14 @@ class DynamoMetadataStore:
         if record.status not in TERMINAL_STATUSES:
             item[GSI2_PARTITION_KEY] = sharded(ACTIVE_PARTITION, record.id)
             item[GSI2_SORT_KEY] = sort_key
+            # the hold first: a crash before the batch is written leaves a hold no reader counts
+            self._put_hold(record.project_id, record.input_file_id, record.id)
         self._put_new(item, record.id)
+
+    def _put_hold(self, project_id: str, file_id: str, batch_id: str) -> None:
+        self.table.put_item(
+            Item={**_hold_key(file_id, batch_id), "project_id": project_id, "batch_id": batch_id}
+        )
 
     def get_batch(self, project_id: str, batch_id: str) -> BatchRecord | None:
         item = self._get_scoped(_batch_pk(batch_id), "BATCH", project_id)
@@ -500,6 +525,7 @@ class DynamoMetadataStore:
         set_extra: dict[str, Any] = {}
         remove: list[str] = []
         copy: dict[str, str] = {}
+        expected = set(expected_status)
         # On the ACTIVE index: every batch that is not terminal, and a terminal one until its event is
         # published (`event_pending`, only ever set with the terminal status and cleared after it).
         new_status = changes.get("status")
@@ -509,18 +535,55 @@ class DynamoMetadataStore:
         elif new_status is not None:
             set_extra[GSI2_PARTITION_KEY] = sharded(ACTIVE_PARTITION, batch_id)
             copy[GSI2_SORT_KEY] = GSI1_SORT_KEY  # the same "{created_at:012d}#{id}"
-        return self._conditional_update(
+        if new_status is not None and new_status not in TERMINAL_STATUSES and expected & TERMINAL_STATUSES:
+            # an ended batch running again (no code path does this yet) holds its input before it runs
+            current = self.get_batch(project_id, batch_id)
+            if current is None:
+                raise ConditionFailed(batch_id)
+            self._put_hold(project_id, current.input_file_id, batch_id)
+        updated = self._conditional_update(
             BatchRecord,
             _batch_pk(batch_id),
             "BATCH",
             project_id,
             batch_id,
             changes,
-            expected_status,
+            expected,
             set_extra=set_extra,
             remove=remove,
             copy=copy,
         )
+        if updated.status in TERMINAL_STATUSES:
+            # After the end is stored. A crash before this leaves a hold of an ended batch, not counted,
+            # and the update that clears `event_pending` (the outbox sees to it) deletes it again.
+            self.table.delete_item(Key=_hold_key(updated.input_file_id, batch_id))
+        return updated
+
+    def input_holders(self, project_id: str, file_id: str) -> list[str]:
+        holds = self._query(
+            KeyConditionExpression=Key(PARTITION_KEY).eq(_file_pk(file_id))
+            & Key(SORT_KEY).begins_with("HOLD#"),
+            ConsistentRead=True,
+        )
+        holders = []
+        for hold in holds:
+            if hold.get("project_id") != project_id:
+                continue
+            batch = self.table.get_item(
+                Key={PARTITION_KEY: _batch_pk(str(hold["batch_id"])), SORT_KEY: "BATCH"},
+                ConsistentRead=True,
+                ProjectionExpression="project_id, input_file_id, #status",
+                ExpressionAttributeNames={"#status": "status"},
+            ).get("Item")
+            # the batch decides (module docstring): a crash can leave a hold of an absent or ended batch
+            if (
+                batch is not None
+                and batch.get("project_id") == project_id
+                and batch.get("input_file_id") == file_id
+                and batch.get("status") not in TERMINAL_STATUSES
+            ):
+                holders.append(str(hold["batch_id"]))
+        return holders
 
     def list_active_batches(self) -> list[BatchRecord]:
         return [r for r in self._on_active_index() if r.status not in TERMINAL_STATUSES]
