@@ -55,7 +55,9 @@ class MetadataStore(Protocol):
         at most `limit` of them."""
 
     # batches
-    def create_batch(self, record: BatchRecord) -> None: ...
+    def create_batch(self, record: BatchRecord) -> None:
+        """Insert; `AlreadyExists` if the id is taken. A batch not created terminal holds its input file
+        (`input_holders`) until an `update_batch` gives it a terminal status."""
 
     def get_batch(self, project_id: str, batch_id: str) -> BatchRecord | None: ...
 
@@ -67,6 +69,11 @@ class MetadataStore(Protocol):
     ) -> BatchRecord:
         """Apply `changes` (field -> new value, pydantic values as dicts or models) if the status is
         one of `expected_status`; return the new record; else `ConditionFailed`."""
+
+    def input_holders(self, project_id: str, file_id: str) -> list[str]:
+        """Ids, sorted, of the batches of `project_id` that read `file_id` as input and have not ended:
+        found by (project, file) alone, however many batches run. Kept in step with each batch's
+        status by `create_batch` and `update_batch`, as seen by a read after either returns."""
 
     def list_active_batches(self) -> list[BatchRecord]:
         """Every batch (any project) whose status is not terminal: what a restart must resume."""

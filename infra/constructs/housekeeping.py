@@ -17,7 +17,7 @@ from aws_cdk import aws_lambda as lambda_
 from constructs import Construct
 
 from infra.config import EnvConfig
-from infra.constructs.storage import DELETE_PROGRESS, READ_ITEMS, UPDATE_ITEMS, Storage
+from infra.constructs.storage import DELETE_PROGRESS, END_HOLDS, READ_ITEMS, UPDATE_ITEMS, Storage
 from infra.functions import FunctionFactory
 
 HANDLER = "batch_api.handlers.workflow.housekeeping_handler"
@@ -44,7 +44,9 @@ class Housekeeping(Construct):
             timeout=Duration.minutes(5),
             memory_mb=config.step_memory_mb,
         )
-        storage.grant_table(self.function, READ_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
+        # announcing an end a crash left unannounced: the update clearing the mark deletes the input's
+        # hold again, and the batch's chunk progress goes
+        storage.grant_table(self.function, READ_ITEMS | UPDATE_ITEMS | END_HOLDS | DELETE_PROGRESS)
         # files/ bodies (expired, or kept for an ended batch), uploads/ parts, batches/ journals
         storage.grant_objects(self.function, delete=("files/", "uploads/", "batches/"))
         bus.grant_put_events_to(self.function)  # the events a crash left unpublished

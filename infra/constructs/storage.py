@@ -184,7 +184,10 @@ PUT_ITEMS = frozenset({"dynamodb:PutItem"})  # new records, chunk progress, idem
 UPDATE_ITEMS = frozenset({"dynamodb:UpdateItem"})  # conditional status changes
 DELETE_PROGRESS = frozenset({"dynamodb:BatchWriteItem"})  # a batch's chunk progress, when it ends
 LEASE_ITEMS = frozenset({"dynamodb:DeleteItem"})  # capacity leases given back (`adapters/aws/leases.py`)
-TABLE_ACTIONS = READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS | LEASE_ITEMS
+# an input file's hold, deleted by every update that leaves its batch ended (the terminal commit, the
+# announce after it); the API's creates put it, its deletes and the sweeps only read it
+END_HOLDS = frozenset({"dynamodb:DeleteItem"})
+TABLE_ACTIONS = READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS | LEASE_ITEMS | END_HOLDS
 
 
 def _role(function: lambda_.Function) -> iam.IRole:

@@ -24,6 +24,7 @@ from batch_api.upstreams.routing import DISCOVER
 from infra.config import EnvConfig
 from infra.constructs.storage import (
     DELETE_PROGRESS,
+    END_HOLDS,
     LEASE_ITEMS,
     PUT_ITEMS,
     READ_ITEMS,
@@ -139,14 +140,15 @@ class Workflow(Construct):
             memory_mb=memory,
         )
 
-        # Every step reads the batch; validate, finalize and fail end batches (status, then the
-        # batch's chunk progress); process and finalize write records (progress, output files).
-        storage.grant_table(self.validate_function, READ_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
+        # Every step reads the batch; validate, finalize and fail end batches (status, the input's hold,
+        # then the batch's chunk progress); process and finalize write records (progress, output files).
+        ends = READ_ITEMS | UPDATE_ITEMS | END_HOLDS | DELETE_PROGRESS
+        storage.grant_table(self.validate_function, ends)
         # capacity leases: read the upstream's partition, grant in a transaction (Update, Put, Delete),
         # renew (Update), release (Delete)
         storage.grant_table(self.process_function, READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS | LEASE_ITEMS)
-        storage.grant_table(self.finalize_function, READ_ITEMS | PUT_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
-        storage.grant_table(self.fail_function, READ_ITEMS | UPDATE_ITEMS | DELETE_PROGRESS)
+        storage.grant_table(self.finalize_function, ends | PUT_ITEMS)
+        storage.grant_table(self.fail_function, ends)
         # Every step that can end a batch (validate, finalize, fail) releases its input file: the body of
         # an input file deleted or expired while the batch ran is kept for it, and removed when it ends;
         # a live one gets its expiry tag back (service.files.release_input_file), so those steps delete

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from decimal import Decimal
@@ -23,7 +27,13 @@ from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 
 from batch_api.adapters.aws import s3 as s3_adapter
-from batch_api.adapters.aws.dynamodb import DynamoMetadataStore
+from batch_api.adapters.aws.dynamodb import (
+    STATE_SHARDS,
+    DynamoMetadataStore,
+    shard_of,
+    shard_partition,
+    sharded,
+)
 from batch_api.adapters.aws.eventbridge import EventBridgeSink, EventPublishFailed
 from batch_api.adapters.aws.s3 import (
     EXPIRE_DAYS_TAG,
@@ -35,6 +45,7 @@ from batch_api.adapters.aws.s3 import (
 from batch_api.adapters.aws.schema import PARTITION_KEY, SORT_KEY, TTL_ATTRIBUTE
 from batch_api.adapters.aws.stepfunctions import StepFunctionsWorkflow
 from batch_api.adapters.memory import MemoryMetadataStore
+from batch_api.contract import ids
 from batch_api.contract.errors import AlreadyExists
 from batch_api.contract.models import IDEMPOTENCY_KEY_TTL, BatchRecord, FileRecord, UploadRecord
 from tests.contract.aws_backend import BUCKET, REGION, MotoAccount, shared_session, start_account
@@ -108,7 +119,7 @@ def test_file_leaves_the_expiry_index_when_deleted(account: MotoAccount) -> None
 
     item = raw_item(account, "FILE#file-1", "FILE")
     assert (item["gsi1pk"], item["gsi1sk"]) == ("proj-a#FILE", f"{NOW:012d}#file-1")
-    assert (item["gsi2pk"], item["gsi2sk"]) == ("EXPIRES", f"{NOW + 5:012d}#file-1")
+    assert (item["gsi2pk"], item["gsi2sk"]) == ("EXPIRES#13", f"{NOW + 5:012d}#file-1")  # shard_of("file-1")
 
     assert store.mark_file_deleted("proj-a", "file-1")
     item = raw_item(account, "FILE#file-1", "FILE")
@@ -120,7 +131,8 @@ def test_batch_is_on_the_active_index_only_while_not_terminal(account: MotoAccou
     store.create_batch(make_batch("batch_1"))
     store.create_batch(make_batch("batch_done", status="completed"))
     assert "gsi2pk" not in raw_item(account, "BATCH#batch_done", "BATCH")
-    assert raw_item(account, "BATCH#batch_1", "BATCH")["gsi2sk"] == f"{NOW:012d}#batch_1"
+    item = raw_item(account, "BATCH#batch_1", "BATCH")
+    assert (item["gsi2pk"], item["gsi2sk"]) == ("ACTIVE#06", f"{NOW:012d}#batch_1")  # shard_of("batch_1")
 
     store.update_batch(
         "proj-a", "batch_1", {"status": "failed", "failed_at": NOW}, expected_status=["validating"]
@@ -131,7 +143,7 @@ def test_batch_is_on_the_active_index_only_while_not_terminal(account: MotoAccou
     # a (hypothetical) move back to a live status puts it back, with the same sort key
     store.update_batch("proj-a", "batch_1", {"status": "in_progress"}, expected_status=["failed"])
     item = raw_item(account, "BATCH#batch_1", "BATCH")
-    assert (item["gsi2pk"], item["gsi2sk"]) == ("ACTIVE", f"{NOW:012d}#batch_1")
+    assert (item["gsi2pk"], item["gsi2sk"]) == ("ACTIVE#06", f"{NOW:012d}#batch_1")
 
 
 def test_upload_is_on_the_expiry_index_only_while_pending(account: MotoAccount) -> None:
@@ -139,7 +151,7 @@ def test_upload_is_on_the_expiry_index_only_while_pending(account: MotoAccount) 
     store.create_upload(make_upload("upload_1"))
     store.create_upload(make_upload("upload_done", status="completed"))
     item = raw_item(account, "UPLOAD#upload_1", "UPLOAD")
-    assert (item["gsi2pk"], item["gsi2sk"]) == ("UPLOAD_EXPIRES", f"{NOW + 3600:012d}#upload_1")
+    assert (item["gsi2pk"], item["gsi2sk"]) == ("UPLOAD_EXPIRES#00", f"{NOW + 3600:012d}#upload_1")
     assert "gsi2pk" not in raw_item(account, "UPLOAD#upload_done", "UPLOAD")
 
     store.update_upload("proj-a", "upload_1", {"status": "expired"}, expected_status=["pending"])
@@ -240,6 +252,245 @@ def test_listings_page_through_many_dynamodb_pages_like_the_reference(account: M
     for limit in (1, 2, 100):
         assert dynamo.list_expired_uploads(NOW - 2, limit) == memory.list_expired_uploads(NOW - 2, limit)
     assert len(dynamo.list_expired_uploads(NOW, 100)) == 6
+
+
+def test_the_shard_of_an_id_is_stable_across_processes_and_spread_evenly() -> None:
+    """Readers of another process (or release) must find an item where its writer put it: not `hash()`."""
+    assert [shard_of(i) for i in ("file-1", "batch_1", "upload_1", "batch_abc", "upload_abc", "x")] == [
+        13,
+        6,
+        0,
+        13,
+        1,
+        3,
+    ]
+    assert sharded("ACTIVE", "batch_1") == "ACTIVE#06" and shard_partition("EXPIRES", 3) == "EXPIRES#03"
+    sample = [ids.new_batch_id() for _ in range(8)] + [f"file-{i}" for i in range(8)]
+    script = (
+        "import json, sys; from batch_api.adapters.aws.dynamodb import shard_of;"
+        " print(json.dumps([shard_of(i) for i in json.loads(sys.argv[1])]))"
+    )
+    for seed in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(sample)],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+        assert json.loads(out) == [shard_of(i) for i in sample]
+
+    counts = Counter(shard_of(f"batch_{i}") for i in range(1600))
+    assert sorted(counts) == list(range(STATE_SHARDS)) == list(range(16))
+    assert all(80 <= n <= 120 for n in counts.values()), counts  # 100 each when even
+
+
+def _ids_on_every_shard(prefix: str, per_shard: int) -> list[str]:
+    """Ids of the form `{prefix}{n:03d}`, `per_shard` of them on each shard."""
+    by_shard: dict[int, list[str]] = {}
+    n = 0
+    while any(len(by_shard.get(shard, [])) < per_shard for shard in range(STATE_SHARDS)):
+        record_id = f"{prefix}{n:03d}"
+        bucket = by_shard.setdefault(shard_of(record_id), [])
+        if len(bucket) < per_shard:
+            bucket.append(record_id)
+        n += 1
+    return sorted(i for bucket in by_shard.values() for i in bucket)
+
+
+def test_the_state_listings_merge_every_shard_in_sort_key_order(account: MotoAccount) -> None:
+    """Items on all 16 shards (3 each: two Query pages a shard), times interleaved across them: every
+    listing must hold every item, in the (time, id) order one partition gave, and stop at its limit."""
+    store = DynamoMetadataStore(account.table(), page_size=2)
+    batch_ids = _ids_on_every_shard("batch_", 3)
+    file_ids = _ids_on_every_shard("file-", 3)
+    upload_ids = _ids_on_every_shard("upload_", 3)
+    # ties on the time (the id decides), and times that do not follow the ids or the shards
+    batch_times = {batch_id: NOW + (i * 7) % 11 for i, batch_id in enumerate(batch_ids)}
+    for i, batch_id in enumerate(batch_ids):
+        project = f"proj-{i % 3}"
+        store.create_batch(
+            make_batch(batch_id, project_id=project, created_at=batch_times[batch_id], status="in_progress")
+        )
+        if i % 4 == 0:  # ended; half of them with the event still to announce
+            changes = {"status": "completed", "event_pending": i % 8 == 0}
+            store.update_batch(project, batch_id, changes, expected_status={"in_progress"})
+    file_times = {file_id: NOW - (i * 5) % 13 for i, file_id in enumerate(file_ids)}
+    for file_id in file_ids:
+        store.create_file(make_file(file_id, expires_at=file_times[file_id]))
+    for i, upload_id in enumerate(upload_ids):
+        store.create_upload(make_upload(upload_id, project_id=f"proj-{i % 2}", expires_at=NOW - (i * 3) % 7))
+
+    partitions = {item["gsi2pk"] for item in account.table().scan()["Items"] if "gsi2pk" in item}
+    assert partitions == {
+        f"{kind}#{shard:02d}" for kind in ("ACTIVE", "EXPIRES", "UPLOAD_EXPIRES") for shard in range(16)
+    }
+
+    def in_order(times: dict[str, int], chosen: list[str]) -> list[str]:
+        return sorted(chosen, key=lambda record_id: (times[record_id], record_id))
+
+    active = [b for i, b in enumerate(batch_ids) if i % 4 != 0]
+    unannounced = [b for i, b in enumerate(batch_ids) if i % 8 == 0]
+    assert [b.id for b in store.list_active_batches()] == in_order(batch_times, active)
+    assert [b.id for b in store.list_unannounced_batches()] == in_order(batch_times, unannounced)
+    expired = in_order(file_times, file_ids)
+    for limit in (1, 5, 17, 48, 100):
+        assert [f.id for f in store.list_expired_files(NOW, limit)] == expired[:limit]
+    assert [f.id for f in store.list_expired_files(NOW - 6, 100)] == [
+        f for f in expired if file_times[f] <= NOW - 6
+    ]
+    upload_times = {u: NOW - (i * 3) % 7 for i, u in enumerate(upload_ids)}
+    uploads = in_order(upload_times, upload_ids)
+    for limit in (1, 16, 100):
+        assert [u.id for u in store.list_expired_uploads(NOW, limit)] == uploads[:limit]
+
+
+def test_a_shard_holding_the_first_items_pages_on_under_a_limit(account: MotoAccount) -> None:
+    """A shard that holds every one of the earliest items is read page after page (a page is sized by
+    the limit's even share per shard), not cut at its first page."""
+    store = DynamoMetadataStore(account.table())
+    same_shard = [i for i in _ids_on_every_shard("file-", 6) if shard_of(i) == 3]
+    others = [i for i in _ids_on_every_shard("file-", 1) if shard_of(i) != 3]
+    for n, file_id in enumerate(same_shard):
+        store.create_file(make_file(file_id, expires_at=NOW - 100 + n))
+    for file_id in others:
+        store.create_file(make_file(file_id, expires_at=NOW))
+
+    assert [f.id for f in store.list_expired_files(NOW, 6)] == same_shard
+    assert [f.id for f in store.list_expired_files(NOW, 8)] == same_shard + sorted(others)[:2]
+
+
+def has_item(account: MotoAccount, pk: str, sk: str) -> bool:
+    return "Item" in account.table().get_item(Key={PARTITION_KEY: pk, SORT_KEY: sk})
+
+
+def test_a_batch_holds_its_input_with_an_item_beside_the_file_until_it_ends(account: MotoAccount) -> None:
+    store = DynamoMetadataStore(account.table())
+    store.create_file(make_file("file-in", expires_at=NOW + 5))
+    store.create_batch(make_batch("batch_1", input_file_id="file-in"))
+    store.create_batch(make_batch("batch_done", input_file_id="file-in", status="completed"))
+
+    hold = raw_item(account, "FILE#file-in", "HOLD#batch_1")
+    assert hold == {"pk": "FILE#file-in", "sk": "HOLD#batch_1", "project_id": "proj-a", "batch_id": "batch_1"}
+    assert not has_item(account, "FILE#file-in", "HOLD#batch_done")  # created ended: no hold
+    assert store.get_file("proj-a", "file-in") == make_file("file-in", expires_at=NOW + 5)
+    assert [
+        f.id for f in store.list_files("proj-a", purpose=None, order="asc", after=None, limit=9, now=NOW)
+    ] == ["file-in"]
+
+    store.update_batch(
+        "proj-a", "batch_1", {"status": "completed", "event_pending": True}, expected_status={"validating"}
+    )
+    assert not has_item(account, "FILE#file-in", "HOLD#batch_1")
+
+
+class CrashingTable:
+    """The table, except that write number `crash_at` (0-based) raises instead of reaching DynamoDB,
+    as if the process died there; `writes` records each write as (operation, sort key)."""
+
+    def __init__(self, table: Any, crash_at: int | None = None) -> None:
+        self._table = table
+        self.crash_at = crash_at
+        self.writes: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._table, name)
+
+    def _write(self, operation: str, sort_key: str, **kwargs: Any) -> Any:
+        if len(self.writes) == self.crash_at:
+            self.writes.append((operation, sort_key))
+            raise RuntimeError("kill -9")
+        self.writes.append((operation, sort_key))
+        return getattr(self._table, operation)(**kwargs)
+
+    def put_item(self, **kwargs: Any) -> Any:
+        return self._write("put_item", kwargs["Item"][SORT_KEY], **kwargs)
+
+    def update_item(self, **kwargs: Any) -> Any:
+        return self._write("update_item", kwargs["Key"][SORT_KEY], **kwargs)
+
+    def delete_item(self, **kwargs: Any) -> Any:
+        return self._write("delete_item", kwargs["Key"][SORT_KEY], **kwargs)
+
+
+def _create(store: DynamoMetadataStore) -> None:
+    store.create_batch(make_batch("batch_1", input_file_id="file-in"))
+
+
+def _end(store: DynamoMetadataStore) -> None:
+    store.update_batch(
+        "proj-a", "batch_1", {"status": "expired", "event_pending": True}, expected_status={"validating"}
+    )
+
+
+def _revive(store: DynamoMetadataStore) -> None:
+    store.update_batch("proj-a", "batch_1", {"status": "in_progress"}, expected_status={"expired"})
+
+
+HOLD_STEPS = {  # each with what must have run before it, and its writes in order
+    "create": ([], _create, [("put_item", "HOLD#batch_1"), ("put_item", "BATCH")]),
+    "end": ([_create], _end, [("update_item", "BATCH"), ("delete_item", "HOLD#batch_1")]),
+    "revive": ([_create, _end], _revive, [("put_item", "HOLD#batch_1"), ("update_item", "BATCH")]),
+}
+
+
+@pytest.mark.parametrize("crash_at", [0, 1])
+@pytest.mark.parametrize("step", list(HOLD_STEPS))
+def test_a_crash_between_a_batch_and_its_hold_never_leaves_a_running_batch_unheld_nor_an_ended_one_held(
+    account: MotoAccount, step: str, crash_at: int
+) -> None:
+    """Two items, two writes: a crash after either must leave the holders as the batch says, i.e. the
+    batch if it exists and has not ended, else none (a hold left behind is not counted)."""
+    before, run, writes = HOLD_STEPS[step]
+    store = DynamoMetadataStore(account.table())
+    for setup in before:
+        setup(store)
+    recorder = CrashingTable(account.table())
+    run(DynamoMetadataStore(recorder))  # the writes in order, no crash
+    assert recorder.writes == writes
+    account.table().delete_item(Key={PARTITION_KEY: "BATCH#batch_1", SORT_KEY: "BATCH"})
+    account.table().delete_item(Key={PARTITION_KEY: "FILE#file-in", SORT_KEY: "HOLD#batch_1"})
+    for setup in before:
+        setup(store)
+
+    crashing = CrashingTable(account.table(), crash_at=crash_at)
+    with pytest.raises(RuntimeError, match="kill -9"):
+        run(DynamoMetadataStore(crashing))
+
+    batch = store.get_batch("proj-a", "batch_1")
+    running = batch is not None and not batch.is_terminal
+    assert store.input_holders("proj-a", "file-in") == (["batch_1"] if running else [])
+    assert store.list_active_batches() == ([batch] if running else [])
+
+
+def test_a_hold_left_by_a_crash_after_the_end_goes_with_the_announce(account: MotoAccount) -> None:
+    store = DynamoMetadataStore(account.table())
+    _create(store)
+    with pytest.raises(RuntimeError):
+        _end(DynamoMetadataStore(CrashingTable(account.table(), crash_at=1)))  # the hold's delete dies
+    assert has_item(account, "FILE#file-in", "HOLD#batch_1")
+    assert store.input_holders("proj-a", "file-in") == []  # left behind, not counted
+
+    # the outbox: the end's event is announced, and the update clearing the mark deletes the hold
+    store.update_batch("proj-a", "batch_1", {"event_pending": False}, expected_status={"expired"})
+    assert not has_item(account, "FILE#file-in", "HOLD#batch_1")
+
+
+def test_input_holders_reads_the_files_holds_and_their_batches_only(account: MotoAccount) -> None:
+    """A key lookup: one Query of the file's own partition and a GetItem per hold of the project,
+    however many batches run on other files, and no index."""
+    store = DynamoMetadataStore(account.table())
+    for i in range(30):
+        store.create_batch(make_batch(f"batch_{i:02d}", input_file_id=f"file-{i % 10}"))
+    store.create_batch(make_batch("batch_theirs", project_id="proj-b", input_file_id="file-3"))
+    calls: list[tuple[str, str | None]] = []
+
+    def record(model: Any, params: dict[str, Any], **_: Any) -> None:
+        calls.append((model.name, params.get("IndexName")))
+
+    store.table.meta.client.meta.events.register("before-call.dynamodb.*", record)
+    assert store.input_holders("proj-a", "file-3") == ["batch_03", "batch_13", "batch_23"]
+    assert calls == [("Query", None)] + [("GetItem", None)] * 3
 
 
 def test_upload_part_counter_is_not_an_upload(account: MotoAccount) -> None:

@@ -447,6 +447,75 @@ def test_unannounced_batches_are_the_ended_ones_whose_event_is_pending(metadata_
     assert stored is not None and (stored.status, stored.event_pending) == ("completed", False)
 
 
+def test_a_batch_holds_its_input_from_its_creation_until_it_ends(metadata_store: MetadataStore) -> None:
+    metadata_store.create_batch(make_batch("batch_2", input_file_id="file-in"))
+    metadata_store.create_batch(make_batch("batch_1", input_file_id="file-in", status="in_progress"))
+    metadata_store.create_batch(make_batch("batch_other", input_file_id="file-other"))
+
+    assert metadata_store.input_holders("proj-a", "file-in") == ["batch_1", "batch_2"]
+    assert metadata_store.input_holders("proj-a", "file-other") == ["batch_other"]
+    assert metadata_store.input_holders("proj-a", "file-none") == []
+
+    metadata_store.update_batch(
+        "proj-a", "batch_1", {"status": "cancelling"}, expected_status={"in_progress"}
+    )
+    assert metadata_store.input_holders("proj-a", "file-in") == ["batch_1", "batch_2"]  # not ended yet
+    with pytest.raises(ConditionFailed):  # an end that loses its condition changes nothing
+        metadata_store.update_batch(
+            "proj-a", "batch_1", {"status": "cancelled"}, expected_status={"validating"}
+        )
+    assert metadata_store.input_holders("proj-a", "file-in") == ["batch_1", "batch_2"]
+
+    metadata_store.update_batch(
+        "proj-a", "batch_1", {"status": "cancelled", "event_pending": True}, expected_status={"cancelling"}
+    )
+    assert metadata_store.input_holders("proj-a", "file-in") == ["batch_2"]  # ended, event pending or not
+    metadata_store.update_batch("proj-a", "batch_1", {"event_pending": False}, expected_status={"cancelled"})
+    assert metadata_store.input_holders("proj-a", "file-in") == ["batch_2"]
+
+    # a (hypothetical) move back to a live status holds the input again
+    metadata_store.update_batch("proj-a", "batch_1", {"status": "in_progress"}, expected_status={"cancelled"})
+    assert metadata_store.input_holders("proj-a", "file-in") == ["batch_1", "batch_2"]
+
+
+@pytest.mark.parametrize("status", ["failed", "completed", "expired", "cancelled"])
+def test_every_terminal_status_releases_the_input(metadata_store: MetadataStore, status: str) -> None:
+    metadata_store.create_batch(make_batch("batch_1", status="validating"))
+    metadata_store.create_batch(make_batch("batch_ended", status=status))  # created ended: holds nothing
+    assert metadata_store.input_holders("proj-a", "file-in") == ["batch_1"]
+
+    metadata_store.update_batch(
+        "proj-a", "batch_1", {"status": status, f"{status}_at": NOW}, expected_status={"validating"}
+    )
+    assert metadata_store.input_holders("proj-a", "file-in") == []
+
+
+def test_a_create_that_finds_its_id_taken_holds_nothing(metadata_store: MetadataStore) -> None:
+    """As a replayed Idempotency-Key that names another input file does: the batch that exists keeps
+    its own input, and the refused one's input is held by no one."""
+    metadata_store.create_batch(make_batch("batch_1", input_file_id="file-in"))
+    with pytest.raises(AlreadyExists):
+        metadata_store.create_batch(make_batch("batch_1", input_file_id="file-other"))
+
+    assert metadata_store.input_holders("proj-a", "file-other") == []
+    assert metadata_store.input_holders("proj-a", "file-in") == ["batch_1"]
+
+
+def test_input_holders_are_scoped_by_project(metadata_store: MetadataStore) -> None:
+    """File ids are one namespace, but a batch of another project naming the same id holds nothing of
+    this project's file."""
+    metadata_store.create_batch(make_batch("batch_a", project="proj-a", input_file_id="file-in"))
+    metadata_store.create_batch(make_batch("batch_b", project="proj-b", input_file_id="file-in"))
+
+    assert metadata_store.input_holders("proj-a", "file-in") == ["batch_a"]
+    assert metadata_store.input_holders("proj-b", "file-in") == ["batch_b"]
+    assert metadata_store.input_holders("proj-c", "file-in") == []
+
+    metadata_store.update_batch("proj-b", "batch_b", {"status": "failed"}, expected_status={"validating"})
+    assert metadata_store.input_holders("proj-b", "file-in") == []
+    assert metadata_store.input_holders("proj-a", "file-in") == ["batch_a"]
+
+
 def test_chunk_progress_overwrites_instead_of_adding(metadata_store: MetadataStore) -> None:
     metadata_store.put_chunk_progress("batch_1", ChunkProgress(index=2, completed=5))
     metadata_store.put_chunk_progress("batch_1", ChunkProgress(index=0, completed=1, failed=1))
@@ -558,6 +627,7 @@ def test_records_survive_reopening_the_store(open_metadata_store: Callable[[], M
     assert second.get_upload("proj-a", "upload_1") == make_upload("upload_1")
     assert second.get_batch("proj-a", "batch_1") == updated
     assert ids(second.list_active_batches()) == ["batch_1"]
+    assert second.input_holders("proj-a", "file-in") == ["batch_1"]
     assert second.list_chunk_progress("batch_1") == [ChunkProgress(index=0, completed=2)]
     assert second.claim_idempotency_key("proj-a", "key-1", "batch_2", NOW) == "batch_1"
 
@@ -679,3 +749,21 @@ os.kill(os.getpid(), signal.SIGKILL)
 
     with SqliteMetadataStore(path) as store:
         assert store.list_chunk_progress("batch_1") == [ChunkProgress(index=0, completed=7)]
+
+
+def test_sqlite_finds_a_files_holders_through_its_partial_index(tmp_path: Path) -> None:
+    """A lookup by (project, file) in the index of the batches that hold their input, not a scan of
+    the batches."""
+    with SqliteMetadataStore(tmp_path / "metadata.sqlite3") as store:
+        for i in range(20):
+            store.create_batch(make_batch(f"batch_{i:02d}", input_file_id=f"file-{i % 4}"))
+        statements: list[str] = []
+        store._conn.set_trace_callback(statements.append)
+        try:
+            assert store.input_holders("proj-a", "file-1") == [f"batch_{i:02d}" for i in range(1, 20, 4)]
+        finally:
+            store._conn.set_trace_callback(None)
+
+        [lookup] = statements
+        plan = [row[3] for row in store._query(f"EXPLAIN QUERY PLAN {lookup}")]
+        assert plan == ["SEARCH batches USING INDEX batches_holding (project_id=? AND <expr>=?)"]

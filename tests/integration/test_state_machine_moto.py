@@ -763,6 +763,10 @@ def test_every_call_of_every_function_is_allowed_by_its_role_and_nothing_more_on
     )
     swept = deployment.run_function(f"{WORKFLOW_HANDLERS}.housekeeping_handler", {}, monkeypatch)
     assert swept["removed"]["unannounced_events"] == 1
+    # every batch above ended (completed, cancelled, failed validation, MarkFailed): none holds its input
+    items = store.table.scan()["Items"]  # type: ignore[attr-defined]
+    assert [i["sk"] for i in items if str(i["sk"]).startswith("BATCH")] == ["BATCH"] * 4
+    assert [i for i in items if str(i["sk"]).startswith("HOLD#")] == []
 
     template = deployment.template
     checked = []

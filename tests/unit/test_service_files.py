@@ -242,6 +242,44 @@ def test_a_batch_of_another_project_does_not_keep_a_body(deps: Deps) -> None:
     assert not deps.blobs.exists(record.blob_key)
 
 
+def test_delete_sweep_and_release_look_up_the_files_holders_and_read_no_other_batch(
+    deps: Deps, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hour = {"anchor": "created_at", "seconds": 3600}
+    held = files.create_file(deps, "p1", "held.jsonl", "batch", DATA, hour)
+    free = files.create_file(deps, "p1", "free.jsonl", "batch", DATA, hour)
+    deleted = files.create_file(deps, "p1", "deleted.jsonl", "batch", DATA)
+    _batch_reading(deps, "p1", held.id)
+    _batch_reading(deps, "p1", deleted.id, "batch_d")
+    _batch_reading(deps, "p2", free.id, "batch_theirs")  # another project's batch naming the same id
+
+    def every_active_batch() -> list[BatchRecord]:
+        raise AssertionError("read every active batch of every project")
+
+    monkeypatch.setattr(deps.metadata, "list_active_batches", every_active_batch)
+    asked: list[tuple[str, str]] = []
+    lookup = deps.metadata.input_holders
+
+    def recording(project_id: str, file_id: str) -> list[str]:
+        asked.append((project_id, file_id))
+        return lookup(project_id, file_id)
+
+    monkeypatch.setattr(deps.metadata, "input_holders", recording)
+
+    files.delete_file(deps, "p1", deleted.id)
+    assert deps.blobs.exists(deleted.blob_key)  # batch_d reads it
+    clock.advance(3600)
+    assert files.sweep_expired_files(deps) == 2
+    assert deps.blobs.exists(held.blob_key) and not deps.blobs.exists(free.blob_key)
+    assert sorted(asked) == sorted([("p1", deleted.id), ("p1", held.id), ("p1", free.id)])
+
+    for batch_id, record in (("batch_x", held), ("batch_d", deleted)):
+        deps.metadata.update_batch("p1", batch_id, {"status": "completed"}, expected_status={"in_progress"})
+        files.release_input_file(deps, "p1", record.id)
+        assert not deps.blobs.exists(record.blob_key)
+    assert asked[-2:] == [("p1", held.id), ("p1", deleted.id)]
+
+
 def test_sweep_marks_a_running_batchs_expired_input_but_keeps_its_body(deps: Deps, clock: FakeClock) -> None:
     record = files.create_file(
         deps, "p1", "a.jsonl", "batch", DATA, {"anchor": "created_at", "seconds": 3600}

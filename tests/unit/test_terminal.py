@@ -100,3 +100,18 @@ def test_announce_pending_goes_on_past_a_batch_it_cannot_announce(
     assert terminal.announce_pending(deps) == 2
     assert sorted(d["id"] for _, d in deps.events.events) == ["batch_2", "batch_3"]  # type: ignore[attr-defined]
     assert [b.id for b in deps.metadata.list_unannounced_batches()] == ["batch_1"]
+
+
+@pytest.mark.parametrize("status", ["failed", "completed", "expired", "cancelled"])
+def test_a_batch_stops_holding_its_input_however_it_ends(deps: Deps, status: str) -> None:
+    from batch_api.service import batches
+
+    kept = files.create_file(deps, "p1", "in.jsonl", "batch", b'{"a": 1}\n')
+    batch = batches.create_batch(deps, "p1", "/v1/chat/completions", kept.id, "24h")
+    assert deps.metadata.input_holders("p1", kept.id) == [batch.id]
+    files.delete_file(deps, "p1", kept.id)
+    assert deps.blobs.exists(kept.blob_key)  # held: kept for the batch
+
+    terminal.end_batch(deps, "p1", batch.id, lambda b: {"status": status, f"{status}_at": 5})
+    assert deps.metadata.input_holders("p1", kept.id) == []
+    assert not deps.blobs.exists(kept.blob_key)  # its end removed the body kept for it

@@ -154,6 +154,16 @@ class MemoryMetadataStore:
             self.batches[batch_id] = _apply(record, changes)
             return self.batches[batch_id].model_copy(deep=True)
 
+    def input_holders(self, project_id: str, file_id: str) -> list[str]:
+        with self._lock:
+            return sorted(
+                b.id
+                for b in self.batches.values()
+                if b.project_id == project_id
+                and b.input_file_id == file_id
+                and b.status not in TERMINAL_STATUSES
+            )
+
     def list_active_batches(self) -> list[BatchRecord]:
         with self._lock:
             items = [b for b in self.batches.values() if b.status not in TERMINAL_STATUSES]

@@ -168,7 +168,7 @@ def create_batch(
         # (files.release_input_file). Before the record: a failure here leaves no batch behind.
         deps.blobs.clear_expiry(input_file.blob_key)
     try:
-        deps.metadata.create_batch(record)
+        deps.metadata.create_batch(record)  # the batch now holds its input (`files.input_of_active_batch`)
     except AlreadyExists:
         # A concurrent request with the same idempotency key wrote it first.
         existing = deps.metadata.get_batch(project_id, batch_id)

@@ -245,11 +245,10 @@ def delete_file(deps: Deps, project_id: str, file_id: str) -> FileDeleted:
 
 
 def input_of_active_batch(deps: Deps, record: FileRecord) -> bool:
-    """Whether a batch that has not reached a terminal status uses the file as its input."""
-    return any(
-        batch.input_file_id == record.id and batch.project_id == record.project_id
-        for batch in deps.metadata.list_active_batches()
-    )
+    """Whether a batch that has not reached a terminal status uses the file as its input: the file's
+    holders, looked up by (project, file) (a read of every active batch of every project would grow
+    with the whole service's load)."""
+    return bool(deps.metadata.input_holders(record.project_id, record.id))
 
 
 def release_input_file(deps: Deps, project_id: str, file_id: str) -> None:
@@ -289,11 +288,8 @@ def sweep_expired_files(deps: Deps, limit: int = 1000) -> int:
     batch removes the body when it ends (`release_input_file`).
     """
     expired = deps.metadata.list_expired_files(deps.now(), limit)
-    in_use = (
-        {(b.project_id, b.input_file_id) for b in deps.metadata.list_active_batches()} if expired else set()
-    )
     for record in expired:
-        if (record.project_id, record.id) not in in_use:
+        if not input_of_active_batch(deps, record):
             deps.blobs.delete(record.blob_key)
         deps.metadata.mark_file_deleted(record.project_id, record.id)
     return len(expired)

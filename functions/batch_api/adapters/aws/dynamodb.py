@@ -3,16 +3,39 @@
 Items (record fields are stored as native attributes beside the keys):
 
     file            pk FILE#{id}             sk FILE      gsi1 {project}#FILE / {created_at:012d}#{id}
-                                                          gsi2 EXPIRES / {expires_at:012d}#{id}  (live, with expiry)
-    upload          pk UPLOAD#{id}           sk UPLOAD    gsi2 UPLOAD_EXPIRES / {expires_at:012d}#{id}  (pending)
+                                                          gsi2 EXPIRES#{shard} / {expires_at:012d}#{id}
+                                                               (live, with expiry)
+    upload          pk UPLOAD#{id}           sk UPLOAD    gsi2 UPLOAD_EXPIRES#{shard} / {expires_at:012d}#{id}
+                                                               (pending)
     upload part     pk UPLOAD#{id}           sk PART#{seq:010d}#{part_id}   (seq: arrival order)
     part counter    pk UPLOAD#{id}           sk PARTSEQ                     (atomic ADD hands out seq)
     batch           pk BATCH#{id}            sk BATCH     gsi1 {project}#BATCH / {created_at:012d}#{id}
-                                                          gsi2 ACTIVE / {created_at:012d}#{id}    (non-terminal,
-                                                               or terminal with its event pending)
+                                                          gsi2 ACTIVE#{shard} / {created_at:012d}#{id}
+                                                               (non-terminal, or terminal with its event pending)
     chunk progress  pk BATCH#{id}            sk CHUNK#{index:05d}           (PutItem overwrite)
+    input hold      pk FILE#{file_id}        sk HOLD#{batch_id}             project_id, batch_id
     idempotency     pk IDEMP#{project}       sk KEY#{key}                   ttl created_at + 24 h (DynamoDB TTL)
     capacity lease  pk LEASES#{upstream}     sk VERSION | LEASE#{holder} | WAIT#{batch}  (adapters/aws/leases.py)
+
+GSI2 partitions are sharded, so no one partition key takes every write of a kind (DynamoDB serves one
+partition key from one partition, about 1,000 writes a second, and an index that cannot keep up throttles
+the table's writes): {shard} is `shard_of(id)`, the CRC-32 of the item's id modulo `STATE_SHARDS` (16),
+two digits. Every reader of those partitions queries all shards, each paging on its own, and merges
+them in gsi2sk order, the order one partition gave. (Pre-release: no deployed table holds items under
+the old unsharded keys ACTIVE, EXPIRES and UPLOAD_EXPIRES, so nothing migrates them.)
+
+"Does a running batch read this file?" is one strongly consistent Query of the file's HOLD# items (a
+few at most) and a GetItem of each one's batch, never a read of every active batch. (Base-table reads:
+a lagging GSI could show two batches ending together each other's hold, and neither would drop the
+body.) A plain write changes one item (a transaction returns no record and collides with a concurrent
+cancel's update), so the hold is written around the batch's own writes in the order that a crash
+cannot turn into harm: put before the batch item is created (a batch is never running without
+it), deleted after the update that ends the batch. A crash between the two leaves a hold whose batch
+is absent or ended, so the batch item decides: a hold counts only while its batch exists in the
+hold's project, reads that file and has not ended. A hold left behind therefore never keeps a body.
+Every update that leaves a batch ended deletes its hold, and the outbox makes one more follow the end
+(`event_pending` cleared), so only a crash between a hold and its batch's creation leaves a small item
+behind for good.
 
 An upload keeps its gsi2sk whatever its status; only gsi2pk comes and goes (a GSI holds an item only
 when both its keys are present), so the sort key is always at hand should an upload become pending
@@ -27,6 +50,8 @@ consistent, as GSIs always are, so a record written a moment ago may be missing 
 
 from __future__ import annotations
 
+import heapq
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
 from functools import cache
@@ -63,6 +88,10 @@ RecordT = TypeVar("RecordT", bound=BaseModel)
 EXPIRES_PARTITION = "EXPIRES"
 ACTIVE_PARTITION = "ACTIVE"
 UPLOAD_EXPIRES_PARTITION = "UPLOAD_EXPIRES"
+# Shards of each GSI2 partition (module docstring). Fixed: readers of another count would miss items
+# already written. 16 keys may sit on 16 partitions, 16x one key's write rate, while a reader's fan-out
+# stays 16 small Queries.
+STATE_SHARDS = 16
 _CLAIM_ATTEMPTS = 5  # a claim re-tries only when the item it lost to vanished (TTL) before it could read it
 _CONDITION_FAILED = "ConditionalCheckFailedException"
 
@@ -110,6 +139,22 @@ def _validated_changes(model: type[BaseModel], changes: Mapping[str, Any]) -> di
     return result
 
 
+def shard_of(record_id: str) -> int:
+    """The GSI2 shard of an item: stable across processes and releases (not `hash()`, which is salted
+    per process) and spread evenly over `STATE_SHARDS`."""
+    return zlib.crc32(record_id.encode()) % STATE_SHARDS
+
+
+def shard_partition(partition: str, shard: int) -> str:
+    """The GSI2 partition key of one shard of `partition` (e.g. ACTIVE#07)."""
+    return f"{partition}#{shard:02d}"
+
+
+def sharded(partition: str, record_id: str) -> str:
+    """The GSI2 partition key `record_id` goes to on `partition`."""
+    return shard_partition(partition, shard_of(record_id))
+
+
 def _sort_key(created_at: int, record_id: str) -> str:
     # fixed width: string order == (created_at, id) order
     return f"{created_at:012d}#{record_id}"
@@ -127,11 +172,16 @@ def _batch_pk(batch_id: str) -> str:
     return f"BATCH#{batch_id}"
 
 
+def _hold_key(file_id: str, batch_id: str) -> dict[str, str]:
+    return {PARTITION_KEY: _file_pk(file_id), SORT_KEY: f"HOLD#{batch_id}"}
+
+
 class DynamoMetadataStore:
     """ports.MetadataStore on a DynamoDB table; behaves as `MemoryMetadataStore` (the contract suite checks it).
 
     `table` is a boto3 `Table` resource (`session.resource("dynamodb").Table(name)`). `page_size` bounds
-    each Query page of the filtered listings (DynamoDB applies Limit before filters, so they page on).
+    each Query page of the filtered listings (DynamoDB applies Limit before filters, so they page on)
+    and of each GSI2 shard.
     """
 
     def __init__(self, table: Any, *, page_size: int = 1000) -> None:
@@ -168,6 +218,23 @@ class DynamoMetadataStore:
             if "LastEvaluatedKey" not in page:
                 return
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _on_shards(
+        self, partition: str, *, below: str | None = None, wanted: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every item on the GSI2 shards of `partition` (with gsi2sk < `below`) in gsi2sk order, as one
+        partition gave them. Each shard's Query pages on its own and is read only as far as the merge
+        needs; with `wanted` (the caller stops after about that many) a page holds twice a shard's even
+        share of it, at most `page_size`. Shards are queried one after another: few, and the table
+        resource is not thread-safe."""
+        page = self.page_size if wanted is None else min(self.page_size, 2 * -(-wanted // STATE_SHARDS))
+        shards = []
+        for shard in range(STATE_SHARDS):
+            key = Key(GSI2_PARTITION_KEY).eq(shard_partition(partition, shard))
+            if below is not None:
+                key = key & Key(GSI2_SORT_KEY).lt(below)
+            shards.append(self._query(IndexName=GSI2_NAME, KeyConditionExpression=key, limit=page))
+        return heapq.merge(*shards, key=lambda item: str(item[GSI2_SORT_KEY]))
 
     def _conditional_update(
         self,
@@ -248,7 +315,7 @@ class DynamoMetadataStore:
             GSI1_SORT_KEY: _sort_key(record.created_at, record.id),
         }
         if not record.deleted and record.expires_at is not None:
-            item[GSI2_PARTITION_KEY] = EXPIRES_PARTITION
+            item[GSI2_PARTITION_KEY] = sharded(EXPIRES_PARTITION, record.id)
             item[GSI2_SORT_KEY] = _sort_key(record.expires_at, record.id)
         self._put_new(item, record.id)
 
@@ -317,12 +384,7 @@ class DynamoMetadataStore:
             return []
         records: list[FileRecord] = []
         # gsi2sk is "{expires_at:012d}#{id}": below "{now+1:012d}" means expires_at <= now
-        for item in self._query(
-            IndexName=GSI2_NAME,
-            KeyConditionExpression=Key(GSI2_PARTITION_KEY).eq(EXPIRES_PARTITION)
-            & Key(GSI2_SORT_KEY).lt(f"{now + 1:012d}"),
-            limit=min(self.page_size, limit),
-        ):
+        for item in self._on_shards(EXPIRES_PARTITION, below=f"{now + 1:012d}", wanted=limit):
             record = _record(FileRecord, item)
             if not record.deleted:  # a GSI can lag the base table by a moment
                 records.append(record)
@@ -340,7 +402,7 @@ class DynamoMetadataStore:
             GSI2_SORT_KEY: _sort_key(record.expires_at, record.id),
         }
         if record.status == "pending":
-            item[GSI2_PARTITION_KEY] = UPLOAD_EXPIRES_PARTITION
+            item[GSI2_PARTITION_KEY] = sharded(UPLOAD_EXPIRES_PARTITION, record.id)
         self._put_new(item, record.id)
 
     def get_upload(self, project_id: str, upload_id: str) -> UploadRecord | None:
@@ -357,7 +419,7 @@ class DynamoMetadataStore:
             set_extra[GSI2_SORT_KEY] = _sort_key(expires_at, upload_id)
         new_status = changes.get("status")
         if new_status == "pending":
-            set_extra[GSI2_PARTITION_KEY] = UPLOAD_EXPIRES_PARTITION
+            set_extra[GSI2_PARTITION_KEY] = sharded(UPLOAD_EXPIRES_PARTITION, upload_id)
         elif new_status is not None:
             remove = [GSI2_PARTITION_KEY]  # off the expiry index; gsi2sk stays (see the module docstring)
         return self._conditional_update(
@@ -404,12 +466,7 @@ class DynamoMetadataStore:
             return []
         records: list[UploadRecord] = []
         # gsi2sk is "{expires_at:012d}#{id}": below "{now+1:012d}" means expires_at <= now
-        for item in self._query(
-            IndexName=GSI2_NAME,
-            KeyConditionExpression=Key(GSI2_PARTITION_KEY).eq(UPLOAD_EXPIRES_PARTITION)
-            & Key(GSI2_SORT_KEY).lt(f"{now + 1:012d}"),
-            limit=min(self.page_size, limit),
-        ):
+        for item in self._on_shards(UPLOAD_EXPIRES_PARTITION, below=f"{now + 1:012d}", wanted=limit):
             record = _record(UploadRecord, item)
             if record.status == "pending":  # a GSI can lag the base table by a moment
                 records.append(record)
@@ -429,9 +486,16 @@ class DynamoMetadataStore:
             GSI1_SORT_KEY: sort_key,
         }
         if record.status not in TERMINAL_STATUSES:
-            item[GSI2_PARTITION_KEY] = ACTIVE_PARTITION
+            item[GSI2_PARTITION_KEY] = sharded(ACTIVE_PARTITION, record.id)
             item[GSI2_SORT_KEY] = sort_key
+            # the hold first: a crash before the batch is written leaves a hold no reader counts
+            self._put_hold(record.project_id, record.input_file_id, record.id)
         self._put_new(item, record.id)
+
+    def _put_hold(self, project_id: str, file_id: str, batch_id: str) -> None:
+        self.table.put_item(
+            Item={**_hold_key(file_id, batch_id), "project_id": project_id, "batch_id": batch_id}
+        )
 
     def get_batch(self, project_id: str, batch_id: str) -> BatchRecord | None:
         item = self._get_scoped(_batch_pk(batch_id), "BATCH", project_id)
@@ -461,6 +525,7 @@ class DynamoMetadataStore:
         set_extra: dict[str, Any] = {}
         remove: list[str] = []
         copy: dict[str, str] = {}
+        expected = set(expected_status)
         # On the ACTIVE index: every batch that is not terminal, and a terminal one until its event is
         # published (`event_pending`, only ever set with the terminal status and cleared after it).
         new_status = changes.get("status")
@@ -468,20 +533,57 @@ class DynamoMetadataStore:
         if (new_status in TERMINAL_STATUSES and not pending) or (new_status is None and pending is False):
             remove = [GSI2_PARTITION_KEY, GSI2_SORT_KEY]
         elif new_status is not None:
-            set_extra[GSI2_PARTITION_KEY] = ACTIVE_PARTITION
+            set_extra[GSI2_PARTITION_KEY] = sharded(ACTIVE_PARTITION, batch_id)
             copy[GSI2_SORT_KEY] = GSI1_SORT_KEY  # the same "{created_at:012d}#{id}"
-        return self._conditional_update(
+        if new_status is not None and new_status not in TERMINAL_STATUSES and expected & TERMINAL_STATUSES:
+            # an ended batch running again (no code path does this yet) holds its input before it runs
+            current = self.get_batch(project_id, batch_id)
+            if current is None:
+                raise ConditionFailed(batch_id)
+            self._put_hold(project_id, current.input_file_id, batch_id)
+        updated = self._conditional_update(
             BatchRecord,
             _batch_pk(batch_id),
             "BATCH",
             project_id,
             batch_id,
             changes,
-            expected_status,
+            expected,
             set_extra=set_extra,
             remove=remove,
             copy=copy,
         )
+        if updated.status in TERMINAL_STATUSES:
+            # After the end is stored. A crash before this leaves a hold of an ended batch, not counted,
+            # and the update that clears `event_pending` (the outbox sees to it) deletes it again.
+            self.table.delete_item(Key=_hold_key(updated.input_file_id, batch_id))
+        return updated
+
+    def input_holders(self, project_id: str, file_id: str) -> list[str]:
+        holds = self._query(
+            KeyConditionExpression=Key(PARTITION_KEY).eq(_file_pk(file_id))
+            & Key(SORT_KEY).begins_with("HOLD#"),
+            ConsistentRead=True,
+        )
+        holders = []
+        for hold in holds:
+            if hold.get("project_id") != project_id:
+                continue
+            batch = self.table.get_item(
+                Key={PARTITION_KEY: _batch_pk(str(hold["batch_id"])), SORT_KEY: "BATCH"},
+                ConsistentRead=True,
+                ProjectionExpression="project_id, input_file_id, #status",
+                ExpressionAttributeNames={"#status": "status"},
+            ).get("Item")
+            # the batch decides (module docstring): a crash can leave a hold of an absent or ended batch
+            if (
+                batch is not None
+                and batch.get("project_id") == project_id
+                and batch.get("input_file_id") == file_id
+                and batch.get("status") not in TERMINAL_STATUSES
+            ):
+                holders.append(str(hold["batch_id"]))
+        return holders
 
     def list_active_batches(self) -> list[BatchRecord]:
         return [r for r in self._on_active_index() if r.status not in TERMINAL_STATUSES]
@@ -491,12 +593,7 @@ class DynamoMetadataStore:
         return [r for r in self._on_active_index() if r.status in TERMINAL_STATUSES and r.event_pending]
 
     def _on_active_index(self) -> list[BatchRecord]:
-        return [
-            _record(BatchRecord, item)
-            for item in self._query(
-                IndexName=GSI2_NAME, KeyConditionExpression=Key(GSI2_PARTITION_KEY).eq(ACTIVE_PARTITION)
-            )
-        ]
+        return [_record(BatchRecord, item) for item in self._on_shards(ACTIVE_PARTITION)]
 
     def put_chunk_progress(self, batch_id: str, progress: ChunkProgress) -> None:
         self.table.put_item(

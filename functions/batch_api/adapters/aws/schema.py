@@ -2,7 +2,8 @@
 
 One table. Base key (pk, sk). GSI1 lists a project's files or batches in creation order. GSI2 is
 sparse: only live files with an expiry and pending uploads (for the sweeps), and non-terminal batches
-(for resume and monitoring) carry its keys.
+(for resume and monitoring) carry its keys, each kind spread over sharded partition keys (the values
+and the shard count are the adapter's: `dynamodb.py`), so the index definition names no shard.
 
 Items that are dropped by DynamoDB TTL (idempotency keys) hold their expiry, in epoch seconds, in
 `TTL_ATTRIBUTE`. TTL deletion is lazy (it can take days), so readers treat an item past it as absent.

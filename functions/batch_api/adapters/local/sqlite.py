@@ -94,15 +94,20 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 );
 """
 
+_TERMINAL = tuple(sorted(TERMINAL_STATUSES))
+_TERMINAL_PLACEHOLDERS = ", ".join("?" for _ in _TERMINAL)
+
 # Run after _SCHEMA; each index needs the columns the migrations before it add.
 _UNANNOUNCED = "json_extract(doc, '$.event_pending') = 1"  # terminal batches whose event is not out yet
+_INPUT = "json_extract(doc, '$.input_file_id')"
+# Batches that hold their input file; literals, not parameters: a query uses a partial index only
+# when its WHERE repeats the index's.
+_HOLDING = "status NOT IN ({})".format(", ".join(f"'{status}'" for status in _TERMINAL))
 _INDEXES = f"""
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expires_at);
 CREATE INDEX IF NOT EXISTS batches_unannounced ON batches (created_at, id) WHERE {_UNANNOUNCED};
+CREATE INDEX IF NOT EXISTS batches_holding ON batches (project_id, {_INPUT}, id) WHERE {_HOLDING};
 """
-
-_TERMINAL = tuple(sorted(TERMINAL_STATUSES))
-_TERMINAL_PLACEHOLDERS = ", ".join("?" for _ in _TERMINAL)
 
 RecordT = TypeVar("RecordT", bound=BaseModel)
 
@@ -382,6 +387,15 @@ class SqliteMetadataStore:
                 (updated.status, updated.model_dump_json(), batch_id),
             )
         return updated
+
+    def input_holders(self, project_id: str, file_id: str) -> list[str]:
+        # the partial index `batches_holding` holds exactly the batches that hold their input; the
+        # status lives in the same row, so a batch stops holding in the very write that ends it
+        rows = self._query(
+            f"SELECT id FROM batches WHERE project_id = ? AND {_INPUT} = ? AND {_HOLDING} ORDER BY id",
+            (project_id, file_id),
+        )
+        return [batch_id for (batch_id,) in rows]
 
     def list_active_batches(self) -> list[BatchRecord]:
         rows = self._query(
