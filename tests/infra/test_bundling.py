@@ -23,6 +23,8 @@ LOCAL_ONLY = (
     "batch_api.adapters.local.filesystem",
     "batch_api.adapters.memory",
     "batch_api.upstreams.mock_server",
+    "batch_api.client.commands",  # the client commands and their openai SDK
+    "batch_api.client.display",
 )
 
 

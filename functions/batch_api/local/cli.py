@@ -1,7 +1,9 @@
-"""`batch-api`: the command line of the local twin.
+"""`batch-api`: the command line of the local twin, and a client of any OpenAI-compatible Batch API.
 
     batch-api serve            the Batch API on http://127.0.0.1:8000/v1 (data in ./.batch-api)
     batch-api mock-upstream    the built-in deterministic mock as an OpenAI-compatible HTTP server
+    batch-api submit|status|wait|download|cancel|ls|files
+                               client commands (batch_api.client; the `cli` extra)
 
 Every flag of `serve` has a BATCH_API_* environment variable; a flag wins over the variable.
 """
@@ -17,6 +19,9 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
+from batch_api.client.exit_codes import HELP as EXIT_CODES_HELP
+from batch_api.client.exit_codes import ExitCode
+from batch_api.client.parser import add_client_commands
 from batch_api.config import Settings, redact_url
 
 logger = logging.getLogger("batch_api")
@@ -71,7 +76,12 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batch-api", description="An OpenAI-compatible Batch API.")
+    parser = argparse.ArgumentParser(
+        prog="batch-api",
+        description="An OpenAI-compatible Batch API (serve) and a client of any such API (submit, wait...).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"`batch-api COMMAND --help` shows a command's flags.\n\n{EXIT_CODES_HELP}",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the Batch API as one durable local process")
@@ -111,7 +121,21 @@ def _parser() -> argparse.ArgumentParser:
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8001)
     mock.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
+    add_client_commands(commands)
     return parser
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    try:
+        from batch_api.client.commands import run
+    except ImportError as exc:  # the SDK or rich is not installed
+        print(
+            f"batch-api: the client commands need the cli extra ({exc.name} is missing): "
+            "pip install -e '.[cli]' in a checkout",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
+    return run(args)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -233,6 +257,8 @@ def describe(error: ValidationError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "client_command", None):
+        return run_client_command(args)
     if args.command == "mock-upstream":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from batch_api.upstreams.mock_server import run
