@@ -3,7 +3,7 @@
 `pip install --platform manylinux..._<arch> --only-binary=:all:` fetches wheels for the Lambda
 architecture and Python version (not for this machine), then the modules of the `batch_api` package
 that the functions' handlers import (directly or through each other, at any depth) are copied next to
-them: the local server, its SQLite and filesystem adapters and the in-memory fakes stay out. The AWS SDK is left to the Lambda runtime: it is removed again when a dependency (the X-Ray
+them, with the data files those modules read (the web console's static files): the local server, its SQLite and filesystem adapters and the in-memory fakes stay out. The AWS SDK is left to the Lambda runtime: it is removed again when a dependency (the X-Ray
 SDK) drags botocore in, because a bundled botocore would shadow the runtime's and skew against its
 boto3.
 """
@@ -37,6 +37,9 @@ LOCAL_ONLY = frozenset({"uvicorn", "h11"})
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 # the modules the functions' handler strings name (infra/constructs: api, workflow, housekeeping)
 HANDLER_MODULES = ("batch_api.handlers.lambda_api", "batch_api.handlers.workflow")
+# files a module reads at run time (not imports: the import closure cannot find them), copied into the
+# asset with that module: module -> directory under functions/
+DATA_DIRS = {"batch_api.handlers.console": "batch_api/console"}  # the web console's static files
 
 
 def _module_file(package_root: Path, module: str) -> Path | None:
@@ -91,6 +94,22 @@ def copy_imported(out: Path, package_root: Path = FUNCTIONS_DIR) -> list[Path]:
         (out / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, out / relative)
         copied.append(relative)
+    return copied
+
+
+def copy_data(out: Path, package_root: Path = FUNCTIONS_DIR) -> list[Path]:
+    """Copy the `DATA_DIRS` of the modules in the asset into `out`; returns the files copied (relative)."""
+    copied = []
+    modules = imported_modules(package_root=package_root)
+    for module, directory in sorted(DATA_DIRS.items()):
+        if module not in modules:
+            continue
+        for source in sorted((package_root / directory).rglob("*")):
+            if source.is_file() and "__pycache__" not in source.parts:
+                relative = source.relative_to(package_root)
+                (out / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, out / relative)
+                copied.append(relative)
     return copied
 
 
@@ -152,6 +171,7 @@ class PipLocalBundling:
         remove_distributions(out, RUNTIME_PROVIDED)
         shutil.rmtree(out / "bin", ignore_errors=True)  # console scripts pointing at this machine's python
         copy_imported(out)
+        copy_data(out)
         return True
 
 

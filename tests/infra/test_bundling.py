@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from infra.bundling import FUNCTIONS_DIR, HANDLER_MODULES, copy_imported, imported_modules
+from infra.bundling import (
+    DATA_DIRS,
+    FUNCTIONS_DIR,
+    HANDLER_MODULES,
+    copy_data,
+    copy_imported,
+    imported_modules,
+)
 from infra.constructs.api import API_HANDLER
 from infra.constructs.housekeeping import HANDLER as HOUSEKEEPING_HANDLER
 from infra.constructs.workflow import HANDLERS as WORKFLOW_HANDLERS
@@ -98,3 +105,47 @@ def test_every_module_of_the_asset_imports_from_the_asset_alone(tmp_path: Path) 
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) == len(copied)
+
+
+def test_the_console_files_ship_with_the_module_that_serves_them(tmp_path: Path) -> None:
+    """The web console's static files are data, not imports: copied with `handlers.console`, and the
+    API handler built from the asset alone answers them."""
+    from batch_api.handlers.console import ASSETS, ASSETS_DIR
+
+    assert "batch_api.handlers.console" in imported_modules()
+    assert set(DATA_DIRS) <= imported_modules()
+    copy_imported(tmp_path)
+    copied = copy_data(tmp_path)
+    names = {name for name, _type in ASSETS.values()}
+    assert {p.as_posix() for p in copied} >= {f"batch_api/console/{name}" for name in names}
+    for name in names:
+        assert (tmp_path / "batch_api" / "console" / name).read_bytes() == (ASSETS_DIR / name).read_bytes()
+
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from batch_api.handlers import console\n"
+        "assert console.ASSETS_DIR.is_relative_to(sys.argv[1]), console.ASSETS_DIR\n"
+        "from batch_api.handlers.lambda_api import app, handle\n"
+        "for path in console.ASSETS:\n"
+        "    event = {'resource': '/{proxy+}', 'path': path, 'httpMethod': 'GET', 'headers': {},\n"
+        "             'requestContext': {'requestId': 'r', 'stage': 'dev', 'path': '/dev' + path}}\n"
+        "    answer = handle(app, event, None)\n"
+        "    assert answer['statusCode'] == 200, (path, answer)\n"
+        "    assert answer['body'] == console.asset_text(console.ASSETS[path][0])\n"
+        "print('ok')\n"
+    )
+    env = {
+        **os.environ,
+        "BATCH_API_BACKEND": "aws",
+        "BATCH_API_TABLE_NAME": "t",
+        "BATCH_API_BUCKET_NAME": "b",
+        "BATCH_API_EVENT_BUS_NAME": "e",
+        "BATCH_API_STATE_MACHINE_ARN": "arn:aws:states:us-east-1:123456789012:stateMachine:x",
+        "BATCH_API_API_KEYS": '["sk-asset-check"]',
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

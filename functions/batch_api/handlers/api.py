@@ -39,11 +39,13 @@ from batch_api.contract.wire import (
 )
 from batch_api.deps import Deps
 from batch_api.handlers.auth import KeysProvider, authenticate
+from batch_api.handlers.console import PATHS as CONSOLE_PATHS
+from batch_api.handlers.console import register_console_routes
 from batch_api.handlers.errors import register_error_handlers
 from batch_api.handlers.resolver import BatchApiResolver, error_responses
 from batch_api.service import batches, files, uploads
 
-PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs"})
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs"}) | CONSOLE_PATHS  # the console asks for a key
 # a large download's link lives 30 minutes (the SDK follows it at once); on AWS it is signed with a role
 # assumed for an hour (adapters/aws/links.py), so each session signs half an hour of links
 MAX_DOWNLOAD_URL_SECONDS = 1800
@@ -169,6 +171,7 @@ def _public_routes(app: BatchApiResolver) -> None:
         )
 
     app.enable_swagger(path="/docs", persist_authorization=True, title=TITLE)
+    register_console_routes(app)  # the web console's static files (handlers/console.py)
 
 
 def _file_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
