@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BENCH_BEFORE ?= b50d0e6  # the local server before uvicorn (bench/http_server.py compares against it)
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test unit contract integration e2e infra lint format coverage bench mutation smoke smoke-needs-env clean
+.PHONY: run test chromium-check unit contract integration e2e infra lint format coverage bench mutation smoke smoke-needs-env clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/batch-api serve
 
-test: $(STAMP)
+test: $(STAMP) chromium-check
 	JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION=20 $(PY) -m pytest -n 2 --dist loadfile -q
+
+# the web console's browser tests (tests/e2e/test_console.py) run when Chromium is here, else are skipped
+chromium-check:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| echo "Chromium not installed: the console's browser tests will be skipped (apt-get install chromium chromium-driver)"
 
 unit: $(STAMP)
 	$(PY) -m pytest -m unit -q
@@ -28,7 +33,7 @@ contract: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest -m integration -q
 
-e2e: $(STAMP)
+e2e: $(STAMP) chromium-check
 	$(PY) -m pytest -m e2e -q
 
 infra: $(STAMP)

@@ -50,7 +50,7 @@
       else if (name === "value") node.value = value;
       else node.setAttribute(name, value === true ? "" : String(value));
     }
-    for (const child of children.flat()) {
+    for (const child of children.flat(Infinity)) {
       if (child === null || child === undefined || child === false) continue;
       node.append(child instanceof Node ? child : String(child)); // a string becomes a text node
     }
@@ -387,7 +387,7 @@
         card("Timeline", timeline(batch), { id: "timeline" }),
         batch.usage ? card("Usage (tokens)", usage(batch.usage), { id: "usage" }) : null,
         card("Metadata", metadata(batch.metadata), { id: "metadata" }),
-        card("Files", files(batch), { id: "files" }),
+        card("Files", files(batch), { id: "files", class: "card wide" }),
       ),
     );
     const lineErrors = (batch.errors && batch.errors.data) || [];
