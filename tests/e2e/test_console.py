@@ -7,6 +7,7 @@ Without Chromium the tests are skipped, with the one reason that says how to ins
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 from collections.abc import Callable, Iterator
@@ -427,3 +428,86 @@ def test_upload_a_file_and_create_a_batch_then_screenshots_of_the_main_pages(
     browser.screenshot("console-batch.png")
     for name in ("console-new.png", "console-list.png", "console-batch.png"):
         assert (DOCS / name).stat().st_size > 10_000
+
+
+@contextlib.contextmanager
+def console_of(browser: Browser, server: ServerProcess, host: str = "127.0.0.1") -> Iterator[None]:
+    """The module's browser pointed at another server's console for a while."""
+    before = browser.console_url
+    browser.console_url = f"http://{host}:{server.port}/console"
+    try:
+        yield
+    finally:
+        browser.console_url = before
+
+
+def test_a_large_file_is_downloaded_through_its_signed_link_when_that_link_is_on_this_origin(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Every download a 302 to a signed link (inline limit 0), the links on http://localhost:PORT. Through
+    that origin the page follows the link; through http://127.0.0.1:PORT the link is another origin,
+    which `connect-src 'self'` refuses, and the page says how to get the file instead."""
+    process = ServerProcess(
+        tmp_path / "data", "--api-key", KEY_A, env={"BATCH_API_MAX_INLINE_DOWNLOAD_BYTES": "0"}
+    )
+    process.args += ["--public-base-url", f"http://localhost:{process.port}"]
+    with process:
+        batch = create_batch(process, KEY_A, chat_lines(3))
+        finished = wait_for(client(process, KEY_A), batch.id)
+        expected = client(process, KEY_A).files.content(finished.output_file_id).content
+        name = client(process, KEY_A).files.retrieve(finished.output_file_id).filename
+
+        with console_of(browser, process, host="localhost"):
+            browser.sign_in(KEY_A)
+            browser.open(f"#/batches/{batch.id}")
+            browser.wait(lambda d: browser.present("#download-output"))
+            browser.driver.find_element(By.ID, "download-output").click()
+            target = browser.downloads / name
+            browser.wait(
+                lambda d: target.is_file() and target.read_bytes() == expected, message="the download"
+            )
+            target.unlink()
+
+        with console_of(browser, process):
+            browser.sign_in(KEY_A)
+            browser.open(f"#/batches/{batch.id}")
+            browser.wait(lambda d: browser.present("#download-output"))
+            browser.driver.find_element(By.ID, "download-output").click()
+            browser.wait(lambda d: d.find_element(By.ID, "notice").is_displayed(), message="the notice")
+            assert f"batch-api download {batch.id}" in browser.text("#notice")
+            assert not target.exists()
+            refused = [
+                e["message"] for e in browser.browser_log() if "Content Security Policy" in e["message"]
+            ]
+            assert refused and all("connect-src" in m and "localhost" in m for m in refused), refused
+            browser.log.clear()  # the one violation this test provokes, read
+
+
+@pytest.mark.parametrize("backend", ["aws"], indirect=True)
+def test_the_console_on_the_aws_adapters(
+    start_server: Callable[..., ServerProcess], browser: Browser, backend: str
+) -> None:
+    """The same pages on DynamoDB, S3 and EventBridge (moto): a finished batch with failures, its groups
+    and its output downloaded."""
+    process = start_server("--api-key", KEY_A, "--api-key", KEY_B)
+    batch = create_batch(process, KEY_A, chat_lines(6, failing={4}), metadata={"backend": backend})
+    finished = wait_for(client(process, KEY_A), batch.id)
+    expected = client(process, KEY_A).files.content(finished.output_file_id).content
+    name = client(process, KEY_A).files.retrieve(finished.output_file_id).filename
+
+    with console_of(browser, process):
+        browser.sign_in(KEY_A)
+        browser.wait(lambda d: browser.present(f'tr[data-batch-id="{batch.id}"]'))
+        browser.open(f"#/batches/{batch.id}")
+        browser.wait(lambda d: browser.present("#error-groups .error-group"), message="the error groups")
+        assert [
+            e.text for e in browser.driver.find_elements(By.CSS_SELECTOR, "#error-groups .custom-id")
+        ] == ["req-4"]
+        browser.driver.find_element(By.ID, "download-output").click()
+        target = browser.downloads / name
+        browser.wait(lambda d: target.is_file() and target.read_bytes() == expected, message="the download")
+        target.unlink()
+
+        browser.sign_in(KEY_B)
+        browser.open(f"#/batches/{batch.id}")
+        browser.wait(lambda d: browser.present("#not-found"), message="not found for the other key")
