@@ -8,8 +8,11 @@ Without Chromium the tests are skipped, with the one reason that says how to ins
 from __future__ import annotations
 
 import contextlib
+import http.client
+import http.server
 import io
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -511,3 +514,88 @@ def test_the_console_on_the_aws_adapters(
         browser.sign_in(KEY_B)
         browser.open(f"#/batches/{batch.id}")
         browser.wait(lambda d: browser.present("#not-found"), message="not found for the other key")
+
+
+class StagePrefixProxy:
+    """API Gateway's stage prefix, played by a small reverse proxy: http://127.0.0.1:PORT/dev/... is
+    forwarded to the server as /... (redirects passed back, not followed). Records every path asked."""
+
+    def __init__(self, upstream_port: int, stage: str = "dev") -> None:
+        self.stage = stage
+        self.paths: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def forward(self) -> None:
+                proxy.paths.append(self.path)
+                prefix = f"/{proxy.stage}/"
+                if not self.path.startswith(prefix):
+                    self.send_error(403, "outside the stage")
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                connection = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                connection.request(
+                    self.command,
+                    self.path[len(prefix) - 1 :],
+                    self.rfile.read(length) if length else None,
+                    headers,
+                )
+                answer = connection.getresponse()
+                body = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                connection.close()
+
+            do_GET = do_POST = do_DELETE = forward
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> StagePrefixProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_under_a_stage_prefix_every_request_stays_under_it(server: ServerProcess, browser: Browser) -> None:
+    """As on API Gateway (https://.../dev/console, the API at .../dev/v1): the page, its files and every
+    API call it makes are relative, so they all go under /dev/."""
+    batch = create_batch(server, KEY_B, chat_lines(4, failing={1}))
+    finished = wait_for(client(server, KEY_B), batch.id)
+    expected = client(server, KEY_B).files.content(finished.output_file_id).content
+    name = client(server, KEY_B).files.retrieve(finished.output_file_id).filename
+
+    with StagePrefixProxy(server.port) as proxy:
+        before = browser.console_url
+        browser.console_url = f"http://127.0.0.1:{proxy.port}/dev/console"
+        try:
+            browser.sign_in(KEY_B)
+            browser.wait(lambda d: browser.present(f'tr[data-batch-id="{batch.id}"]'))
+            browser.driver.find_element(By.CSS_SELECTOR, f'tr[data-batch-id="{batch.id}"] a').click()
+            browser.wait(lambda d: browser.present("#error-groups .error-group"), message="the batch page")
+            browser.driver.find_element(By.ID, "download-output").click()
+            target = browser.downloads / name
+            browser.wait(
+                lambda d: target.is_file() and target.read_bytes() == expected, message="the download"
+            )
+            target.unlink()
+        finally:
+            browser.console_url = before
+
+    assert {"/dev/console", "/dev/console/app.js", "/dev/console/app.css"} <= set(proxy.paths)
+    assert any(p.startswith("/dev/v1/batches?") for p in proxy.paths)
+    assert f"/dev/v1/files/{finished.output_file_id}/content" in proxy.paths
+    assert all(p.startswith("/dev/") for p in proxy.paths), proxy.paths

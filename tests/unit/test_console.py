@@ -4,6 +4,8 @@ answered as text (the same body on API Gateway), and files that keep to what the
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import pytest
@@ -136,3 +138,11 @@ def test_the_script_renders_server_strings_as_text_and_keeps_only_the_key() -> N
     assert "document.write" not in script and "eval(" not in script and "new Function" not in script
     assert "localStorage" not in script and "document.cookie" not in script
     assert re.findall(r"sessionStorage\.setItem\(([^,]+),", script) == ["KEY_STORAGE"]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js not installed")
+def test_the_script_parses() -> None:
+    done = subprocess.run(
+        ["node", "--check", str(ASSETS_DIR / "app.js")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr

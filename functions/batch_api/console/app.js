@@ -255,7 +255,13 @@
 
   function progressCell(batch) {
     const { done, total, failed } = progressOf(batch);
-    const bar = el("progress", { max: Math.max(total, 1), value: done, "data-done": done, "data-total": total });
+    const bar = el("progress", {
+      max: Math.max(total, 1),
+      value: done,
+      "data-done": done,
+      "data-total": total,
+      "aria-label": `${done} of ${total} requests done`,
+    });
     const label = `${done} / ${total}` + (failed ? ` (${failed} failed)` : "");
     return el("div", { class: "progress" }, bar, el("span", { class: "progress-label" }, label));
   }
@@ -368,8 +374,9 @@
           definitions([
             ["Endpoint", el("span", { class: "mono" }, batch.endpoint)],
             ["Model", batch.model || "—"],
-            ["Completion window", batch.completion_window],
+            ["Window", batch.completion_window],
             ["Expires", timeCell(batch.expires_at)],
+            ["Took", tookText(batch)],
           ]),
         ),
         card(
@@ -394,6 +401,12 @@
     if (lineErrors.length) parts.push(card("Validation errors", validationErrors(lineErrors), { id: "validation-errors" }));
     if (batch.error_file_id) parts.push(card("Failed requests by error", errorGroups(groups), { id: "error-groups" }));
     return parts;
+  }
+
+  function tookText(batch) {
+    const end = batch.completed_at || batch.failed_at || batch.expired_at || batch.cancelled_at;
+    if (!end) return ACTIVE.has(batch.status) ? `${formatDuration(Date.now() / 1000 - batch.created_at)} so far` : "—";
+    return formatDuration(end - batch.created_at);
   }
 
   function card(title, ...children) {
