@@ -7,7 +7,7 @@ measured as JSON.
 The environment is the one the stack gives the process function (set by the bench). This file imports
 nothing but the handler module and the standard library, so the process's memory is the worker's.
 Output: CPU seconds (user + sys, `getrusage(RUSAGE_SELF)`) of the init and of the invocation, the
-invocation's wall time, the process's peak RSS (`ru_maxrss`), and the upstream gate's requests in
+invocation's wall time, the process's peak RSS (VmHWM), and the upstream gate's requests in
 flight sampled every 50 ms during the invocation (peak and time average).
 """
 
@@ -18,6 +18,16 @@ import resource
 import sys
 import threading
 import time
+
+
+def peak_rss_mib() -> float:
+    """This process's RSS high-water mark (VmHWM: kept per address space, so it starts afresh at exec,
+    whereas `ru_maxrss` carries over the forking parent's)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def cpu_seconds() -> float:
@@ -51,7 +61,7 @@ def main() -> None:
     from batch_api.handlers import workflow  # INIT: what the runtime imports before the first event
 
     init_cpu = cpu_seconds() - started_cpu
-    init_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    init_rss = peak_rss_mib()
     event = json.loads(open(event_path).read())  # noqa: SIM115 - a one-shot script
 
     samples: list[int] = []
@@ -85,8 +95,8 @@ def main() -> None:
                 "wall": wall,
                 "cpu": cpu,
                 "init_cpu": init_cpu,
-                "init_rss_mib": init_rss_kib / 1024,
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "init_rss_mib": init_rss,
+                "peak_rss_mib": peak_rss_mib(),
                 "in_flight_peak": max(samples, default=0),
                 "in_flight_mean": sum(samples) / len(samples) if samples else 0.0,
             },

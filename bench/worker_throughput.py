@@ -16,7 +16,7 @@ the worker's own (boto3 client side) CPU is counted, as Lambda bills it. X-Ray i
 Upstream: `batch-api mock-upstream --latency T` in its own process. Each run is one chunk (validated
 by the real validate step with one chunk for the whole input) of N chat requests, N = R x `--waves`
 clamped to [`--min-requests`, `--max-requests`]. Per run: wall time of the invocation, CPU seconds
-(user + sys) of the invocation and of the init (imports), peak RSS (`ru_maxrss` of the child, and the
+(user + sys) of the invocation and of the init (imports), peak RSS (the child's VmHWM, and the
 parent's psutil samples every 50 ms), the requests in flight (the upstream gate, sampled every 50 ms:
 peak and mean), and a check that every request is journaled as completed. Settings alternate within a
 round; medians over rounds are reported.
