@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from batch_api.upstreams.openai_http import connection_budget
 from batch_api.upstreams.routing import DEFAULT_UPSTREAM, UpstreamFile, UpstreamSpec
 
 DEFAULT_ENV = "dev"
@@ -38,6 +39,10 @@ LOG_RETENTION_DAYS: dict[int, str] = {
 }
 ENV_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,19}$"
 UPSTREAMS_JSON_MAX_CHARS = 2048  # Lambda's 4 KB of environment, shared with the other variables
+LAMBDA_OPEN_FILES = 1024  # a Lambda function's limit of open files, which it cannot raise
+# the requests one worker can keep in flight: one connection each, within its open files (less those
+# kept for the AWS SDK, the runtime and the journal: batch_api.upstreams.openai_http)
+LAMBDA_MAX_REQUESTS_PER_CHUNK = connection_budget(LAMBDA_OPEN_FILES)
 
 
 class ConfigError(ValueError):
@@ -69,7 +74,8 @@ class EnvConfig(BaseModel):
 
     map_max_concurrency: int = Field(default=10, ge=1, le=10_000)  # Distributed Map MaxConcurrency
     chunk_max_lines: int = Field(default=1000, ge=1, le=50_000)
-    requests_per_chunk: int = Field(default=32, ge=1, le=1024)  # requests in flight per worker
+    # requests in flight per worker; more than its open files allow would fail connections and journal writes
+    requests_per_chunk: int = Field(default=32, ge=1)
     # Lambda reserved concurrency. The API's is kept for it, so workers can never starve it of slots
     # (and caps it); the workers' caps the chunks running at once across every batch, so the requests
     # in flight to the upstream stay at most worker_reserved_concurrency x requests_per_chunk. Both come
@@ -99,6 +105,17 @@ class EnvConfig(BaseModel):
     def _known_retention(cls, value: int) -> int:
         if value not in LOG_RETENTION_DAYS:
             raise ValueError(f"must be one of {sorted(LOG_RETENTION_DAYS)} (what CloudWatch Logs accepts)")
+        return value
+
+    @field_validator("requests_per_chunk")
+    @classmethod
+    def _within_open_files(cls, value: int) -> int:
+        if value > LAMBDA_MAX_REQUESTS_PER_CHUNK:
+            raise ValueError(
+                f"at most {LAMBDA_MAX_REQUESTS_PER_CHUNK}: each request in flight holds a connection, and a "
+                f"Lambda function may open {LAMBDA_OPEN_FILES} files, some of them kept for the AWS SDK and "
+                "the runtime"
+            )
         return value
 
     @field_validator("upstreams")

@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 import pytest
-from infra.config import ConfigError, EnvConfig, load_env_config
+from infra.config import LAMBDA_MAX_REQUESTS_PER_CHUNK, ConfigError, EnvConfig, load_env_config
 
+from batch_api.upstreams.openai_http import RESERVED_FILE_DESCRIPTORS
 from tests.infra.helpers import CDK_JSON
 
 pytestmark = [pytest.mark.infra, pytest.mark.unit]
@@ -81,6 +82,22 @@ def test_defaults_are_safe_for_an_unlisted_environment() -> None:
     assert config.removal_policy == "retain"
     assert config.architecture == "arm64"
     assert config.log_retention_name == "ONE_MONTH"
+
+
+def test_a_worker_is_never_asked_for_more_requests_in_flight_than_its_open_files_allow() -> None:
+    """A Lambda may open 1,024 files; each request in flight holds a connection, and the AWS SDK and the
+    runtime keep some: at 1,024 in flight the journal's PUTs failed with EMFILE
+    (bench/results/worker_throughput.md)."""
+    dev = CONTEXT["environments"]["dev"]
+    assert LAMBDA_MAX_REQUESTS_PER_CHUNK == 1024 - RESERVED_FILE_DESCRIPTORS
+    most = {"environments": {"dev": {**dev, "requests_per_chunk": LAMBDA_MAX_REQUESTS_PER_CHUNK}}}
+    assert load_env_config(most).requests_per_chunk == LAMBDA_MAX_REQUESTS_PER_CHUNK
+    for value in (LAMBDA_MAX_REQUESTS_PER_CHUNK + 1, 1024):
+        context = {"environments": {"dev": {**dev, "requests_per_chunk": value}}}
+        with pytest.raises(ConfigError, match=r"requests_per_chunk[\s\S]*at most 896.*1024 files"):
+            load_env_config(context)
+    for name in ("dev", "prod"):
+        assert load_env_config(CONTEXT, name).requests_per_chunk <= LAMBDA_MAX_REQUESTS_PER_CHUNK
 
 
 def test_every_environment_has_an_api_keys_secret() -> None:

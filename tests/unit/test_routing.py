@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from batch_api.config import Settings, redact_url
-from batch_api.upstreams import OpenAIHttpUpstream, make_upstream_factory
+from batch_api.upstreams import OpenAIHttpUpstream, make_upstream_factory, openai_http
 from batch_api.upstreams.capacity import GateStats
 from batch_api.upstreams.gated import GatedUpstream
-from batch_api.upstreams.openai_http import check_base_url
+from batch_api.upstreams.openai_http import RESERVED_FILE_DESCRIPTORS, check_base_url, connection_budget
 from batch_api.upstreams.routing import DISCOVERY_MAX_AGE_SECONDS, UpstreamPool, load_specs
 from tests.support.fake_upstream import FakeUpstreamServer, free_port
 
 pytestmark = pytest.mark.unit
+
+FUNCTIONS = Path(__file__).resolve().parents[2] / "functions"
 
 FILE = """
 [[upstreams]]
@@ -271,3 +277,80 @@ def test_upstreams_come_from_a_file_or_json_not_both(tmp_path: Path) -> None:
         load_specs(Settings(upstreams_json="[{"))
     with pytest.raises(ValueError, match=r"BATCH_API_UPSTREAMS_JSON is not valid: upstreams\.0\.base_url"):
         load_specs(Settings(upstreams_json='[{"name":"h","base_url":7}]'))
+
+
+# ---------------------------------------------------------------- open files
+
+
+def test_the_connection_budget_is_the_open_file_limit_less_the_reserve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert connection_budget(1024) == 1024 - RESERVED_FILE_DESCRIPTORS == 896
+    assert connection_budget(RESERVED_FILE_DESCRIPTORS) == 1  # never none at all
+    monkeypatch.setattr(openai_http.resource, "getrlimit", lambda _which: (300, 4096))
+    assert connection_budget() == 300 - RESERVED_FILE_DESCRIPTORS  # the soft limit is the one enforced
+    unlimited = openai_http.resource.RLIM_INFINITY
+    monkeypatch.setattr(openai_http.resource, "getrlimit", lambda _which: (unlimited, unlimited))
+    assert connection_budget() > 1_000_000
+
+
+def test_an_upstream_is_held_to_the_connections_the_process_can_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(openai_http.resource, "getrlimit", lambda _which: (200, 200))  # budget 72
+    text = (
+        FILE.replace("max_in_flight = 4", "max_in_flight = 500")
+        + '[[upstreams]]\nname = "big"\nbase_url = "http://b/v1"\nmodels = ["big-model"]\nmax_in_flight = 1000\n'
+    )
+    with caplog.at_level(logging.WARNING, logger="batch_api.upstreams.routing"):
+        pool = pool_from(tmp_path, text)
+    assert {name: gate.max_in_flight for name, gate in pool.gates.items()} == {
+        "llama": 16,  # within the budget: as configured
+        "big": 72,
+        "catch-all": 500,  # the in-process mock opens no connections
+    }
+    client = pool(model="big-model", batch_id="b")
+    assert isinstance(client, OpenAIHttpUpstream) and client.max_connections == 72
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "upstream big: max_in_flight 1000" in warnings[0] and "72" in warnings[0]
+
+
+OPEN_FILES_SCRIPT = r"""
+import asyncio, json, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from batch_api.config import Settings
+from batch_api.upstreams import make_upstream_factory
+
+requests = int(sys.argv[3])
+pool = make_upstream_factory(
+    Settings(upstream_url=sys.argv[1], upstream_max_in_flight=requests, upstream_max_retries=0)
+)
+gate = pool.gates["default"]
+gate.limit = float(gate.max_in_flight)  # past slow start: every slot usable at once
+
+async def main():
+    client = pool(model="m", batch_id="b")
+    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"user":"delay=0.2"}'
+    answers = await asyncio.gather(*(client.send("/v1/chat/completions", body) for _ in range(requests)))
+    await client.aclose()
+    print(json.dumps([a.status_code or a.error_message for a in answers]))
+
+asyncio.run(main())
+"""
+
+
+def test_more_in_flight_than_open_files_allow_waits_for_connections_instead_of_failing() -> None:
+    """A process allowed 256 open files sends 300 requests at once to an upstream whose limit is 300:
+    every one is answered (at most 128 connections at a time), none fails for want of a descriptor."""
+    with FakeUpstreamServer() as upstream:
+        done = subprocess.run(
+            [sys.executable, "-c", OPEN_FILES_SCRIPT, upstream.base_url, "256", "300"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(FUNCTIONS)},
+        )
+    assert done.returncode == 0, done.stderr
+    answers = json.loads(done.stdout)
+    assert len(answers) == 300
+    assert [a for a in answers if a != 200] == []

@@ -17,6 +17,7 @@ import base64
 import email.utils
 import logging
 import random
+import resource
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -40,6 +41,22 @@ MIN_RETRY_AFTER_CAP_SECONDS = 60.0
 # Upstream error pages (HTML from a proxy, say) are kept in the error file, but not whole.
 MAX_ERROR_TEXT_CHARS = 2000
 USER_AGENT = "batch-api"
+# Open files a process keeps for other things than upstream connections: the AWS SDK's connection
+# pools (S3 and DynamoDB, up to 32 each: `adapters.aws.clients`), the journal's reads, the runtime's
+# own sockets, pipes and logs. The chunk worker had 15 of them open (bench/results/worker_throughput.md).
+RESERVED_FILE_DESCRIPTORS = 128
+
+
+def connection_budget(open_files: int | None = None) -> int:
+    """How many upstream connections this process can hold open: its limit of open files
+    (`open_files`, default the soft RLIMIT_NOFILE; Lambda's is 1,024 and cannot be raised) less
+    RESERVED_FILE_DESCRIPTORS, at least 1. Each request in flight holds a connection of its own
+    (HTTP/1.1); past the limit, new connections, and the journal's S3 PUTs with them, fail with
+    "Too many open files"."""
+    if open_files is None:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        open_files = soft if soft != resource.RLIM_INFINITY else 1 << 20
+    return max(1, open_files - RESERVED_FILE_DESCRIPTORS)
 
 
 def join_url(base_url: str, endpoint: str) -> str:

@@ -51,7 +51,14 @@ from batch_api.ports import Upstream
 from batch_api.upstreams.capacity import CapacityGate, GateStats
 from batch_api.upstreams.gated import GatedUpstream
 from batch_api.upstreams.mock import MockUpstream
-from batch_api.upstreams.openai_http import OpenAIHttpUpstream, check_base_url, join_url, split_credentials
+from batch_api.upstreams.openai_http import (
+    RESERVED_FILE_DESCRIPTORS,
+    OpenAIHttpUpstream,
+    check_base_url,
+    connection_budget,
+    join_url,
+    split_credentials,
+)
 
 ANY_MODEL = "*"
 DEFAULT_UPSTREAM = "default"  # the name of the settings' single upstream
@@ -234,10 +241,25 @@ class UpstreamPool:
             for spec in specs:
                 if spec.models == DISCOVER:
                     self._refresh(spec)
+        # Each attempt in flight holds a connection, and the process may open only so many files: an
+        # upstream allowed more in flight than that is held to it here (else connections, and the
+        # journal's writes with them, would fail for want of a file descriptor)
+        self.max_connections = connection_budget()
+        for spec in specs:
+            if spec.kind == "http" and spec.max_in_flight > self.max_connections:
+                logger.warning(
+                    "upstream %s: max_in_flight %d is more than the %d connections this process can open "
+                    "(its limit of open files less %d kept for other files); at most %d in flight from here",
+                    spec.name,
+                    spec.max_in_flight,
+                    self.max_connections,
+                    RESERVED_FILE_DESCRIPTORS,
+                    self.max_connections,
+                )
         self.gates = {
             spec.name: CapacityGate(
                 spec.name,
-                spec.max_in_flight,
+                spec.max_in_flight if spec.kind == "mock" else min(spec.max_in_flight, self.max_connections),
                 requests_per_minute=spec.requests_per_minute,
                 tokens_per_minute=spec.tokens_per_minute,
             )
@@ -344,8 +366,9 @@ class UpstreamPool:
             backoff_base=settings.upstream_backoff_base_seconds,
             backoff_max=settings.upstream_backoff_max_seconds,
             # the chunks on one loop share one session per upstream (`upstreams.loops`), and its gate never
-            # lets more than `max_in_flight` through: one connection each, opened as they are needed
-            max_connections=spec.max_in_flight,
+            # lets more than `max_in_flight` (within the open-file budget) through: one connection each,
+            # opened as they are needed
+            max_connections=gate.max_in_flight,
             gate=gate,
             batch_id=batch_id or "",
         )
