@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
 from infra.config import LAMBDA_MAX_REQUESTS_PER_CHUNK, ConfigError, EnvConfig, load_env_config
+from infra.constructs.workflow import STEP_TIMEOUT
 
+from batch_api.contract.models import MAX_REQUESTS_PER_BATCH
 from batch_api.upstreams.openai_http import RESERVED_FILE_DESCRIPTORS
+from batch_api.workflow.process import TIME_MARGIN_FLOOR_SECONDS
 from tests.infra.helpers import CDK_JSON
 
 pytestmark = [pytest.mark.infra, pytest.mark.unit]
@@ -98,6 +102,21 @@ def test_a_worker_is_never_asked_for_more_requests_in_flight_than_its_open_files
             load_env_config(context)
     for name in ("dev", "prod"):
         assert load_env_config(CONTEXT, name).requests_per_chunk <= LAMBDA_MAX_REQUESTS_PER_CHUNK
+
+
+def test_prod_fills_its_upstream_with_a_largest_batch_whose_chunks_each_end_in_one_invocation() -> None:
+    """The prod settings of docs/cost-model.md: a batch of the most requests there can be is as many
+    chunks as workers its upstream's limit holds at `requests_per_chunk` each (so none of them loops
+    waiting for capacity), and a chunk at 2 s of upstream latency (L / R x 2 s, plus the ~10 s the
+    gate's slow start and the last answers took in bench/results/worker_throughput.md) ends well within
+    one invocation's time, before the worker's margin for requests in flight."""
+    prod = load_env_config(CONTEXT, "prod")
+    [upstream] = prod.upstream_specs
+    chunks = math.ceil(MAX_REQUESTS_PER_BATCH / prod.chunk_max_lines)
+    assert chunks * prod.requests_per_chunk <= upstream.max_in_flight
+    assert chunks <= prod.map_max_concurrency
+    chunk_seconds = prod.chunk_max_lines / prod.requests_per_chunk * 2.0 + 10
+    assert chunk_seconds < (STEP_TIMEOUT.to_seconds() - TIME_MARGIN_FLOOR_SECONDS) / 2
 
 
 def test_every_environment_has_an_api_keys_secret() -> None:

@@ -43,7 +43,7 @@ MAX_ERROR_TEXT_CHARS = 2000
 USER_AGENT = "batch-api"
 # Open files a process keeps for other things than upstream connections: the AWS SDK's connection
 # pools (S3 and DynamoDB, up to 32 each: `adapters.aws.clients`), the journal's reads, the runtime's
-# own sockets, pipes and logs. The chunk worker had 15 of them open (bench/results/worker_throughput.md).
+# own sockets, pipes and logs. The chunk worker had 15-16 of them open (bench/results/worker_throughput.md).
 RESERVED_FILE_DESCRIPTORS = 128
 
 
