@@ -1,10 +1,11 @@
-"""Throughput of OpenAIHttpUpstream vs a bare aiohttp loop (the "tuned direct client").
+"""Throughput and CPU of OpenAIHttpUpstream vs a bare aiohttp loop (the "tuned direct client").
 
 Both send the same chat completion request to the mock upstream server (run in its own process,
 answering after --latency seconds) with --concurrency requests in flight, --requests in all. Each
-client runs --runs times, alternating which goes first; the median requests/s is reported. The
-gap between the two is the overhead our client adds (retry bookkeeping, header copy, parsing into
-UpstreamResponse); the pipeline is to stay within 10% of the direct client (bench/pipeline_overhead.py).
+client runs --runs times, alternating which goes first; the median requests/s and the median CPU
+time of this process per 1,000 requests are reported. At 0 ms latency the CPU column is the cost of
+the client itself: the bare aiohttp loop against OpenAIHttpUpstream on its `http1` connection pool,
+with retries, deadlines and parsing into UpstreamResponse.
 
     .venv/bin/python bench/upstream_client.py --output bench/results/upstream_client.md
 """
@@ -16,6 +17,7 @@ import asyncio
 import datetime
 import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
@@ -74,8 +76,14 @@ def start_mock_server(port: int, latency: float) -> subprocess.Popen[bytes]:
     raise RuntimeError("the mock server did not start within 15 s")
 
 
-async def drive(send: Callable[[], Awaitable[bool]], requests: int, concurrency: int) -> float:
-    """Send `requests` with `concurrency` workers; return requests/s. Every answer must be a success."""
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def drive(send: Callable[[], Awaitable[bool]], requests: int, concurrency: int) -> tuple[float, float]:
+    """Send `requests` with `concurrency` workers: requests/s and CPU seconds per 1,000 requests.
+    Every answer must be a success."""
     remaining = requests
     failures = 0
 
@@ -86,15 +94,15 @@ async def drive(send: Callable[[], Awaitable[bool]], requests: int, concurrency:
             if not await send():
                 failures += 1
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     if failures:
         raise RuntimeError(f"{failures} of {requests} requests failed")
-    return requests / elapsed
+    return requests / elapsed, cpu / requests * 1000
 
 
-async def run_direct(base_url: str, requests: int, concurrency: int) -> float:
+async def run_direct(base_url: str, requests: int, concurrency: int) -> tuple[float, float]:
     """The baseline: one pooled session, a raw POST, read and parse the body. Nothing else."""
     url = base_url + ENDPOINT.removeprefix("/v1")
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
@@ -110,7 +118,7 @@ async def run_direct(base_url: str, requests: int, concurrency: int) -> float:
         return await drive(send, requests, concurrency)
 
 
-async def run_ours(base_url: str, requests: int, concurrency: int) -> float:
+async def run_ours(base_url: str, requests: int, concurrency: int) -> tuple[float, float]:
     async with OpenAIHttpUpstream(base_url, "sk-bench", max_connections=concurrency) as client:
 
         async def send() -> bool:
@@ -118,6 +126,15 @@ async def run_ours(base_url: str, requests: int, concurrency: int) -> float:
 
         await drive(send, concurrency, concurrency)  # warm the pool
         return await drive(send, requests, concurrency)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def cpu_model() -> str:
@@ -142,21 +159,22 @@ def main() -> None:
     port = free_port()
     server = start_mock_server(port, args.latency)
     base_url = f"http://127.0.0.1:{port}/v1"
-    results: dict[str, list[float]] = {"direct aiohttp loop": [], "OpenAIHttpUpstream": []}
+    results: dict[str, list[tuple[float, float]]] = {"direct aiohttp loop": [], "OpenAIHttpUpstream": []}
     clients = {"direct aiohttp loop": run_direct, "OpenAIHttpUpstream": run_ours}
     try:
         for run in range(args.runs):
             order = list(clients) if run % 2 == 0 else list(reversed(clients))
             for name in order:
-                rate = asyncio.run(clients[name](base_url, args.requests, args.concurrency))
-                results[name].append(rate)
-                print(f"run {run + 1} {name}: {rate:,.0f} requests/s", flush=True)
+                rate, cpu = asyncio.run(clients[name](base_url, args.requests, args.concurrency))
+                results[name].append((rate, cpu))
+                print(f"run {run + 1} {name}: {rate:,.0f} requests/s, {cpu:.3f} CPU s per 1,000", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=10)
 
     ideal = args.concurrency / args.latency if args.latency > 0 else float("inf")
-    direct = statistics.median(results["direct aiohttp loop"])
+    direct = statistics.median(rate for rate, _cpu in results["direct aiohttp loop"])
+    direct_cpu = statistics.median(cpu for _rate, cpu in results["direct aiohttp loop"])
     lines = [
         "# Upstream client throughput",
         "",
@@ -164,18 +182,21 @@ def main() -> None:
         f"{args.concurrency} requests in flight; {args.requests} chat completion requests per run; "
         f"median of {args.runs} runs, clients alternating. Ideal: {ideal:,.0f} requests/s.",
         "",
-        "| client | median requests/s | runs | vs direct |",
-        "|---|---:|---|---:|",
+        "| client | median requests/s | runs | vs direct | CPU s per 1,000 requests | CPU vs direct |",
+        "|---|---:|---|---:|---:|---:|",
     ]
-    for name, rates in results.items():
-        median = statistics.median(rates)
-        runs = ", ".join(f"{rate:,.0f}" for rate in rates)
-        lines.append(f"| {name} | {median:,.0f} | {runs} | {median / direct:.1%} |")
+    for name, measured in results.items():
+        median = statistics.median(rate for rate, _cpu in measured)
+        cpu = statistics.median(cpu for _rate, cpu in measured)
+        runs = ", ".join(f"{rate:,.0f}" for rate, _cpu in measured)
+        lines.append(
+            f"| {name} | {median:,.0f} | {runs} | {median / direct:.1%} | {cpu:.3f} | {cpu / direct_cpu:.2f}x |"
+        )
     lines += [
         "",
         f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}, "
         f"aiohttp {aiohttp.__version__}, {platform.system()} {platform.release()}.",
-        f"Recorded {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"Recorded {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}, commit {commit()}.",
         "",
         "Repeat with:",
         "",

@@ -4,7 +4,7 @@ A chunk runs on an event loop (`run`). By default each run gets a fresh loop (`a
 upstream client opens new connections and closes them at the end: for a 1,000-line chunk at 32 in
 flight, 32 connects (32 TLS handshakes against a hosted API) for 31 waves of requests. A thread that
 runs chunk after chunk (the local runner's chunk loop, a warm Lambda container) keeps its loop instead
-(`keep_loop`): HTTP clients then share one session per upstream on that loop (`shared_session`),
+(`keep_loop`): HTTP clients then share one connection pool per upstream on that loop (`shared_session`),
 whose pooled keep-alive connections the next chunk picks up. `close_loop` closes those sessions and
 the loop when the thread is done with it.
 """
@@ -14,15 +14,25 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Coroutine, Hashable
-from typing import Any, TypeVar
-
-import aiohttp
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
+
+class Session(Protocol):
+    """What a kept loop holds per upstream: a connection pool that knows whether it is closed."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=Session)
+
 _local = threading.local()
 # sessions shared on a kept loop: loop -> key -> session (only kept loops have an entry)
-_sessions: dict[asyncio.AbstractEventLoop, dict[Hashable, aiohttp.ClientSession]] = {}
+_sessions: dict[asyncio.AbstractEventLoop, dict[Hashable, Any]] = {}
 _sessions_lock = threading.Lock()
 
 
@@ -60,12 +70,12 @@ def close_loop(runner: asyncio.Runner) -> None:
             del _local.runner
 
 
-async def _close_all(sessions: list[aiohttp.ClientSession]) -> None:
+async def _close_all(sessions: list[Session]) -> None:
     for session in sessions:
         await session.close()
 
 
-def shared_session(key: Hashable, make: Callable[[], aiohttp.ClientSession]) -> aiohttp.ClientSession | None:
+def shared_session(key: Hashable, make: Callable[[], S]) -> S | None:
     """The session for `key` on the running loop if it is a kept one (made by `make` the first time,
     or again once closed); None on a fresh loop, whose clients open and close their own."""
     loop = asyncio.get_running_loop()

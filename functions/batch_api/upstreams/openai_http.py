@@ -1,8 +1,9 @@
 """The HTTP client for an OpenAI-compatible model server (OpenAI, vLLM, llama.cpp, Ollama, ...).
 
-One pooled `aiohttp.ClientSession` per client, created lazily inside the running event loop (a
-chunk worker runs its own loop and builds its own client). aiohttp was measured at about 9x the
-throughput of httpx at 64 requests in flight (`bench/results/upstream_client.md`).
+One pool of keep-alive connections (`http1.ConnectionPool`) per client, created lazily inside the
+running event loop, or shared by every client of the same upstream on a kept loop (`loops`). The pool
+speaks just the HTTP/1.1 this path needs, at about a third of aiohttp's CPU per request
+(`bench/results/upstream_client.md`).
 
 Retries follow what OpenAI asks of its clients: 408, 409, 429 and 5xx, timeouts and connection
 errors, with exponential backoff and full jitter, honouring `Retry-After` / `retry-after-ms` and
@@ -23,7 +24,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import aiohttp
 import orjson
 
 from batch_api.config import redact_url
@@ -31,6 +31,7 @@ from batch_api.contract.ids import new_request_id
 from batch_api.ports import DEADLINE_PASSED, UpstreamResponse
 from batch_api.upstreams import loops
 from batch_api.upstreams.capacity import CapacityGate, answer_tokens, estimate_tokens
+from batch_api.upstreams.http1 import AnswerTimeout, ConnectionPool, ConnectTimeout, HttpError
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,8 @@ class OpenAIHttpUpstream:
             self._headers["Authorization"] = f"Bearer {api_key}"
         elif basic_auth is not None:
             self._headers["Authorization"] = basic_auth
-        self._urls: dict[str, str] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._paths: dict[str, str] = {}
+        self._session: ConnectionPool | None = None
         self._shared = False  # the session is the kept loop's, for the next chunk too: not ours to close
 
     @property
@@ -205,8 +206,8 @@ class OpenAIHttpUpstream:
     def __repr__(self) -> str:  # the default repr would show the headers, key included
         return f"OpenAIHttpUpstream(base_url={self.base_url!r}, max_retries={self.max_retries})"
 
-    def _client(self) -> aiohttp.ClientSession:
-        """The pooled session, made on first use so that it binds to the loop that uses it: on a kept
+    def _client(self) -> ConnectionPool:
+        """The connection pool, made on first use so that it binds to the loop that uses it: on a kept
         loop (`upstreams.loops`) the one every client with these settings shares, so connections
         outlive the chunk; else this client's own."""
         if self._session is None:
@@ -214,7 +215,6 @@ class OpenAIHttpUpstream:
                 self.base_url,
                 tuple(sorted(self._headers.items())),
                 self.max_connections,
-                self.timeout,
                 self.connect_timeout,
             )
             shared = loops.shared_session(key, self._new_session)
@@ -223,20 +223,21 @@ class OpenAIHttpUpstream:
             )
         return self._session
 
-    def _new_session(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, ttl_dns_cache=300)
-        return aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=self.connect_timeout),
-            headers=self._headers,
-            raise_for_status=False,
+    def _new_session(self) -> ConnectionPool:
+        return ConnectionPool(
+            self.base_url,
+            self._headers,
+            max_connections=self.max_connections,
+            connect_timeout=self.connect_timeout,
         )
 
-    def _url(self, endpoint: str) -> str:
-        url = self._urls.get(endpoint)
-        if url is None:
-            url = self._urls[endpoint] = join_url(self.base_url, endpoint)
-        return url
+    def _path(self, endpoint: str) -> str:
+        """The request path below the base URL's own path (the pool adds that)."""
+        path = self._paths.get(endpoint)
+        if path is None:
+            base_path = urlsplit(self.base_url).path.rstrip("/")
+            path = self._paths[endpoint] = join_url(base_path or "/", endpoint)[len(base_path) :]
+        return path
 
     def backoff(self, retry_index: int, headers: Mapping[str, str] | None = None) -> float:
         """Seconds to wait before retry number `retry_index` (0-based): what the server asked for,
@@ -249,7 +250,7 @@ class OpenAIHttpUpstream:
         return self._rng() * ceiling
 
     async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
-        url = self._url(endpoint)
+        path = self._path(endpoint)
         session = self._client()
         tokens = estimate_tokens(body) if self._gate is not None and self._gate.counts_tokens else 0
         attempt = 0
@@ -262,7 +263,7 @@ class OpenAIHttpUpstream:
                 )
             retries_left = attempt <= self.max_retries
             # tokens are reserved once per request; every attempt counts as a request
-            answer, failure = await self._attempt(session, url, body, tokens if attempt == 1 else 0, left)
+            answer, failure = await self._attempt(session, path, body, tokens if attempt == 1 else 0, left)
             if answer is not None:
                 status, headers, raw = answer
                 if _should_retry(status, headers) and retries_left:
@@ -275,15 +276,13 @@ class OpenAIHttpUpstream:
                     self._gate.used_tokens(tokens, answer_tokens(response.body))
                 return response
             code, detail = failure
-            if code == "invalid_url":  # retrying cannot fix the URL
-                return self._transport_failure("upstream_connection_error", detail, attempt)
             delay = self.backoff(attempt - 1, None)
             if not retries_left or not _in_time(delay, deadline):
                 return self._transport_failure(code, detail, attempt)
             await self._pause(attempt, code, delay)
 
     async def _attempt(
-        self, session: aiohttp.ClientSession, url: str, body: bytes, tokens: int, left: float | None
+        self, session: ConnectionPool, path: str, body: bytes, tokens: int, left: float | None
     ) -> tuple[tuple[int, Mapping[str, str], bytes] | None, tuple[str, str]]:
         """One POST, paced by the upstream's rates and holding a slot of its gate (if any) only while
         it is on the wire: (status, headers, body) of the answer, or None and (error code, detail).
@@ -295,30 +294,24 @@ class OpenAIHttpUpstream:
             admitted = await self._gate.acquire(self._batch_id)
         status: int | None = None
         headers: Mapping[str, str] | None = None
-        options: dict[str, Any] = {}  # the session's timeout unless the caller has less time left
+        timeout = self.timeout  # unless the caller has less time left
         if left is not None:
             left -= time.monotonic() - began  # spent waiting for the rates and a slot
         clipped = left is not None and left < self.timeout
         if clipped:
-            options["timeout"] = aiohttp.ClientTimeout(
-                total=max(left or 0.0, 0.001), sock_connect=self.connect_timeout
-            )
+            timeout = max(left or 0.0, 0.001)
         try:
-            async with session.post(url, data=body, **options) as response:
-                status = response.status
-                headers = response.headers  # case-insensitive, and no copy per answer
-                raw = await response.read()
-            return (status, headers, raw), ("", "")
-        except TimeoutError as exc:
-            if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                return None, ("upstream_timeout", f"could not connect within {self.connect_timeout:g} s")
+            response = await session.post(path, body, timeout)
+            status, headers = response.status, response.headers
+            return (status, headers, response.body), ("", "")
+        except ConnectTimeout:
+            return None, ("upstream_timeout", f"could not connect within {self.connect_timeout:g} s")
+        except AnswerTimeout:
             if clipped:
                 return None, ("upstream_timeout", DEADLINE_PASSED)
             return None, ("upstream_timeout", f"no complete answer within {self.timeout:g} s")
-        except aiohttp.InvalidURL as exc:
-            return None, ("invalid_url", f"invalid URL: {exc}")
-        except (aiohttp.ClientError, OSError) as exc:
-            return None, ("upstream_connection_error", f"{type(exc).__name__}: {exc}")
+        except HttpError as exc:
+            return None, ("upstream_connection_error", str(exc))
         finally:
             if self._gate is not None:
                 self._gate.release(admitted, status, headers)
