@@ -180,7 +180,8 @@ def main() -> None:
         "",
         f"Mock upstream (`batch_api.upstreams.mock_server`, own process) answering after {args.latency * 1000:g} ms; "
         f"{args.concurrency} requests in flight; {args.requests} chat completion requests per run; "
-        f"median of {args.runs} runs, clients alternating. Ideal: {ideal:,.0f} requests/s.",
+        f"median of {args.runs} runs, clients alternating. Ideal: "
+        + (f"{ideal:,.0f} requests/s." if args.latency > 0 else "bound by CPU (no latency)."),
         "",
         "| client | median requests/s | runs | vs direct | CPU s per 1,000 requests | CPU vs direct |",
         "|---|---:|---|---:|---:|---:|",
