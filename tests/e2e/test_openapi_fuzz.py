@@ -122,6 +122,7 @@ def test_the_document_is_openapi_3_with_bearer_auth_and_every_operation(publishe
         ("GET", "/v1/files/{file_id}"),
         ("DELETE", "/v1/files/{file_id}"),
         ("GET", "/v1/files/{file_id}/content"),
+        ("GET", "/v1/files/{file_id}/link"),
         ("POST", "/v1/uploads"),
         ("POST", "/v1/uploads/{upload_id}/parts"),
         ("POST", "/v1/uploads/{upload_id}/complete"),

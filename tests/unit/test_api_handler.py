@@ -436,6 +436,66 @@ def test_large_file_without_download_url_is_inline(client: Client) -> None:
     assert base64.b64decode(client(load_event("files_content.json"))["body"]) == INPUT_LINES
 
 
+def _link_event() -> dict[str, Any]:
+    return orjson.loads(orjson.dumps(load_event("files_content.json")).replace(b"/content", b"/link"))
+
+
+def test_a_file_link_is_signed_for_any_size_and_never_outlives_the_file(
+    client: Client, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, str, int]] = []
+
+    def download_url(key: str, *, filename: str, expires_in: int) -> str:
+        calls.append((key, filename, expires_in))
+        return f"https://bucket.example/signed?for={expires_in}"
+
+    monkeypatch.setattr(client.deps.blobs, "download_url", download_url)
+    link = client.json(_link_event())  # a small file: /content would answer it inline
+    assert link == {
+        "id": INPUT_FILE_ID,
+        "object": "file.link",
+        "url": f"https://bucket.example/signed?for={MAX_DOWNLOAD_URL_SECONDS}",
+        "expires_at": T0 + MAX_DOWNLOAD_URL_SECONDS,
+        "filename": "in.jsonl",
+        "bytes": len(INPUT_LINES),
+    }
+    assert calls == [(object_keys.file_key(INPUT_FILE_ID), "in.jsonl", MAX_DOWNLOAD_URL_SECONDS)]
+
+    clock.advance(86400 - 60)  # the file expires in a minute, and so does its link
+    link = client.json(_link_event())
+    assert (calls[-1][2], link["expires_at"]) == (60, T0 + 86400)
+
+
+def test_a_file_link_where_storage_signs_none_says_where_to_download(client: Client) -> None:
+    error = client.error(_link_event(), 404)  # the in-memory storage signs no links
+    assert error["code"] == "link_unavailable"
+    assert f"/v1/files/{INPUT_FILE_ID}/content" in error["message"]
+
+
+def test_a_file_link_is_only_for_the_files_own_project(
+    clock: FakeClock, lambda_context: LambdaContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = Client(make_deps(clock=clock, api_keys="sk-a,sk-b"), lambda_context)
+    seed(client.deps, project_id=project_id_for_key("sk-a"))
+    monkeypatch.setattr(client.deps.blobs, "download_url", lambda key, **_: f"https://b.example/{key}")
+    event = _link_event()
+    for name in ("headers", "multiValueHeaders"):
+        event[name].pop("authorization")
+    as_a, as_b = copy.deepcopy(event), copy.deepcopy(event)
+    as_a["headers"]["Authorization"], as_a["multiValueHeaders"]["Authorization"] = (
+        "Bearer sk-a",
+        ["Bearer sk-a"],
+    )
+    as_b["headers"]["Authorization"], as_b["multiValueHeaders"]["Authorization"] = (
+        "Bearer sk-b",
+        ["Bearer sk-b"],
+    )
+
+    assert client.json(as_a)["url"].endswith(object_keys.file_key(INPUT_FILE_ID))
+    assert client.error(as_b, 404)["message"] == f"No such File object: {INPUT_FILE_ID}"
+    assert client.error(event, 401)["type"] == "invalid_request_error"  # and never without a key
+
+
 # ---------------------------------------------------------------- uploads
 
 

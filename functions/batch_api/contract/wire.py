@@ -59,6 +59,19 @@ class FileDeleted(_Wire):
     deleted: bool
 
 
+class FileLink(_Wire):
+    """Not in OpenAI's API: a signed link to a file's bytes, for clients that cannot follow the 302 of
+    `GET /v1/files/{file_id}/content` themselves (a browser page whose policy keeps it on its origin
+    navigates to the link instead)."""
+
+    id: str = Field(description="The file's id.")
+    object: Literal["file.link"] = "file.link"
+    url: str = Field(description="A GET of this URL, with no credentials, downloads the file's bytes.")
+    expires_at: int = Field(description="When the link stops working (unix seconds).")
+    filename: str
+    bytes: int
+
+
 class FileList(_Wire):
     object: Literal["list"] = "list"
     data: list[FileObject]

@@ -18,6 +18,7 @@ from aws_lambda_powertools.event_handler.openapi.params import File, Form, Heade
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from batch_api.contract.errors import NotFound
 from batch_api.contract.models import (
     ENDPOINTS,
     MAX_METADATA_KEY,
@@ -26,11 +27,13 @@ from batch_api.contract.models import (
     OUTPUT_EXPIRES_MAX,
     OUTPUT_EXPIRES_MIN,
     UPLOADABLE_PURPOSES,
+    FileRecord,
 )
 from batch_api.contract.wire import (
     BatchList,
     BatchObject,
     FileDeleted,
+    FileLink,
     FileList,
     FileObject,
     Health,
@@ -274,17 +277,51 @@ def _file_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
     def file_content(file_id: str):  # no return type: Powertools would re-encode the bytes as text
         record, blob_key = files.file_content(deps, project(), file_id)
         if record.bytes > settings.max_inline_download_bytes:
-            lifetime = MAX_DOWNLOAD_URL_SECONDS
-            if record.expires_at is not None:
-                lifetime = max(1, min(lifetime, record.expires_at - deps.now()))
-            url = deps.blobs.download_url(blob_key, filename=record.filename, expires_in=lifetime)
-            if url is not None:
-                return Response(status_code=302, headers={"Location": url}, body="")
+            link = _signed_link(deps, record, blob_key)
+            if link is not None:
+                return Response(status_code=302, headers={"Location": link.url}, body="")
         return Response(
             status_code=200,
             content_type="application/octet-stream",
             body=files.read_content(deps, project(), record),
         )
+
+    @app.get(
+        "/v1/files/<file_id>/link",
+        summary="Get a signed link to a file's content (not in OpenAI's API)",
+        description=(
+            "A link any client can GET without credentials for a while, whatever the file's size: what "
+            "`/content` redirects large files to. For clients that cannot follow that redirect (a web page "
+            "kept to its own origin). 404 with code `link_unavailable` where the storage signs no links."
+        ),
+        tags=["Files"],
+        operation_id="getFileLink",
+        responses={200: {"description": "The signed link."}, **error_responses(401, 404, 500)},
+    )
+    def file_link(file_id: str) -> FileLink:
+        record, blob_key = files.file_content(deps, project(), file_id)
+        link = _signed_link(deps, record, blob_key)
+        if link is None:
+            raise NotFound(
+                f"This deployment signs no links: download {file_id} from /v1/files/{file_id}/content.",
+                param="id",
+                code="link_unavailable",
+            )
+        return link
+
+
+def _signed_link(deps: Deps, record: FileRecord, blob_key: str) -> FileLink | None:
+    """A signed link to the file's body, valid for MAX_DOWNLOAD_URL_SECONDS or until the file expires if
+    sooner; None when the storage signs no links."""
+    lifetime = MAX_DOWNLOAD_URL_SECONDS
+    if record.expires_at is not None:
+        lifetime = max(1, min(lifetime, record.expires_at - deps.now()))
+    url = deps.blobs.download_url(blob_key, filename=record.filename, expires_in=lifetime)
+    if url is None:
+        return None
+    return FileLink(
+        id=record.id, url=url, expires_at=deps.now() + lifetime, filename=record.filename, bytes=record.bytes
+    )
 
 
 def _upload_routes(app: BatchApiResolver, deps: Deps, project: Any) -> None:
