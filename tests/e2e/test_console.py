@@ -480,6 +480,35 @@ def test_downloads_go_through_a_signed_link_whichever_origin_it_is_on(
                 assert not refused, refused
 
 
+def test_the_list_shows_older_batches_a_page_at_a_time(browser: Browser, tmp_path: Path) -> None:
+    """101 batches: the 100 newest, then the oldest one too after "Show 100 older"."""
+    with ServerProcess(tmp_path / "data", "--api-key", KEY_A) as process:
+        sdk = client(process, KEY_A)
+        file = sdk.files.create(file=("one.jsonl", io.BytesIO(jsonl(chat_lines(1)))), purpose="batch")
+        created = [
+            sdk.batches.create(input_file_id=file.id, endpoint=CHAT, completion_window="24h").id
+            for _ in range(101)
+        ]
+        rows = "#batch-rows tr"
+        with console_of(browser, process):
+            browser.sign_in(KEY_A)
+            browser.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, rows)) == 100, message="a page")
+            browser.wait(lambda d: d.find_element(By.ID, "list-more").is_displayed())
+            assert browser.text("#list-shown") == "Showing the 100 newest batches."
+            shown = [
+                e.get_attribute("data-batch-id") for e in browser.driver.find_elements(By.CSS_SELECTOR, rows)
+            ]
+            assert shown == created[::-1][:100]
+
+            browser.driver.find_element(By.ID, "list-older").click()
+            browser.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, rows)) == 101, message="the older")
+            browser.wait(lambda d: not d.find_element(By.ID, "list-more").is_displayed())
+            shown = [
+                e.get_attribute("data-batch-id") for e in browser.driver.find_elements(By.CSS_SELECTOR, rows)
+            ]
+            assert shown == created[::-1]
+
+
 @pytest.mark.parametrize("backend", ["aws"], indirect=True)
 def test_the_console_on_the_aws_adapters(
     start_server: Callable[..., ServerProcess], browser: Browser, backend: str

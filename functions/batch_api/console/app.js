@@ -28,6 +28,7 @@
   const BASE = location.pathname.replace(/\/console\/?$/, "");
   const apiPath = (path) => BASE + path;
 
+  const LIST_PAGE = 100; // the API's largest page
   const state = {
     key: null,
     token: 0, // bumped by every navigation: answers for an older view are dropped
@@ -35,6 +36,8 @@
     samples: new Map(), // batch id -> [[seconds, done], ...] from successive polls, for the rate
     errorGroups: new Map(), // error file id -> groups (files never change once written)
     files: new Map(), // file id -> File object
+    listed: LIST_PAGE, // how many of the newest batches the list shows ("Show older" adds a page)
+    listAsked: 0,
   };
 
   const $ = (id) => document.getElementById(id);
@@ -174,6 +177,7 @@
     state.samples.clear();
     state.errorGroups.clear();
     state.files.clear();
+    state.listed = LIST_PAGE;
     showLogin(message);
   }
 
@@ -273,25 +277,50 @@
     refreshList(token);
   }
 
+  // The newest `count` batches, a page of the API's at a time (`after` the last one of the page before).
+  async function newestBatches(count) {
+    const data = [];
+    let after = null;
+    let more = true;
+    while (more && data.length < count) {
+      const query = new URLSearchParams({ limit: String(Math.min(LIST_PAGE, count - data.length)) });
+      if (after) query.set("after", after);
+      const page = await apiJson(`/v1/batches?${query}`);
+      data.push(...page.data);
+      more = page.has_more && page.data.length > 0;
+      after = page.last_id;
+    }
+    return { data, more };
+  }
+
   async function refreshList(token) {
+    const asked = ++state.listAsked; // an answer to an earlier ask (a shorter list) is dropped
     let page;
     try {
-      page = await apiJson("/v1/batches?limit=100");
+      page = await newestBatches(state.listed);
     } catch (error) {
+      if (asked !== state.listAsked) return;
       failed(error, token);
       if (token === state.token && error.status !== 401) schedule(() => refreshList(token));
       return;
     }
-    if (token !== state.token) return;
+    if (token !== state.token || asked !== state.listAsked) return;
     notice("");
     const now = Date.now() / 1000;
     $("batch-rows").replaceChildren(...page.data.map((batch) => batchRow(batch, now)));
     $("list-empty").hidden = page.data.length > 0;
-    $("list-more").hidden = !page.has_more;
+    $("list-more").hidden = !page.more;
+    $("list-shown").textContent = `Showing the ${page.data.length} newest batches.`;
     const active = page.data.some((batch) => ACTIVE.has(batch.status));
     $("list-updated").textContent =
       `updated ${formatTime(now)}` + (active ? `, refreshing every ${REFRESH_MS / 1000} s` : "");
     if (active) schedule(() => refreshList(token));
+  }
+
+  function showOlder() {
+    state.listed += LIST_PAGE;
+    clearTimeout(state.timer);
+    refreshList(state.token);
   }
 
   function batchRow(batch, now) {
@@ -764,6 +793,7 @@
       location.hash = "#/";
       forgetKey();
     });
+    $("list-older").addEventListener("click", showOlder);
     $("new-form").addEventListener("submit", createBatch);
     $("new-file").addEventListener("change", onFileChosen);
     $("cancel-confirm").addEventListener("click", confirmCancel);
