@@ -607,6 +607,36 @@ def test_a_request_cancelled_while_waiting_for_a_connection_leaves_no_trace() ->
     assert server.connections == 1 and not pool._waiters and pool._open == 0
 
 
+def test_waiting_for_a_connection_counts_against_the_request_s_time() -> None:
+    async def scenario() -> tuple[ConnectionPool, float, Response]:
+        go = asyncio.Event()
+
+        async def gated(_c: int, request: int, _h: bytes, _b: bytes) -> bytes:
+            if request == 1:
+                await go.wait()
+            return ok(b"%d" % request)
+
+        async with ScriptedServer(gated) as server:
+            pool = ConnectionPool(f"http://127.0.0.1:{server.port}", {}, max_connections=1)
+            first = asyncio.ensure_future(pool.post("/x", b"", 30))
+            while not server.requests:
+                await asyncio.sleep(0.001)
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            with pytest.raises(AnswerTimeout, match="came free"):
+                await pool.post("/x", b"", 0.2)
+            took = loop.time() - began
+            assert not pool._waiters
+            go.set()
+            answer = await first
+            assert (await pool.post("/x", b"", 5)).body == b"2"  # the connection went back to the pool
+            await pool.close()
+        return pool, took, answer
+
+    pool, took, answer = run(scenario())
+    assert 0.2 <= took < 2 and answer.body == b"1" and pool._open == 0
+
+
 def test_connection_refused_is_a_connect_error_that_gives_back_its_slot() -> None:
     async def scenario() -> ConnectionPool:
         server = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)

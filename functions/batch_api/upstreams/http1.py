@@ -448,16 +448,21 @@ class ConnectionPool:
         waiter: asyncio.Future[_Connection | None] = loop.create_future()
         self._waiters.append(waiter)
         try:
-            handed = await waiter
-        except BaseException:
-            if not waiter.done():
-                self._waiters.remove(waiter)
-            elif not waiter.cancelled() and waiter.exception() is None:  # handed over as we were cancelled
-                late = waiter.result()
+            async with asyncio.timeout_at(deadline):
+                handed = await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                late = waiter.result()  # handed over as we gave up: pass it on
                 if late is None:
                     self._give_back_slot()
                 else:
                     self._release(late)
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise AnswerTimeout(
+                    "no connection of the pool came free in the time the request had"
+                ) from None
             raise
         if handed is None:  # a slot came free: connect in it
             return await self._open_in_slot(loop, deadline), False
