@@ -768,3 +768,21 @@ def test_model_ids_are_classified_for_iam(
 def test_model_ids_iam_cannot_be_limited_to_are_refused(model_id: str) -> None:
     with pytest.raises(ValueError):
         bedrock_target(model_id)
+
+
+def test_the_clients_are_made_per_region_in_the_given_or_the_process_region() -> None:
+    from batch_api.adapters.aws.bedrock import BedrockClients
+    from batch_api.config import Settings
+
+    clients = BedrockClients(Settings(aws_region="eu-central-1", upstream_timeout_seconds=90), SESSION)
+
+    assert (clients.region(None), clients.region("us-west-2")) == ("eu-central-1", "us-west-2")
+    runtime = clients("us-west-2", 16)
+    assert clients("us-west-2", 16) is runtime
+    config = runtime.client.meta.config
+    assert (runtime.client.meta.region_name, config.max_pool_connections, config.read_timeout) == (
+        "us-west-2",
+        16,
+        90,
+    )
+    assert config.retries == {"mode": "standard", "total_max_attempts": 1}

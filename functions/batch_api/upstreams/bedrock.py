@@ -69,11 +69,6 @@ ERROR_TYPES = {
     404: "not_found_error",
     429: "rate_limit_error",
 }
-# body fields that do not change the answer, or that this translation carries out itself
-HARMLESS_FIELDS = frozenset(
-    {"model", "user", "metadata", "store", "service_tier", "parallel_tool_calls", "seed"}
-)
-
 # ---------------------------------------------------------------- model ids
 
 # cross-Region (system-defined) inference profiles: a geography before the model id
