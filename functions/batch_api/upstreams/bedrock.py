@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import orjson
@@ -571,7 +572,7 @@ class BedrockUpstream:
         self, model: str, model_id: str, request: Mapping[str, Any], tokens: int, deadline: float | None
     ) -> UpstreamResponse:
         converse = converse_request(model_id, request)
-        outcome = await self._call(lambda: self.runtime.converse(converse), tokens, deadline)
+        outcome = await self._call(partial(self.runtime.converse, converse), tokens, deadline)
         if isinstance(outcome, UpstreamResponse):
             return outcome
         answer, attempts = outcome
@@ -590,7 +591,7 @@ class BedrockUpstream:
         attempts = 0
         for index, call in enumerate(calls):  # one at a time: each holds a slot of the gate
             outcome = await self._call(
-                lambda call=call: self.runtime.invoke_model(model_id, call),  # type: ignore[misc]
+                partial(self.runtime.invoke_model, model_id, call),
                 tokens if index == 0 else 0,
                 deadline,
             )
