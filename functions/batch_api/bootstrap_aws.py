@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from batch_api.config import Settings
 from batch_api.deps import Deps
-from batch_api.ports import Clock, UpstreamFactory, UpstreamRoute, Workflow
+from batch_api.ports import BedrockRuntimeFactory, Clock, UpstreamFactory, UpstreamRoute, Workflow
 from batch_api.upstreams import UpstreamPool, make_upstream_factory
 
 if TYPE_CHECKING:
@@ -89,4 +89,18 @@ def aws_upstream_pool(settings: Settings) -> UpstreamPool:
 
         return read_upstream_key(settings, name).get_secret_value()
 
-    return make_upstream_factory(settings, secrets=read_secret, discover_now=False)
+    return make_upstream_factory(
+        settings, secrets=read_secret, discover_now=False, bedrock=lambda: bedrock_clients(settings)
+    )
+
+
+def bedrock_clients(settings: Settings) -> BedrockRuntimeFactory:
+    """The Bedrock clients (boto3, the AWS credential chain), for upstreams of kind bedrock: imported
+    only when one is configured, so a local server without boto3 runs every other kind."""
+    try:
+        from batch_api.adapters.aws.bedrock import BedrockClients
+    except ImportError as exc:  # boto3 is the aws extra locally
+        raise ValueError(
+            f"an upstream of kind bedrock needs the AWS SDK ({exc}): pip install 'batch-api[aws]'"
+        ) from exc
+    return BedrockClients(settings)

@@ -215,6 +215,61 @@ class UpstreamFactory(Protocol):
         `rate_share` of the upstream's requests and tokens per minute (its worker's share on AWS)."""
 
 
+@dataclass(frozen=True)
+class BedrockAnswer:
+    """What a bedrock-runtime call returned: the parsed body (Converse's output, or InvokeModel's JSON
+    body), Bedrock's request id and the HTTP headers (InvokeModel reports token counts in them)."""
+
+    body: dict[str, Any]
+    request_id: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class BedrockCallError(Exception):
+    """A bedrock-runtime call that failed, as the adapter translates botocore's exceptions.
+
+    `status` is the HTTP status Bedrock answered (its error code's: ThrottlingException 429,
+    ValidationException 400, ...); None when no answer came (`code` then is one of the upstream
+    client's transport codes, e.g. `upstream_timeout`, and `retryable` says whether to try again)."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status: int | None,
+        *,
+        request_id: str | None = None,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+        self.request_id = request_id
+        self.retryable = retryable
+
+
+class BedrockRuntime(Protocol):
+    """Amazon Bedrock's runtime API, as the Bedrock upstream needs it. Synchronous (the AWS SDK is):
+    the upstream runs each call on a thread of its own. Raises `BedrockCallError`, nothing else."""
+
+    def converse(self, request: Mapping[str, Any]) -> BedrockAnswer:
+        """Converse with `request` as the API takes it (modelId, messages, system, ...)."""
+
+    def invoke_model(self, model_id: str, body: bytes) -> BedrockAnswer:
+        """InvokeModel with a JSON `body`; the answer's body is the model's JSON answer."""
+
+
+class BedrockRuntimeFactory(Protocol):
+    def region(self, region: str | None) -> str:
+        """The region a client for `region` (None: the process's own, from the AWS configuration)
+        calls; `ValueError` when none is configured."""
+
+    def __call__(self, region: str, max_connections: int) -> BedrockRuntime:
+        """A client for `region` holding at most `max_connections` connections (thread-safe; may be
+        shared with other callers asking for the same region)."""
+
+
 class UpstreamRoute(Protocol):
     """The upstream a batch's model is routed to, as the capacity leases need it."""
 

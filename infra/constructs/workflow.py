@@ -21,6 +21,7 @@ from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
 from batch_api.upstreams.routing import DISCOVER
+from infra.bedrock import grant_invoke as grant_bedrock_invoke
 from infra.config import EnvConfig
 from infra.constructs.storage import (
     DELETE_PROGRESS,
@@ -180,6 +181,8 @@ class Workflow(Construct):
             secret.grant_read(self.process_function)
             if name in discovered:
                 secret.grant_read(self.validate_function)
+        # the workers call the models of Bedrock upstreams (the AWS credentials of their role), only those
+        grant_bedrock_invoke(self.process_function, config.upstream_specs)
 
         self.log_group = logs.LogGroup(
             self,

@@ -126,3 +126,8 @@ def _render(value: Any, refs: dict[str, str]) -> str:
         }
         return refs.get(name, pseudo.get(name, name))
     raise ValueError(f"cannot render {value!r}")
+
+
+def render_value(value: Any) -> str:
+    """A template value (a string, or a Fn::Join of Refs and pseudo parameters) with placeholders filled."""
+    return _render(value, {})

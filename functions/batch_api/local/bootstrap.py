@@ -77,7 +77,9 @@ def build_local_app(settings: Settings) -> LocalApp:
 
         upstreams = aws_upstream_pool(settings)  # keys may be Secrets Manager secrets
     else:
-        upstreams = make_upstream_factory(settings)
+        from batch_api.bootstrap_aws import bedrock_clients
+
+        upstreams = make_upstream_factory(settings, bedrock=lambda: bedrock_clients(settings))
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     lock_handle = _lock(data_dir)

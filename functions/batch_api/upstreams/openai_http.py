@@ -96,7 +96,7 @@ def split_credentials(base_url: str) -> tuple[str, str | None]:
     return bare, "Basic " + base64.b64encode(userinfo.encode()).decode("ascii")
 
 
-def _in_time(delay: float, deadline: float | None) -> bool:
+def in_time(delay: float, deadline: float | None) -> bool:
     """Whether a retry after `delay` seconds would still start before `deadline` (None: no deadline)."""
     return deadline is None or time.monotonic() + delay < deadline
 
@@ -132,7 +132,7 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
     return seconds if seconds >= 0 else None
 
 
-def _should_retry(status: int, headers: Mapping[str, str]) -> bool:
+def should_retry(status: int, headers: Mapping[str, str]) -> bool:
     """OpenAI's rule for an error answer: the server may say so explicitly with `x-should-retry`;
     otherwise by status. A success is never retried."""
     if status < 400:
@@ -143,6 +143,24 @@ def _should_retry(status: int, headers: Mapping[str, str]) -> bool:
     if explicit == "false":
         return False
     return status in RETRYABLE_STATUSES or status >= 500
+
+
+def backoff_seconds(
+    retry_index: int,
+    headers: Mapping[str, str] | None = None,
+    *,
+    base: float,
+    cap: float,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait before retry number `retry_index` (0-based): what the server asked for (capped
+    at the larger of `cap` and MIN_RETRY_AFTER_CAP_SECONDS); else full jitter over base * 2**retry_index,
+    capped at `cap`. Every upstream client's retries wait this long (HTTP, Bedrock)."""
+    if headers:
+        asked = retry_after_seconds(headers)
+        if asked is not None:
+            return min(asked, max(cap, MIN_RETRY_AFTER_CAP_SECONDS))
+    return rng() * min(cap, base * (2**retry_index))
 
 
 def _error_envelope(text: str) -> dict[str, Any]:
@@ -242,12 +260,9 @@ class OpenAIHttpUpstream:
     def backoff(self, retry_index: int, headers: Mapping[str, str] | None = None) -> float:
         """Seconds to wait before retry number `retry_index` (0-based): what the server asked for,
         capped; else full jitter over base * 2**retry_index, capped at backoff_max."""
-        if headers:
-            asked = retry_after_seconds(headers)
-            if asked is not None:
-                return min(asked, max(self.backoff_max, MIN_RETRY_AFTER_CAP_SECONDS))
-        ceiling = min(self.backoff_max, self.backoff_base * (2**retry_index))
-        return self._rng() * ceiling
+        return backoff_seconds(
+            retry_index, headers, base=self.backoff_base, cap=self.backoff_max, rng=self._rng
+        )
 
     async def send(self, endpoint: str, body: bytes, deadline: float | None = None) -> UpstreamResponse:
         path = self._path(endpoint)
@@ -266,9 +281,9 @@ class OpenAIHttpUpstream:
             answer, failure = await self._attempt(session, path, body, tokens if attempt == 1 else 0, left)
             if answer is not None:
                 status, headers, raw = answer
-                if _should_retry(status, headers) and retries_left:
+                if should_retry(status, headers) and retries_left:
                     delay = self.backoff(attempt - 1, headers)
-                    if _in_time(delay, deadline):
+                    if in_time(delay, deadline):
                         await self._pause(attempt, f"HTTP {status}", delay)
                         continue
                 response = self._http_answer(status, headers, raw, attempt)
@@ -277,7 +292,7 @@ class OpenAIHttpUpstream:
                 return response
             code, detail = failure
             delay = self.backoff(attempt - 1, None)
-            if not retries_left or not _in_time(delay, deadline):
+            if not retries_left or not in_time(delay, deadline):
                 return self._transport_failure(code, detail, attempt)
             await self._pause(attempt, code, delay)
 

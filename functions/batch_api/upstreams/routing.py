@@ -18,6 +18,15 @@ model. With `upstreams_file` (TOML), each `[[upstreams]]` table is one upstream:
     kind = "mock"                     # the built-in deterministic mock
     models = ["gpt-4o-mini"]
 
+    [[upstreams]]
+    name = "bedrock"
+    kind = "bedrock"                  # Amazon Bedrock (upstreams/bedrock.py), the AWS credential chain
+    region = "us-east-1"              # optional: the process's own region by default
+    max_in_flight = 32
+    [upstreams.models]                # the name a batch uses -> a Bedrock model id, inference profile
+    "claude-haiku" = "us.anthropic.claude-3-5-haiku-20241022-v1:0"   # id, or either's ARN
+    "titan-embed" = "amazon.titan-embed-text-v2:0"
+
 The same tables as a JSON list in `upstreams_json` (`BATCH_API_UPSTREAMS_JSON`) are how the AWS stack
 hands its `cdk.json` upstreams to the Lambdas; there each key is a Secrets Manager secret
 (`api_key_secret`), read when a worker opens a client and cached for five minutes (rotation is
@@ -40,6 +49,7 @@ import time
 import tomllib
 import urllib.request
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +57,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from batch_api.config import Settings, redact_url
-from batch_api.ports import Upstream
+from batch_api.ports import BedrockRuntimeFactory, Upstream
+from batch_api.upstreams.bedrock import BedrockUpstream, bedrock_target
 from batch_api.upstreams.capacity import CapacityGate, GateStats
 from batch_api.upstreams.gated import GatedUpstream
 from batch_api.upstreams.mock import MockUpstream
@@ -79,18 +90,31 @@ class UpstreamSpec(BaseModel):
 
     # names key the capacity leases and the metrics' Upstream dimension: plain characters
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    kind: Literal["http", "mock"] = "http"
+    kind: Literal["http", "mock", "bedrock"] = "http"
     base_url: str | None = None
+    region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")  # bedrock: its region
     api_key: SecretStr | None = None
     api_key_env: str | None = None
     api_key_secret: str | None = Field(default=None, min_length=1)  # a Secrets Manager secret (AWS)
-    models: list[str] | Literal["discover"] = Field(default_factory=lambda: [ANY_MODEL], min_length=1)
+    # bedrock: a map of the names batches use -> Bedrock model ids (a list: the ids themselves)
+    models: list[str] | dict[str, str] | Literal["discover"] = Field(
+        default_factory=lambda: [ANY_MODEL], min_length=1
+    )
     max_in_flight: int = Field(default=128, ge=1, le=10_000)
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _complete(self) -> UpstreamSpec:
+        if self.kind == "bedrock":
+            self._check_bedrock()
+        elif isinstance(self.models, dict):
+            raise ValueError(
+                f"upstream {self.name!r}: a map of models (name -> model id) is for kind 'bedrock'; "
+                "list the models this upstream serves"
+            )
+        elif self.region is not None:
+            raise ValueError(f"upstream {self.name!r}: region is for kind 'bedrock'")
         if self.kind == "http":
             if not self.base_url:
                 raise ValueError(f"upstream {self.name!r} needs a base_url")
@@ -106,6 +130,35 @@ class UpstreamSpec(BaseModel):
         if self.models == DISCOVER and self.kind == "mock":
             self.models = [ANY_MODEL]  # the mock answers any model
         return self
+
+    def _check_bedrock(self) -> None:
+        """Bedrock takes its credentials from the AWS chain and IAM limits it to the models named here,
+        so: no URL or key, and every model spelt out."""
+        given = [name for name in ("base_url", *KEY_SOURCES) if getattr(self, name) is not None]
+        if given:
+            raise ValueError(
+                f"upstream {self.name!r}: a bedrock upstream takes no {', '.join(given)} (it calls Amazon "
+                "Bedrock with the AWS credentials of the process: the function's role on AWS)"
+            )
+        if self.models == DISCOVER or ANY_MODEL in self.models:
+            raise ValueError(
+                f"upstream {self.name!r}: a bedrock upstream names its models (a map of the names batches "
+                "use to Bedrock model ids), so that IAM can allow exactly those"
+            )
+        for name, model_id in self.model_ids.items():
+            if not name:
+                raise ValueError(f"upstream {self.name!r}: a model name is empty")
+            try:
+                bedrock_target(model_id)
+            except ValueError as exc:
+                raise ValueError(f"upstream {self.name!r}, model {name!r}: {exc}") from None
+
+    @property
+    def model_ids(self) -> dict[str, str]:
+        """Bedrock: each model name -> the model id it is called with (a listed model is its own id)."""
+        if isinstance(self.models, dict):
+            return dict(self.models)
+        return {} if self.models == DISCOVER else {model: model for model in self.models}
 
     def key(self, environ: Mapping[str, str], secrets: SecretReader | None = None) -> str | None:
         """The API key: given, from the environment, or read from its secret (each call: the reader
@@ -129,7 +182,13 @@ class UpstreamSpec(BaseModel):
 
     def describe(self) -> str:
         where = "the built-in mock" if self.kind == "mock" else redact_url(self.base_url)
-        if self.models == DISCOVER:
+        if self.kind == "bedrock":
+            where = f"Amazon Bedrock in {self.region or 'the default region'}"
+            models = ", ".join(
+                name if name == model_id else f"{name} -> {model_id}"
+                for name, model_id in self.model_ids.items()
+            )
+        elif self.models == DISCOVER:
             models = "models discovered from it"
         else:
             models = "any model" if ANY_MODEL in self.models else ", ".join(self.models)
@@ -219,10 +278,13 @@ class UpstreamPool:
         *,
         secrets: SecretReader | None = None,
         discover_now: bool = True,
+        bedrock: Callable[[], BedrockRuntimeFactory] | None = None,
     ) -> None:
         """`secrets` reads the keys of upstreams with an `api_key_secret` (AWS), when a client is made;
         without it such an upstream fails now. `discover_now`: list the models of "discover"
-        upstreams at once (the local server, to log them); else at the first routing (a Lambda)."""
+        upstreams at once (the local server, to log them); else at the first routing (a Lambda).
+        `bedrock` makes the Bedrock clients (`adapters.aws.bedrock`), asked for only when an upstream is
+        of kind bedrock; without it such an upstream fails now."""
         self.specs = specs
         self.settings = settings
         environ = os.environ if environ is None else environ
@@ -256,6 +318,28 @@ class UpstreamPool:
                     RESERVED_FILE_DESCRIPTORS,
                     self.max_connections,
                 )
+        # Bedrock: its clients, each upstream's region (a missing one fails now), and a thread per call
+        # in flight (boto3 blocks), started as they are needed
+        self._bedrock: BedrockRuntimeFactory | None = None
+        self._regions: dict[str, str] = {}
+        self._executors: dict[str, ThreadPoolExecutor] = {}
+        for spec in specs:
+            if spec.kind != "bedrock":
+                continue
+            if self._bedrock is None:
+                if bedrock is None:
+                    raise ValueError(
+                        f"upstream {spec.name!r} is of kind bedrock, and this process has no Bedrock client"
+                    )
+                self._bedrock = bedrock()
+            try:
+                self._regions[spec.name] = self._bedrock.region(spec.region)
+            except ValueError as exc:
+                raise ValueError(f"upstream {spec.name!r}: {exc}") from None
+            self._executors[spec.name] = ThreadPoolExecutor(
+                max_workers=min(spec.max_in_flight, self.max_connections),
+                thread_name_prefix=f"bedrock-{spec.name}",
+            )
         self.gates = {
             spec.name: CapacityGate(
                 spec.name,
@@ -270,6 +354,8 @@ class UpstreamPool:
         """The models `spec` serves: as listed, or as it last said (refreshed when stale)."""
         if isinstance(spec.models, list):
             return spec.models
+        if isinstance(spec.models, dict):
+            return list(spec.models)
         when, models = self._discovered.get(spec.name, (float("-inf"), []))
         if self.clock() - when > DISCOVERY_MAX_AGE_SECONDS:
             models = self._refresh(spec)
@@ -355,8 +441,22 @@ class UpstreamPool:
         if spec.kind == "mock":
             inner = MockUpstream(latency_seconds=self.settings.mock_latency_seconds)
             return GatedUpstream(inner, gate, batch_id or "")
-        assert spec.base_url is not None  # the spec's validator
         settings = self.settings
+        if spec.kind == "bedrock":
+            assert self._bedrock is not None  # made in __init__ for every bedrock upstream
+            region = self._regions[spec.name]
+            return BedrockUpstream(
+                self._bedrock(region, gate.max_in_flight),
+                spec.model_ids,
+                executor=self._executors[spec.name],
+                region=region,
+                max_retries=settings.upstream_max_retries,
+                backoff_base=settings.upstream_backoff_base_seconds,
+                backoff_max=settings.upstream_backoff_max_seconds,
+                gate=gate,
+                batch_id=batch_id or "",
+            )
+        assert spec.base_url is not None  # the spec's validator
         return OpenAIHttpUpstream(
             spec.base_url,
             self._key(spec),
