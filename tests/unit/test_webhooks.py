@@ -393,3 +393,103 @@ def test_the_deliverer_thread_sends_what_is_enqueued_and_what_a_restart_finds(
     finally:
         deliverer.stop()
     assert [orjson.loads(r.body)["type"] for r in got] == ["batch.expired", "batch.completed"]
+
+
+# ------------------------------------------------------------------ the AWS delivery over a queue
+
+
+class FakeQueue:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, int]] = []
+        self.retried: list[tuple[str, int]] = []
+
+    def send_later(self, body: bytes, delay_seconds: int) -> None:
+        self.sent.append((body, delay_seconds))
+
+    def retry_later(self, receipt_handle: str, delay_seconds: int) -> None:
+        self.retried.append((receipt_handle, delay_seconds))
+
+
+def _queue_delivery(answers: dict[str, list[int]], clock: FakeClock, window: float = 72 * 3600):  # type: ignore[no-untyped-def]
+    from batch_api.webhooks.queue import QueueDelivery
+    from batch_api.webhooks.sender import Attempt
+
+    posted: list[tuple[str, dict[str, str]]] = []
+
+    def post(url: str, body: bytes, headers: object) -> Attempt:
+        posted.append((url, dict(headers)))  # type: ignore[call-overload]
+        scripted = answers.get(url) or []
+        return Attempt(scripted.pop(0) if scripted else 200)
+
+    endpoints = Endpoints(
+        [
+            WebhookEndpoint(url="https://a.example/h", name="a", project="proj_a"),
+            WebhookEndpoint(url="https://b.example/h", name="b"),
+        ]
+    )
+    gave_up: list[tuple[str, str]] = []
+    queue = FakeQueue()
+    delivery = QueueDelivery(
+        endpoints=endpoints,
+        secrets=lambda: {"a": SECRET, "b": SECRET},
+        queue=queue,
+        post=post,
+        policy=RetryPolicy(window_seconds=window),
+        clock=clock,
+        on_gave_up=lambda *what: gave_up.append(what),
+        rand=lambda: 1.0,
+    )
+    return delivery, queue, posted, gave_up
+
+
+def _bus_record(status: str = "completed") -> dict[str, object]:
+    body = {"id": "eb-1", "detail-type": f"batch.{status}", "source": "batch-api", "detail": detail(status)}
+    return {"messageId": "m1", "receiptHandle": "r1", "body": orjson.dumps(body).decode(), "attributes": {}}
+
+
+def test_queue_delivery_retries_only_the_endpoint_that_failed_with_the_same_event() -> None:
+    clock = FakeClock(NOW)
+    delivery, queue, posted, _ = _queue_delivery({"https://b.example/h": [500, 500]}, clock)
+    assert delivery.handle([_bus_record()]) == []
+    assert [url for url, _ in posted] == ["https://a.example/h", "https://b.example/h"]
+    ((body, delay),) = queue.sent
+    assert delay == 10
+    message = orjson.loads(body)
+    assert message["endpoint"] == "b" and message["failed_attempts"] == 1
+    retry = {
+        "messageId": "m2",
+        "receiptHandle": "r2",
+        "body": body.decode(),
+        "attributes": {"ApproximateReceiveCount": "1"},
+    }
+    clock.now += 10
+    assert delivery.handle([retry]) == ["m2"]  # attempt 2 fails: left on the queue
+    assert queue.retried == [("r2", 20)]
+    clock.now += 20
+    assert delivery.handle([{**retry, "attributes": {"ApproximateReceiveCount": "2"}}]) == []
+    ids = {headers["webhook-id"] for _, headers in posted}
+    assert ids == {event_id("batch_abc", "completed")}
+    assert [url for url, _ in posted].count("https://a.example/h") == 1
+
+
+def test_queue_delivery_gives_up_after_the_window() -> None:
+    clock = FakeClock(NOW)
+    delivery, queue, _, gave_up = _queue_delivery(
+        {"https://a.example/h": [500] * 5, "https://b.example/h": [500] * 5}, clock, window=60
+    )
+    delivery.handle([_bus_record()])
+    a_body = next(body for body, _ in queue.sent if orjson.loads(body)["endpoint"] == "a")
+    clock.now += 61
+    record = {
+        "messageId": "m3",
+        "receiptHandle": "r3",
+        "body": a_body.decode(),
+        "attributes": {"ApproximateReceiveCount": "1"},
+    }
+    assert delivery.handle([record]) == []  # dropped, not retried
+    assert gave_up == [("a", event_id("batch_abc", "completed"))]
+
+
+def test_queue_delivery_reports_a_malformed_message_as_failed() -> None:
+    delivery, *_ = _queue_delivery({}, FakeClock(NOW))
+    assert delivery.handle([{"messageId": "bad", "receiptHandle": "x", "body": "not json"}]) == ["bad"]

@@ -22,6 +22,13 @@ from typing import Any
 import orjson
 
 BATCH_EVENT_TYPES = ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")
+
+
+def terminal_event_pattern(source: str) -> dict[str, list[str]]:
+    """The EventBridge pattern of the events webhooks announce (the stack's rule; tests' moto rule)."""
+    return {"source": [source], "detail-type": list(BATCH_EVENT_TYPES)}
+
+
 SECRET_PREFIX = "whsec_"
 # the batch field holding the time of each terminal status: the event's `created_at`
 _TERMINAL_TIME = {
