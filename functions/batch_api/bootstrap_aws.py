@@ -19,8 +19,8 @@ from batch_api.upstreams import UpstreamPool, make_upstream_factory
 if TYPE_CHECKING:
     import boto3
 
-    from batch_api.webhooks.outbox import Post
     from batch_api.webhooks.queue import QueueDelivery
+    from batch_api.webhooks.sender import Post
 
 
 def build_aws_deps(

@@ -24,15 +24,13 @@ from batch_api.ports import Clock, EventSink, WebhookDelivery, WebhookOutbox
 from batch_api.webhooks.endpoints import Endpoints
 from batch_api.webhooks.events import build_event, event_from_body, signed_headers
 from batch_api.webhooks.policy import RetryPolicy, is_delivered
-from batch_api.webhooks.sender import Attempt
+from batch_api.webhooks.sender import Post
 
 logger = logging.getLogger(__name__)
 
 DUE_BATCH = 32  # deliveries one pass takes at most
 SENDERS = 4  # attempts in flight at once, so one slow receiver does not hold up the others
 IDLE_WAIT_SECONDS = 30.0  # how long the deliverer sleeps with nothing due (an enqueue wakes it)
-
-Post = Callable[[str, bytes, Mapping[str, str]], Attempt]
 
 
 class OutboxEventSink:

@@ -24,9 +24,8 @@ import orjson
 from batch_api.ports import Clock
 from batch_api.webhooks.endpoints import Endpoints, WebhookEndpoint
 from batch_api.webhooks.events import WebhookEvent, build_event, event_from_body, signed_headers
-from batch_api.webhooks.outbox import Post
 from batch_api.webhooks.policy import RetryPolicy, is_delivered
-from batch_api.webhooks.sender import Attempt
+from batch_api.webhooks.sender import Attempt, Post
 
 logger = logging.getLogger(__name__)
 

@@ -39,6 +39,10 @@ class Attempt:
         return f"HTTP {self.status_code}" if self.status_code is not None else f"{self.error}"
 
 
+# one attempt: (url, body, headers) -> what it got (`WebhookSender.post`, or a test's)
+Post = Callable[[str, bytes, Mapping[str, str]], Attempt]
+
+
 def resolve_host(host: str, port: int) -> list[str]:
     """Every address `host` resolves to (A and AAAA), in the resolver's order."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
