@@ -6,6 +6,7 @@ Runs `http.server` on a thread; `wait_for(n)` waits on the recorded requests, ne
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,10 +26,13 @@ class Received:
 class WebhookReceiver:
     answers: list[int] = field(default_factory=list)
     redirect_to: str | None = None  # with a 3xx answer: the Location sent
+    # hold the first `hold_first` requests unanswered until `release()` (a sender killed meanwhile)
+    hold_first: int = 0
     received: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._changed = threading.Condition()
+        self._released = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,10 +40,17 @@ class WebhookReceiver:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 with receiver._changed:
                     status = receiver.answers.pop(0) if receiver.answers else 200
+                    held = len(receiver.received) < receiver.hold_first
                     receiver.received.append(
                         Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, status)
                     )
                     receiver._changed.notify_all()
+                if held:
+                    receiver._released.wait(60)
+                with contextlib.suppress(OSError):  # the sender is gone (killed while held)
+                    self._answer(status)
+
+            def _answer(self, status: int) -> None:
                 self.send_response(status)
                 if 300 <= status < 400 and receiver.redirect_to:
                     self.send_header("Location", receiver.redirect_to)
@@ -69,11 +80,15 @@ class WebhookReceiver:
                 raise AssertionError(f"expected {count} webhook request(s), got {len(self.received)}")
             return list(self.received[:count])
 
+    def release(self) -> None:
+        self._released.set()
+
     def delivered(self) -> list[Received]:
         with self._changed:
             return [r for r in self.received if 200 <= r.status < 300]
 
     def close(self) -> None:
+        self._released.set()
         self.server.shutdown()
         self.server.server_close()
 

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import orjson
@@ -493,3 +494,53 @@ def test_queue_delivery_gives_up_after_the_window() -> None:
 def test_queue_delivery_reports_a_malformed_message_as_failed() -> None:
     delivery, *_ = _queue_delivery({}, FakeClock(NOW))
     assert delivery.handle([{"messageId": "bad", "receiptHandle": "x", "body": "not json"}]) == ["bad"]
+
+
+# ------------------------------------------------------------------ the outbox on the terminal path
+
+
+def test_a_crash_before_the_outbox_write_is_delivered_by_the_next_announce(
+    tmp_path: Path, receiver: WebhookReceiver
+) -> None:
+    """The terminal commit keeps `event_pending` until the webhook rows are written: a crash (here the
+    outbox write failing) leaves the mark, and `announce_pending` (every start, every sweep) writes them."""
+    from batch_api.contract.models import BatchRecord
+    from batch_api.workflow import terminal
+    from tests.unit.builders import make_deps
+
+    deps = make_deps()
+    _, outbox, deliverer, _ = _wired(tmp_path, receiver, project="p1")
+    deliverer._clock = deps.clock  # type: ignore[method-assign]
+    calls = {"n": 0}
+    real_enqueue = outbox.enqueue
+
+    def crash_once(deliveries: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("killed")
+        return real_enqueue(deliveries)
+
+    outbox.enqueue = crash_once  # type: ignore[method-assign]
+    deps.events = OutboxEventSink(deps.events, outbox, deliverer.endpoints, clock=deps.clock)
+    deps.metadata.create_batch(
+        BatchRecord(
+            id="batch_t",
+            project_id="p1",
+            endpoint="/v1/chat/completions",
+            input_file_id="file-in",
+            created_at=deps.now(),
+            expires_at=deps.now() + 86400,
+            status="in_progress",
+        )
+    )
+    with pytest.raises(RuntimeError):
+        terminal.end_batch(
+            deps, "p1", "batch_t", lambda b: {"status": "completed", "completed_at": deps.now()}
+        )
+    assert outbox.list_deliveries() == []
+    assert [b.id for b in deps.metadata.list_unannounced_batches()] == ["batch_t"]
+    assert terminal.announce_pending(deps) == 1
+    assert deliverer.deliver_due() == 1
+    (got,) = receiver.wait_for(1)
+    assert got.headers["webhook-id"] == event_id("batch_t", "completed")
+    assert deps.metadata.list_unannounced_batches() == []
