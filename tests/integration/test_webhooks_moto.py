@@ -17,7 +17,7 @@ from typing import Any
 import boto3
 import openai
 import pytest
-from openai.types.webhooks import BatchCancelledWebhookEvent
+from openai.types.webhooks import BatchCancelledWebhookEvent, BatchCompletedWebhookEvent
 
 from batch_api.bootstrap_aws import build_aws_deps, build_webhook_delivery
 from batch_api.config import Settings
@@ -32,6 +32,7 @@ from tests.integration.conftest import (
     REGION,
     AwsWorld,
     LambdaContext,
+    load_event,
     seed_batch,
     seed_input_file,
 )
@@ -166,3 +167,15 @@ def test_a_failing_receiver_gets_the_same_event_again_through_the_queue(
     assert {a.headers["webhook-id"] for a in attempts} == {event_id(BATCH_ID, "cancelled")}
     assert all(isinstance(verified(a.body, a.headers), BatchCancelledWebhookEvent) for a in attempts)
     assert aws.sqs.receive_message(QueueUrl=webhook_queue, WaitTimeSeconds=0).get("Messages") is None
+
+
+def test_the_sample_sqs_event_is_delivered_by_the_handler(
+    delivery_env: None, receiver: WebhookReceiver
+) -> None:
+    sample = load_event("webhooks/sqs_batch.json")
+    answer = webhook_handler.handler(sample, LambdaContext())
+    assert answer == {"batchItemFailures": []}
+    (got,) = receiver.wait_for(1)
+    event = verified(got.body, got.headers)
+    assert isinstance(event, BatchCompletedWebhookEvent)
+    assert (event.data.id, event.created_at) == (BATCH_ID, 1795780800)
