@@ -287,3 +287,6 @@ class WebhookOutbox(Protocol):
         """Store the delivery's new state, attempts, next_at and last error."""
 
     def list_deliveries(self, event_id: str | None = None) -> list[WebhookDelivery]: ...
+
+    def purge(self, now: float) -> int:
+        """Remove deliveries that ended (delivered, given up) long enough before `now`; return how many."""

@@ -375,6 +375,8 @@ def test_a_receiver_failing_for_72_hours_is_given_up(tmp_path: Path, receiver: W
     assert given_up.state == "gave_up" and given_up.last_error == "HTTP 503"
     assert clock.now - NOW == 72 * 3600
     assert len(receiver.received) == given_up.attempts
+    assert outbox.purge(clock.now + 86400) == 0  # ended rows are kept a week for inspection
+    assert outbox.purge(clock.now + 8 * 86400) == 1
 
 
 def test_the_deliverer_thread_sends_what_is_enqueued_and_what_a_restart_finds(
@@ -544,3 +546,50 @@ def test_a_crash_before_the_outbox_write_is_delivered_by_the_next_announce(
     (got,) = receiver.wait_for(1)
     assert got.headers["webhook-id"] == event_id("batch_t", "completed")
     assert deps.metadata.list_unannounced_batches() == []
+
+
+# ------------------------------------------------------------------ the local configuration
+
+
+def test_serve_flags_and_file_give_endpoints_a_key_naming_its_project(tmp_path: Path) -> None:
+    from batch_api.handlers.auth import project_id_for_key
+    from batch_api.local.bootstrap import webhook_endpoints
+    from batch_api.local.cli import _parser, settings_from_args
+
+    hooks = tmp_path / "webhooks.toml"
+    hooks.write_text(
+        f'[[webhooks]]\nurl = "http://127.0.0.1:9/file"\nsecret = "{SECRET}"\nname = "from-file"\n'
+    )
+    args = _parser().parse_args(
+        [
+            "serve",
+            "--api-key",
+            "sk-a",
+            "--webhook",
+            f"http://127.0.0.1:9/a,{SECRET},sk-a",
+            "--webhooks-file",
+            str(hooks),
+        ]
+    )
+    endpoints = webhook_endpoints(settings_from_args(args))
+    assert [(e.url, e.project) for e in endpoints.all()] == [
+        ("http://127.0.0.1:9/a", project_id_for_key("sk-a")),
+        ("http://127.0.0.1:9/file", None),
+    ]
+    assert "sk-a" not in repr(endpoints.all()) and SECRET not in repr(endpoints.all())
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["ftp://example.com/x,{secret}", "http://example.com/x", "http://example.com/x,sk-1", "{secret}"],
+)
+def test_a_bad_webhook_flag_stops_serve_naming_the_problem(
+    flag: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from batch_api.local.cli import main
+
+    code = main(
+        ["serve", "--data-dir", str(tmp_path), "--port", "0", "--webhook", flag.format(secret=SECRET)]
+    )
+    assert code == 2
+    assert SECRET not in capsys.readouterr().err

@@ -55,9 +55,15 @@ def webhook_endpoints(settings: Settings) -> Endpoints:
     listed = list(settings.webhooks)
     if settings.webhooks_file is not None:
         listed += load_file(settings.webhooks_file)
+    from batch_api.webhooks.sender import AddressGuard, RefusedUrl
+
     for endpoint in listed:
         if endpoint.secret is None:
             raise WebhookConfigError(f"{endpoint.describe()} has no secret (whsec_...)")
+        try:
+            AddressGuard.local().check_url(endpoint.url)
+        except RefusedUrl as exc:
+            raise WebhookConfigError(f"{endpoint.describe()}: {exc}") from None
     keys = [key.get_secret_value() for key in settings.api_keys]
     return Endpoints(with_key_projects(listed, keys, project_id_for_key))
 

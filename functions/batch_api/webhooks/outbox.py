@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 DUE_BATCH = 32  # deliveries one pass takes at most
 SENDERS = 4  # attempts in flight at once, so one slow receiver does not hold up the others
 IDLE_WAIT_SECONDS = 30.0  # how long the deliverer sleeps with nothing due (an enqueue wakes it)
+PURGE_INTERVAL_SECONDS = 3600.0  # how often ended deliveries past their keeping time are removed
 
 
 class OutboxEventSink:
@@ -181,10 +182,14 @@ class OutboxDeliverer:
         self._thread.start()
 
     def _run(self) -> None:
+        purged_at = 0.0
         while not self._stop.is_set():
             try:
                 while self.deliver_due() == DUE_BATCH and not self._stop.is_set():
                     pass  # more are due: go on at once
+                if self._clock() - purged_at >= PURGE_INTERVAL_SECONDS:
+                    purged_at = self._clock()
+                    self.outbox.purge(purged_at)
             except Exception:
                 logger.exception("webhook delivery pass failed; will try again")
             next_at = self.outbox.next_due_at()
