@@ -7,6 +7,7 @@ Runs `http.server` on a thread; `wait_for(n)` waits on the recorded requests, ne
 from __future__ import annotations
 
 import contextlib
+import ssl
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class WebhookReceiver:
     redirect_to: str | None = None  # with a 3xx answer: the Location sent
     # hold the first `hold_first` requests unanswered until `release()` (a sender killed meanwhile)
     hold_first: int = 0
+    tls: ssl.SSLContext | None = None  # serve https with this server context
     received: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -62,6 +64,8 @@ class WebhookReceiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if self.tls is not None:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -593,3 +593,24 @@ def test_a_bad_webhook_flag_stops_serve_naming_the_problem(
     )
     assert code == 2
     assert SECRET not in capsys.readouterr().err
+
+
+def test_https_goes_to_the_checked_address_and_verifies_the_certificate_for_the_host(tmp_path: Path) -> None:
+    import ssl
+
+    from tests.unit.test_http1 import self_signed
+
+    cert, key = self_signed(tmp_path)  # for "localhost"
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    secure = WebhookReceiver(tls=server_tls)
+    try:
+        guard = AddressGuard(allow_http=False, allow_private=True, resolve=lambda host, port: ["127.0.0.1"])
+        sender = WebhookSender(guard, timeout_seconds=5, tls=ssl.create_default_context(cafile=str(cert)))
+        assert sender.post(f"https://localhost:{secure.port}/h", b"{}", {}).status_code == 200
+        # the same address under another name: the certificate is checked for the name, not the address
+        other = sender.post(f"https://hooks.example.com:{secure.port}/h", b"{}", {})
+        assert other.status_code is None and "CERTIFICATE_VERIFY_FAILED" in (other.error or "")
+        assert len(secure.received) == 1
+    finally:
+        secure.close()
