@@ -35,8 +35,12 @@ RUNTIME_PROVIDED = frozenset(
 # the local HTTP server's; no Lambda function runs it
 LOCAL_ONLY = frozenset({"uvicorn", "h11"})
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-# the modules the functions' handler strings name (infra/constructs: api, workflow, housekeeping)
-HANDLER_MODULES = ("batch_api.handlers.lambda_api", "batch_api.handlers.workflow")
+# the modules the functions' handler strings name (infra/constructs: api, workflow, housekeeping, webhooks)
+HANDLER_MODULES = (
+    "batch_api.handlers.lambda_api",
+    "batch_api.handlers.workflow",
+    "batch_api.handlers.webhooks",
+)
 # files a module reads at run time (not imports: the import closure cannot find them), copied into the
 # asset with that module: module -> directory under functions/
 DATA_DIRS = {"batch_api.handlers.console": "batch_api/console"}  # the web console's static files

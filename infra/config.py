@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from batch_api.upstreams.openai_http import connection_budget
 from batch_api.upstreams.routing import DEFAULT_UPSTREAM, UpstreamFile, UpstreamSpec
+from batch_api.webhooks.endpoints import WebhookEndpoint
+from batch_api.webhooks.sender import AddressGuard, RefusedUrl
 
 DEFAULT_ENV = "dev"
 
@@ -39,6 +41,7 @@ LOG_RETENTION_DAYS: dict[int, str] = {
 }
 ENV_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,19}$"
 UPSTREAMS_JSON_MAX_CHARS = 2048  # Lambda's 4 KB of environment, shared with the other variables
+WEBHOOKS_JSON_MAX_CHARS = 2048  # the delivery function's environment holds no upstreams
 LAMBDA_OPEN_FILES = 1024  # a Lambda function's limit of open files, which it cannot raise
 # the requests one worker can keep in flight: one connection each, within its open files (less those
 # kept for the AWS SDK, the runtime and the journal: batch_api.upstreams.openai_http)
@@ -71,6 +74,13 @@ class EnvConfig(BaseModel):
     # {"api_keys": [...]}); None: batch-api/<env>/api-keys. There is no "off": without keys the API
     # would serve anyone on the internet as one project.
     api_keys_secret_name: str | None = Field(default=None, min_length=1)
+
+    # Webhook endpoints: each {"name", "url", "project"} (project: a project id, "proj_" + the first 16 hex
+    # digits of the SHA-256 of its API key; absent: every project). https only. Their whsec_ secrets live
+    # in the secret `webhook_secrets_secret_name` (None: batch-api/<env>/webhook-secrets) as JSON
+    # {"<name>": "whsec_..."}, never here.
+    webhooks: list[dict[str, Any]] = Field(default_factory=list)
+    webhook_secrets_secret_name: str | None = Field(default=None, min_length=1)
 
     map_max_concurrency: int = Field(default=10, ge=1, le=10_000)  # Distributed Map MaxConcurrency
     chunk_max_lines: int = Field(default=1000, ge=1, le=50_000)
@@ -133,6 +143,30 @@ class EnvConfig(BaseModel):
         UpstreamFile.model_validate({"upstreams": value})  # what the functions will read, checked now
         return value
 
+    @field_validator("webhooks")
+    @classmethod
+    def _valid_webhooks(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        guard = AddressGuard.public()
+        for raw in value:
+            if "secret" in raw:
+                raise ValueError(
+                    f"webhook {raw.get('name')!r}: a secret is not taken in cdk.json (it would land in the "
+                    "function's environment); put it in the webhook secrets secret under the endpoint's name"
+                )
+            if not raw.get("name"):
+                raise ValueError(f"webhook {raw.get('url')!r}: give it a name (its secret is found by it)")
+            endpoint = WebhookEndpoint.model_validate(raw)
+            try:
+                guard.check_url(endpoint.url)
+            except RefusedUrl as exc:
+                raise ValueError(f"webhook {endpoint.key!r}: {exc}") from None
+        names = [raw["name"] for raw in value]
+        if len(set(names)) != len(names):
+            raise ValueError("two webhooks have the same name")
+        if len(json.dumps(value, separators=(",", ":"))) > WEBHOOKS_JSON_MAX_CHARS:
+            raise ValueError(f"the webhooks take more than {WEBHOOKS_JSON_MAX_CHARS:,} characters as JSON")
+        return value
+
     @model_validator(mode="after")
     def _one_way_to_give_upstreams(self) -> EnvConfig:
         single = [
@@ -180,6 +214,16 @@ class EnvConfig(BaseModel):
     def api_keys_secret(self) -> str:
         """The name of the secret holding the client API keys."""
         return self.api_keys_secret_name or f"batch-api/{self.name}/api-keys"
+
+    @property
+    def webhooks_json(self) -> str:
+        """The endpoints as the delivery function reads them (BATCH_API_WEBHOOKS)."""
+        return json.dumps(self.webhooks, separators=(",", ":"))
+
+    @property
+    def webhook_secrets(self) -> str:
+        """The name of the secret holding the webhook endpoints' whsec_ secrets."""
+        return self.webhook_secrets_secret_name or f"batch-api/{self.name}/webhook-secrets"
 
     @property
     def stack_name(self) -> str:

@@ -10,6 +10,7 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
+from batch_api.config import Settings
 from infra import outputs
 from infra.bundling import function_code
 from infra.config import EnvConfig
@@ -18,6 +19,7 @@ from infra.constructs.events import Events
 from infra.constructs.housekeeping import Housekeeping
 from infra.constructs.monitoring import METRICS_NAMESPACE, SERVICE_NAME, Monitoring
 from infra.constructs.storage import Storage
+from infra.constructs.webhooks import Webhooks
 from infra.constructs.workflow import Workflow
 from infra.functions import RUNTIME, FunctionFactory
 
@@ -84,6 +86,15 @@ class BatchApiStack(Stack):
         housekeeping = Housekeeping(
             self, "Housekeeping", config=config, functions=functions, storage=storage, bus=events.bus
         )
+        webhooks = Webhooks(
+            self,
+            "Webhooks",
+            config=config,
+            functions=functions,
+            bus=events.bus,
+            event_source=Settings.model_fields["event_source"].default,
+            removal_policy=removal_policy,
+        )
         monitoring = Monitoring(
             self,
             "Monitoring",
@@ -97,12 +108,13 @@ class BatchApiStack(Stack):
                 "finalize": workflow.finalize_function,
                 "fail": workflow.fail_function,
                 "housekeeping": housekeeping.function,
+                "webhooks": webhooks.function,
             },
             rest_api=api.rest_api,
-            other_alarms=[housekeeping.errors_alarm],
+            other_alarms=[housekeeping.errors_alarm, webhooks.dead_letters_alarm, webhooks.gave_up_alarm],
         )
         CfnOutput(
             self, outputs.ALARM_TOPIC_ARN, value=monitoring.topic.topic_arn, description="Where alarms go"
         )
         self.storage, self.events, self.workflow, self.api = storage, events, workflow, api
-        self.housekeeping, self.monitoring = housekeeping, monitoring
+        self.housekeeping, self.monitoring, self.webhooks = housekeeping, monitoring, webhooks

@@ -19,6 +19,9 @@ from batch_api.upstreams import UpstreamPool, make_upstream_factory
 if TYPE_CHECKING:
     import boto3
 
+    from batch_api.webhooks.queue import QueueDelivery
+    from batch_api.webhooks.sender import Post
+
 
 def build_aws_deps(
     settings: Settings,
@@ -104,3 +107,40 @@ def bedrock_clients(settings: Settings) -> BedrockRuntimeFactory:
             f"an upstream of kind bedrock needs the AWS SDK ({exc}): pip install 'batch-api[aws]'"
         ) from exc
     return BedrockClients(settings)
+
+
+def build_webhook_delivery(
+    settings: Settings,
+    *,
+    session: boto3.session.Session | None = None,
+    post: Post | None = None,
+    clock: Clock | None = None,
+    on_gave_up: Callable[[str, str], None] = lambda endpoint, event_id: None,
+) -> QueueDelivery:
+    """The delivery function's logic: the settings' endpoints (`BATCH_API_WEBHOOKS`, set by the stack
+    from cdk.json), their secrets from `webhook_secrets_secret_name`, retries through the queue at
+    `webhook_queue_url`, and attempts through the public-address guard (`post` None) over https."""
+    import time
+
+    from batch_api.adapters.aws.clients import aws_client
+    from batch_api.adapters.aws.secrets import webhook_secrets
+    from batch_api.adapters.aws.sqs import SqsDeliveryQueue
+    from batch_api.webhooks.endpoints import Endpoints
+    from batch_api.webhooks.queue import QueueDelivery
+    from batch_api.webhooks.sender import AddressGuard, WebhookSender
+
+    if not settings.webhook_queue_url:
+        raise ValueError("BATCH_API_WEBHOOK_QUEUE_URL must be set for the webhook delivery")
+    secret_name = settings.webhook_secrets_secret_name
+    policy = settings.webhook_retry_policy()
+    if post is None:
+        post = WebhookSender(AddressGuard.public(), timeout_seconds=policy.timeout_seconds).post
+    return QueueDelivery(
+        endpoints=Endpoints(settings.webhooks),
+        secrets=(lambda: webhook_secrets(settings, secret_name)) if secret_name else dict,
+        queue=SqsDeliveryQueue(aws_client(settings, "sqs", session), settings.webhook_queue_url),
+        post=post,
+        policy=policy,
+        clock=clock or time.time,
+        on_gave_up=on_gave_up,
+    )

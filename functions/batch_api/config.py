@@ -12,6 +12,9 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from batch_api.webhooks import policy as webhook_policy
+from batch_api.webhooks.endpoints import WebhookEndpoint
+
 
 def redact_url(url: str | None) -> str | None:
     """The URL with any `user:password@` replaced by `***@`, for logs and messages."""
@@ -79,6 +82,17 @@ class Settings(BaseSettings):
     # local server: requests whose bodies are read and resolved at once (each on its own thread); more wait
     http_concurrency: int = Field(default=16, ge=1, le=256)
 
+    # webhooks (batch_api/webhooks): endpoints as a JSON list (BATCH_API_WEBHOOKS; on AWS the stack sets
+    # it from cdk.json, without secrets) and/or a TOML or JSON file of [[webhooks]] tables
+    webhooks: Annotated[list[WebhookEndpoint], NoDecode] = Field(default_factory=list)
+    webhooks_file: Path | None = None
+    webhook_secrets_secret_name: str | None = None  # AWS: Secrets Manager JSON {endpoint name: whsec_...}
+    webhook_queue_url: str | None = None  # AWS: the delivery queue (retries are messages sent back to it)
+    webhook_backoff_base_seconds: float = Field(default=webhook_policy.BASE_SECONDS, gt=0)
+    webhook_backoff_max_seconds: float = Field(default=webhook_policy.MAX_DELAY_SECONDS, gt=0, le=43_200)
+    webhook_timeout_seconds: float = Field(default=webhook_policy.TIMEOUT_SECONDS, gt=0, le=60)
+    webhook_window_seconds: float = Field(default=webhook_policy.WINDOW_SECONDS, gt=0)
+
     log_level: str = "INFO"
 
     # storage and workflow backend: "local" (SQLite, data dir, in-process runner) or "aws"
@@ -102,6 +116,23 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("webhooks", mode="before")
+    @classmethod
+    def _webhooks_json(cls, value: object) -> object:
+        if isinstance(value, str):
+            import orjson
+
+            return orjson.loads(value) if value.strip() else []
+        return value
+
+    def webhook_retry_policy(self) -> webhook_policy.RetryPolicy:
+        return webhook_policy.RetryPolicy(
+            window_seconds=self.webhook_window_seconds,
+            base_seconds=self.webhook_backoff_base_seconds,
+            max_delay_seconds=self.webhook_backoff_max_seconds,
+            timeout_seconds=self.webhook_timeout_seconds,
+        )
 
     @model_validator(mode="after")
     def _aws_resources_named(self) -> Settings:

@@ -308,3 +308,40 @@ class CapacityLeases(Protocol):
 class Clock(Protocol):
     def __call__(self) -> float:
         """Unix time in seconds."""
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """One (event, endpoint) delivery in the outbox. `body` is the event as every attempt sends it."""
+
+    event_id: str
+    endpoint: str  # the endpoint's name (`WebhookEndpoint.key`)
+    project_id: str
+    url: str
+    body: bytes
+    first_at: float  # when it was enqueued: the 72-hour window starts here
+    next_at: float  # when the next attempt is due
+    attempts: int = 0
+    state: str = "pending"  # pending | delivered | gave_up
+    last_error: str | None = None
+
+
+class WebhookOutbox(Protocol):
+    """Durable webhook deliveries (the local server's; on AWS the SQS queue plays this role)."""
+
+    def enqueue(self, deliveries: Sequence[WebhookDelivery]) -> int:
+        """Add each delivery unless one for the same (event, endpoint) exists; return how many were new."""
+
+    def due(self, now: float, limit: int) -> list[WebhookDelivery]:
+        """Pending deliveries whose next attempt is due at `now`, soonest first."""
+
+    def next_due_at(self) -> float | None:
+        """When the soonest pending delivery is due; None when none is pending."""
+
+    def record(self, delivery: WebhookDelivery) -> None:
+        """Store the delivery's new state, attempts, next_at and last error."""
+
+    def list_deliveries(self, event_id: str | None = None) -> list[WebhookDelivery]: ...
+
+    def purge(self, now: float) -> int:
+        """Remove deliveries that ended (delivered, given up) long enough before `now`; return how many."""

@@ -18,6 +18,7 @@ from infra.bundling import (
 )
 from infra.constructs.api import API_HANDLER
 from infra.constructs.housekeeping import HANDLER as HOUSEKEEPING_HANDLER
+from infra.constructs.webhooks import HANDLER as WEBHOOKS_HANDLER
 from infra.constructs.workflow import HANDLERS as WORKFLOW_HANDLERS
 
 pytestmark = pytest.mark.infra
@@ -28,6 +29,8 @@ LOCAL_ONLY = (
     "batch_api.local.bootstrap",
     "batch_api.adapters.local.sqlite",
     "batch_api.adapters.local.filesystem",
+    "batch_api.adapters.local.webhook_outbox",
+    "batch_api.webhooks.outbox",  # the local deliverer (the AWS delivery imports only its Post type)
     "batch_api.adapters.memory",
     "batch_api.upstreams.mock_server",
     "batch_api.client.commands",  # the client commands and their openai SDK
@@ -36,7 +39,12 @@ LOCAL_ONLY = (
 
 
 def test_the_handler_modules_are_those_the_functions_name() -> None:
-    named = {API_HANDLER.rpartition(".")[0], HOUSEKEEPING_HANDLER.rpartition(".")[0], WORKFLOW_HANDLERS}
+    named = {
+        API_HANDLER.rpartition(".")[0],
+        HOUSEKEEPING_HANDLER.rpartition(".")[0],
+        WEBHOOKS_HANDLER.rpartition(".")[0],
+        WORKFLOW_HANDLERS,
+    }
     assert named == set(HANDLER_MODULES)
 
 

@@ -200,3 +200,26 @@ def test_the_upstreams_list_is_checked_as_the_functions_will_read_it() -> None:
 def test_bad_upstreams_fail_the_synth_naming_the_problem(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_env_config(_env(**settings), "test")
+
+
+@pytest.mark.parametrize(
+    ("webhook", "message"),
+    [
+        ({"name": "a", "url": "http://hooks.example.com/x"}, "only https"),
+        ({"name": "a", "url": "https://169.254.169.254/latest"}, "not a public address"),
+        ({"name": "a", "url": "https://10.0.0.8/in"}, "not a public address"),
+        ({"name": "a", "url": "https://h.example.com", "secret": "whsec_x"}, "secret is not taken"),
+        ({"url": "https://h.example.com"}, "give it a name"),
+    ],
+)
+def test_bad_webhooks_fail_the_synth_naming_the_problem(webhook: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_env_config({"environments": {"dev": {"webhooks": [webhook]}}}, "dev")
+
+
+def test_webhooks_default_to_a_secret_named_for_the_environment() -> None:
+    config = load_env_config(
+        {"environments": {"dev": {"webhooks": [{"name": "a", "url": "https://h.example.com"}]}}}
+    )
+    assert config.webhook_secrets == "batch-api/dev/webhook-secrets"
+    assert json.loads(config.webhooks_json) == [{"name": "a", "url": "https://h.example.com"}]

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.infra
 ENVIRONMENTS = sorted(cdk_context("dev")["environments"])
 WORKFLOW = "batch_api.handlers.workflow"
 API_HANDLER = "batch_api.handlers.lambda_api.handler"
+WEBHOOKS_HANDLER = "batch_api.handlers.webhooks.handler"
 LAMBDA_RETRY_ERRORS = {
     "Lambda.ServiceException",
     "Lambda.AWSLambdaException",
@@ -203,7 +204,7 @@ def test_removal_policy_follows_the_environment(
 # ------------------------------------------------------------------ functions
 
 
-def test_six_functions_on_the_newest_python_arm64_traced(
+def test_seven_functions_on_the_newest_python_arm64_traced(
     template: dict[str, Any], functions: dict[str, str]
 ) -> None:
     from aws_cdk import aws_lambda
@@ -219,6 +220,7 @@ def test_six_functions_on_the_newest_python_arm64_traced(
         f"{WORKFLOW}.finalize_handler",
         f"{WORKFLOW}.fail_handler",
         f"{WORKFLOW}.housekeeping_handler",
+        WEBHOOKS_HANDLER,
     }
     codes = set()
     for logical_id in functions.values():
@@ -877,6 +879,7 @@ def test_every_function_has_only_the_table_actions_its_code_calls(
             "dynamodb:DeleteItem",
             "dynamodb:BatchWriteItem",
         },
+        WEBHOOKS_HANDLER: set(),  # the event carries what it sends
     }
     for handler, logical_id in functions.items():
         granted = {a for a in actions_of(role_statements(template, logical_id)) if a.startswith("dynamodb:")}
@@ -887,7 +890,8 @@ def test_every_alarm_notifies_the_environments_topic(template: dict[str, Any]) -
     topic_id, topic = only(template, "AWS::SNS::Topic")
     assert topic["Properties"]["KmsMasterKeyId"]  # encrypted at rest
     alarms = resources(template, "AWS::CloudWatch::Alarm")
-    assert len(alarms) == 3  # failed executions, worker errors, housekeeping errors
+    # failed executions, worker errors, housekeeping errors, webhook dead letters, webhooks given up
+    assert len(alarms) == 5
     for alarm in alarms.values():
         assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}]
 
@@ -968,3 +972,133 @@ def test_the_dashboard_graphs_each_upstream_by_its_dimension(fleet_template: dic
                 metric,
                 name,
             )
+
+
+# ------------------------------------------------------------------ webhooks
+
+
+HOOKS = [
+    {"name": "orders", "url": "https://hooks.example.com/batch", "project": "proj_0123456789abcdef"},
+    {"name": "all", "url": "https://audit.example.com/in"},
+]
+
+
+@pytest.fixture(scope="module")
+def hooks_template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """dev with two webhook endpoints (cdk.json's environments have none)."""
+    from infra.app import build_app
+
+    context = cdk_context("dev")
+    context["environments"] = {"hooks": {**context["environments"]["dev"], "webhooks": HOOKS}}
+    app, stack = build_app({**context, "env": "hooks"}, outdir=str(tmp_path_factory.mktemp("cdk-hooks")))
+    return typing.cast(dict[str, Any], app.synth().get_stack_by_name(stack.stack_name).template)
+
+
+def _webhook_queues(template: dict[str, Any]) -> tuple[str, dict[str, Any], str, dict[str, Any]]:
+    queues = resources(template, "AWS::SQS::Queue")
+    [(queue_id, queue)] = [(k, q) for k, q in queues.items() if "RedrivePolicy" in q["Properties"]]
+    [(dlq_id, dlq)] = [(k, q) for k, q in queues.items() if k != queue_id]
+    return queue_id, queue, dlq_id, dlq
+
+
+def test_terminal_events_go_from_the_bus_to_an_encrypted_tls_only_queue_with_a_dead_letter_queue(
+    template: dict[str, Any],
+) -> None:
+    from infra.constructs.webhooks import MAX_RECEIVE_COUNT
+
+    from batch_api.webhooks.events import BATCH_EVENT_TYPES
+
+    queue_id, queue, dlq_id, dlq = _webhook_queues(template)
+    bus_id, _ = only(template, "AWS::Events::EventBus")
+    rules = [
+        r
+        for r in resources(template, "AWS::Events::Rule").values()
+        if r["Properties"].get("EventBusName") == {"Ref": bus_id}
+    ]
+    [rule] = rules
+    assert rule["Properties"]["EventPattern"] == {
+        "source": ["batch-api"],
+        "detail-type": list(BATCH_EVENT_TYPES),
+    }
+    assert rule["Properties"]["Targets"][0]["Arn"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+    assert queue["Properties"]["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": [dlq_id, "Arn"]},
+        "maxReceiveCount": MAX_RECEIVE_COUNT,
+    }
+    # retention outlives the 72-hour window; the visibility timeout outlives the function
+    assert queue["Properties"]["MessageRetentionPeriod"] > 72 * 3600
+    assert queue["Properties"]["VisibilityTimeout"] >= 180
+    for q in (queue, dlq):
+        assert q["Properties"]["SqsManagedSseEnabled"] is True
+    policies = resources(template, "AWS::SQS::QueuePolicy")
+    for q_id in (queue_id, dlq_id):
+        [document] = [
+            p["Properties"]["PolicyDocument"]
+            for p in policies.values()
+            if {"Ref": q_id} in p["Properties"]["Queues"]
+        ]
+        denies = [s for s in document["Statement"] if s["Effect"] == "Deny"]
+        assert any(s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} for s in denies)
+    [sender] = [
+        s
+        for p in policies.values()
+        if {"Ref": queue_id} in p["Properties"]["Queues"]
+        for s in p["Properties"]["PolicyDocument"]["Statement"]
+        if s["Effect"] == "Allow"
+    ]
+    assert sender["Principal"] == {"Service": "events.amazonaws.com"}
+    assert sender["Condition"]["ArnEquals"]["aws:SourceArn"]  # only the rule may send
+
+
+def test_the_delivery_function_reads_the_queue_with_partial_failures_and_may_only_use_it(
+    template: dict[str, Any], functions: dict[str, str]
+) -> None:
+    queue_id, _, _, _ = _webhook_queues(template)
+    function_id = functions[WEBHOOKS_HANDLER]
+    [mapping] = [
+        m
+        for m in resources(template, "AWS::Lambda::EventSourceMapping").values()
+        if m["Properties"]["FunctionName"] == {"Ref": function_id}
+    ]
+    assert mapping["Properties"]["EventSourceArn"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+    assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    env = env_of(template, function_id)
+    assert env["BATCH_API_WEBHOOK_QUEUE_URL"] == {"Ref": queue_id}
+    assert json.loads(env["BATCH_API_WEBHOOKS"]) == []
+    assert "BATCH_API_WEBHOOK_SECRETS_SECRET_NAME" not in env  # no endpoints, no secret to read
+    statements = role_statements(template, function_id)
+    sqs = [s for s in statements if any(a.startswith("sqs:") for a in actions_of([s]))]
+    assert all(s["Resource"] == {"Fn::GetAtt": [queue_id, "Arn"]} for s in sqs)
+    assert actions_of(sqs) >= {
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:SendMessage",
+    }
+    others = actions_of(statements) - actions_of(sqs)
+    assert others <= {
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        "xray:PutTraceSegments",
+        "xray:PutTelemetryRecords",
+    }
+    for handler, logical_id in functions.items():  # nobody else touches the queue
+        if handler != WEBHOOKS_HANDLER:
+            assert not any(a.startswith("sqs:") for a in actions_of(role_statements(template, logical_id))), (
+                handler
+            )
+
+
+def test_configured_webhooks_reach_the_function_without_secrets_and_it_reads_only_their_secret(
+    hooks_template: dict[str, Any],
+) -> None:
+    function_id = function_logical_ids(hooks_template)[WEBHOOKS_HANDLER]
+    env = env_of(hooks_template, function_id)
+    assert json.loads(env["BATCH_API_WEBHOOKS"]) == HOOKS
+    assert env["BATCH_API_WEBHOOK_SECRETS_SECRET_NAME"] == "batch-api/hooks/webhook-secrets"
+    read = Settings(webhooks=env["BATCH_API_WEBHOOKS"]).webhooks  # what the function parses
+    assert [(e.key, e.project) for e in read] == [("orders", "proj_0123456789abcdef"), ("all", None)]
+    statements = role_statements(hooks_template, function_id)
+    secret = [s for s in statements if any(a.startswith("secretsmanager:") for a in actions_of([s]))]
+    assert len(secret) == 1
+    assert ":secret:batch-api/hooks/webhook-secrets-??????" in json.dumps(secret[0]["Resource"])

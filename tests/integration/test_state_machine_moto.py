@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -39,30 +40,37 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import boto3
+import openai
 import orjson
 import pytest
 from botocore.client import BaseClient
 from moto.awslambda_simple.models import LambdaSimpleBackend
 from moto.stepfunctions.parser.asl.component.common.retry import retrier_decl
 from openai.types import Batch
+from openai.types.webhooks import BatchCompletedWebhookEvent
 
+import batch_api.handlers.webhooks as webhook_handler
 import batch_api.handlers.workflow as steps
 from batch_api.adapters.aws.dynamodb import DynamoMetadataStore
 from batch_api.adapters.aws.leases import DynamoCapacityLeases
+from batch_api.bootstrap_aws import build_webhook_delivery
+from batch_api.config import Settings
 from batch_api.contract.steps import BatchRef
 from batch_api.deps import Deps
 from batch_api.handlers.auth import project_id_for_key
 from batch_api.ports import Grant
 from batch_api.upstreams.metered import MeteredLeases
+from batch_api.webhooks.events import event_id, new_secret
+from batch_api.webhooks.sender import AddressGuard, WebhookSender
 from batch_api.workflow import process
 from batch_api.workflow.finalize import FinalizeError
 from tests.infra.helpers import (
     actions_of,
+    cdk_context,
     function_logical_ids,
     render_definition,
     resources,
     role_statements,
-    synth_stack,
 )
 from tests.integration.conftest import (
     BUCKET,
@@ -76,6 +84,7 @@ from tests.integration.conftest import (
     LambdaContext,
 )
 from tests.support.fake_upstream import FakeUpstreamServer
+from tests.support.webhook_receiver import WebhookReceiver
 from tests.unit.api_events import proxy_event
 
 pytestmark = [
@@ -84,16 +93,29 @@ pytestmark = [
 ]
 
 API_HANDLER = "batch_api.handlers.lambda_api.handler"
+WEBHOOKS_HANDLER = "batch_api.handlers.webhooks.handler"
 CLIENT_KEY = "sk-state-machine-test-key"
 PROJECT = project_id_for_key(CLIENT_KEY)
 ROLE_ARN = "arn:aws:iam::123456789012:role/batch-api-test-states"
 EXECUTION_TIMEOUT_SECONDS = 60
 
 
+# one webhook endpoint for the test's project (cdk.json's environments have none); its URL is pointed at
+# a local receiver and its secret is in the secret the stack names
+WEBHOOK = {"name": "receiver", "url": "https://hooks.example.com/batch", "project": PROJECT}
+WEBHOOK_SECRET = new_secret()
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The dev stack, synthesized once for this module (cdk-nag on, bundling skipped)."""
-    return synth_stack("dev", tmp_path_factory.mktemp("cdk.out")).template
+    """The dev stack with a webhook endpoint, synthesized once for this module (cdk-nag on, bundling
+    skipped)."""
+    from infra.app import build_app
+
+    context = cdk_context("dev")
+    context["environments"]["dev"] = {**context["environments"]["dev"], "webhooks": [WEBHOOK]}
+    app, stack = build_app(context, outdir=str(tmp_path_factory.mktemp("cdk.out")))
+    return typing.cast(dict[str, Any], app.synth().get_stack_by_name(stack.stack_name).template)
 
 
 def resolve_environment(template: dict[str, Any], logical_id: str, refs: dict[str, str]) -> dict[str, str]:
@@ -138,6 +160,64 @@ class Deployment:
     functions: dict[str, tuple[str, Deps]]  # logical id -> (handler path, its Deps)
     template: dict[str, Any]
     handlers: dict[str, str]  # handler path -> logical id
+    webhook_environment: dict[str, str]  # the delivery function's, as the template sets it
+    webhook_queue_url: str
+    sqs: Any
+
+    def deliver_webhooks(
+        self, receiver: WebhookReceiver, until: Callable[[], bool], monkeypatch: pytest.MonkeyPatch
+    ) -> list[dict[str, Any]]:
+        """Lambda's SQS event source on the webhook queue, until `until()`: receive what is visible,
+        invoke the delivery handler, delete what it did not report failed. moto routes bus -> queue;
+        this hop is driven here. The function's environment is the template's, with the endpoint's URL
+        pointed at `receiver` and a sender that may call it (http on 127.0.0.1, which the function's
+        own guard refuses: tests/unit/test_webhooks.py)."""
+        with monkeypatch.context() as scoped:
+            for name in [n for n in os.environ if n.startswith("BATCH_API_")]:
+                scoped.delenv(name)
+            for name, value in self.webhook_environment.items():
+                scoped.setenv(name, value)
+            endpoints = [
+                {**e, "url": receiver.url} for e in json.loads(self.webhook_environment["BATCH_API_WEBHOOKS"])
+            ]
+            scoped.setenv("BATCH_API_WEBHOOKS", json.dumps(endpoints))
+            scoped.setenv("BATCH_API_WEBHOOK_BACKOFF_BASE_SECONDS", "0.01")  # retries due within a second
+            delivery = build_webhook_delivery(
+                Settings(backend="aws"), post=WebhookSender(AddressGuard.local(), timeout_seconds=5).post
+            )
+        monkeypatch.setattr(webhook_handler, "get_delivery", lambda: delivery)
+        answers: list[dict[str, Any]] = []
+        deadline = time.monotonic() + EXECUTION_TIMEOUT_SECONDS
+        while not until():
+            assert time.monotonic() < deadline, f"webhooks not delivered: {receiver.received}"
+            messages = self.sqs.receive_message(
+                QueueUrl=self.webhook_queue_url,
+                MaxNumberOfMessages=5,
+                WaitTimeSeconds=1,
+                AttributeNames=["All"],
+            ).get("Messages", [])
+            if not messages:
+                continue
+            records = [
+                {
+                    "messageId": m["MessageId"],
+                    "receiptHandle": m["ReceiptHandle"],
+                    "body": m["Body"],
+                    "attributes": m.get("Attributes", {}),
+                    "eventSource": "aws:sqs",
+                }
+                for m in messages
+            ]
+            with self.aws_calls.as_function(WEBHOOKS_HANDLER):
+                answer = webhook_handler.handler({"Records": records}, LambdaContext())
+            answers.append(answer)
+            failed = {item["itemIdentifier"] for item in answer["batchItemFailures"]}
+            for message in messages:
+                if message["MessageId"] not in failed:
+                    self.sqs.delete_message(
+                        QueueUrl=self.webhook_queue_url, ReceiptHandle=message["ReceiptHandle"]
+                    )
+        return answers
 
     def call_api(
         self, method: str, path: str, *, body: bytes = b"", content_type: str | None = None, status: int = 200
@@ -335,6 +415,26 @@ def deployment(
         refs[logical_id] = BUCKET  # the functions and the ItemReader name only the data bucket
     for logical_id in resources(template, "AWS::Events::EventBus"):
         refs[logical_id] = BUS
+    for logical_id in resources(template, "AWS::SQS::Queue"):  # the webhook queue and its dead letters
+        refs[logical_id] = aws.sqs.create_queue(QueueName=logical_id)["QueueUrl"]
+    # the template's rule on the bus -> the webhook queue, as moto can route it
+    [(rule_id, rule)] = [
+        (lid, r)
+        for lid, r in resources(template, "AWS::Events::Rule").items()
+        if "EventBusName" in r["Properties"]
+    ]
+    [target] = rule["Properties"]["Targets"]
+    webhook_queue_url = refs[target["Arn"]["Fn::GetAtt"][0]]
+    events_client = boto3.client("events", region_name=REGION)
+    events_client.put_rule(
+        Name=rule_id, EventBusName=BUS, EventPattern=json.dumps(rule["Properties"]["EventPattern"])
+    )
+    queue_arn = aws.sqs.get_queue_attributes(QueueUrl=webhook_queue_url, AttributeNames=["QueueArn"])
+    events_client.put_targets(
+        Rule=rule_id,
+        EventBusName=BUS,
+        Targets=[{"Id": "queue", "Arn": queue_arn["Attributes"]["QueueArn"]}],
+    )
     for logical_id in resources(template, "AWS::IAM::Role"):  # the download links' signer
         refs[logical_id] = f"arn:aws:iam::123456789012:role/{logical_id}"
     for logical_id in handlers.values():
@@ -381,8 +481,13 @@ def deployment(
     functions = {
         logical_id: (handler_path, deps_for(logical_id))
         for handler_path, logical_id in handlers.items()
-        if handler_path != API_HANDLER
+        if handler_path not in (API_HANDLER, WEBHOOKS_HANDLER)
     }
+    webhook_environment = environment(handlers[WEBHOOKS_HANDLER])
+    boto3.client("secretsmanager", region_name=REGION).create_secret(
+        Name=webhook_environment["BATCH_API_WEBHOOK_SECRETS_SECRET_NAME"],
+        SecretString=json.dumps({WEBHOOK["name"]: WEBHOOK_SECRET}),
+    )
     # the API module reads its environment at import, as a Lambda cold start does. The keys' secret
     # is swapped for one key given directly (test_lambda_handlers covers the secret).
     api_environment = environment(handlers[API_HANDLER])
@@ -414,7 +519,18 @@ def deployment(
     aws_calls.install(monkeypatch)
     with lambdas_run_in_process(monkeypatch, functions, invocations, aws_calls):
         yield Deployment(
-            api, state_machine_arn, invocations, statuses, sfn, aws_calls, functions, template, handlers
+            api,
+            state_machine_arn,
+            invocations,
+            statuses,
+            sfn,
+            aws_calls,
+            functions,
+            template,
+            handlers,
+            webhook_environment,
+            webhook_queue_url,
+            aws.sqs,
         )
 
 
@@ -455,6 +571,28 @@ def test_a_batch_runs_through_the_synthesized_state_machine(
     assert event["detail-type"] == "batch.completed"
     assert event["detail"]["id"] == batch.id and event["detail"]["project_id"] == PROJECT
     assert event["detail"]["status"] == "completed"
+
+
+def test_a_batch_end_reaches_its_projects_webhook_through_bus_queue_and_delivery_function(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state machine ends the batch; the finalize step publishes on the bus; the template's rule
+    puts the event on the webhook queue; the delivery function signs and POSTs it."""
+    receiver = WebhookReceiver()
+    try:
+        batch = deployment.create_batch(deployment.upload(INPUT_LINES))
+        assert deployment.wait_for_execution(batch.id)["status"] == "SUCCEEDED"
+        answers = deployment.deliver_webhooks(receiver, lambda: bool(receiver.delivered()), monkeypatch)
+        assert answers == [{"batchItemFailures": []}]
+        (got,) = receiver.wait_for(1)
+    finally:
+        receiver.close()
+    sdk = openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1", webhook_secret=WEBHOOK_SECRET)
+    event = sdk.webhooks.unwrap(got.body, got.headers)
+    assert isinstance(event, BatchCompletedWebhookEvent)
+    assert event.id == event_id(batch.id, "completed") and event.data.id == batch.id
+    done = Batch.model_validate(deployment.call_api("GET", f"/v1/batches/{batch.id}"))
+    assert event.created_at == done.completed_at
 
 
 def test_a_chunk_that_runs_out_of_time_loops_until_done(
@@ -680,7 +818,11 @@ IAM_ACTION = {
     ("events", "PutEvents"): "events:PutEvents",
     ("stepfunctions", "StartExecution"): "states:StartExecution",
     ("secretsmanager", "GetSecretValue"): "secretsmanager:GetSecretValue",
+    ("sqs", "SendMessage"): "sqs:SendMessage",
+    ("sqs", "ChangeMessageVisibility"): "sqs:ChangeMessageVisibility",
 }
+# what Lambda's SQS event source does with the delivery function's role
+EVENT_SOURCE_ACTIONS = {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"}
 # a transaction needs the action of each item it writes (IAM has no action of its own for it)
 TRANSACTION_ACTIONS = {
     ("dynamodb", "TransactWriteItems"): ("dynamodb:UpdateItem", "dynamodb:PutItem", "dynamodb:DeleteItem"),
@@ -767,6 +909,16 @@ def test_every_call_of_every_function_is_allowed_by_its_role_and_nothing_more_on
     items = store.table.scan()["Items"]  # type: ignore[attr-defined]
     assert [i["sk"] for i in items if str(i["sk"]).startswith("BATCH")] == ["BATCH"] * 4
     assert [i for i in items if str(i["sk"]).startswith("HOLD#")] == []
+    # every end above reaches the webhook receiver (the first batch's twice: announced again by the
+    # sweep), the first six attempts failing: each event from the bus is queued again as a delivery,
+    # and a delivery that fails again is retried by its visibility timeout
+    receiver = WebhookReceiver(answers=[500] * 6)
+    try:
+        deployment.deliver_webhooks(receiver, lambda: len(receiver.delivered()) >= 5, monkeypatch)
+    finally:
+        receiver.close()
+    delivery_calls = deployment.aws_calls.by_function[WEBHOOKS_HANDLER]
+    assert {("sqs", "SendMessage"), ("sqs", "ChangeMessageVisibility")} <= delivery_calls
 
     template = deployment.template
     checked = []
@@ -778,6 +930,8 @@ def test_every_call_of_every_function_is_allowed_by_its_role_and_nothing_more_on
         needed = {IAM_ACTION[call] for call in calls if call in IAM_ACTION} | {
             action for call in calls for action in TRANSACTION_ACTIONS.get(call, ())
         }
+        if handler_path == WEBHOOKS_HANDLER:
+            needed |= EVENT_SOURCE_ACTIONS
         granted = actions_of(role_statements(template, logical_id))
         assert needed <= granted, (handler_path, needed - granted)
         name = handler_path.rpartition(".")[2]
@@ -794,6 +948,7 @@ def test_every_call_of_every_function_is_allowed_by_its_role_and_nothing_more_on
         "fail_handler",
         "finalize_handler",
         "handler",
+        "handler",  # the API's and the webhook delivery's
         "housekeeping_handler",
         "process_handler",
         "validate_handler",

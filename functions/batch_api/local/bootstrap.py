@@ -18,6 +18,8 @@ from batch_api.adapters.local.sqlite import SqliteMetadataStore
 from batch_api.config import Settings
 from batch_api.deps import Deps
 from batch_api.upstreams import make_upstream_factory
+from batch_api.webhooks.endpoints import Endpoints, WebhookConfigError, load_file, with_key_projects
+from batch_api.webhooks.outbox import OutboxDeliverer
 from batch_api.workflow.runner_local import LocalWorkflow
 
 logger = logging.getLogger(__name__)
@@ -36,10 +38,54 @@ class LocalApp:
     signing_key: bytes
     api_factory: Callable[[], Any]  # builds one API resolver; the server builds one per worker thread
     lock_handle: IO[str]
+    webhooks: OutboxDeliverer | None = None  # None: no webhook endpoints configured
 
     def close(self) -> None:
         self.workflow.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()
         self.lock_handle.close()
+
+
+def webhook_endpoints(settings: Settings) -> Endpoints:
+    """The endpoints of the settings and the webhooks file, a project given as an API key turned into
+    its project id. `WebhookConfigError` names what is wrong."""
+    from batch_api.handlers.auth import project_id_for_key
+
+    listed = list(settings.webhooks)
+    if settings.webhooks_file is not None:
+        listed += load_file(settings.webhooks_file)
+    from batch_api.webhooks.sender import AddressGuard, RefusedUrl
+
+    for endpoint in listed:
+        if endpoint.secret is None:
+            raise WebhookConfigError(f"{endpoint.describe()} has no secret (whsec_...)")
+        try:
+            AddressGuard.local().check_url(endpoint.url)
+        except RefusedUrl as exc:
+            raise WebhookConfigError(f"{endpoint.describe()}: {exc}") from None
+    keys = [key.get_secret_value() for key in settings.api_keys]
+    return Endpoints(with_key_projects(listed, keys, project_id_for_key))
+
+
+def _with_webhooks(deps: Deps, data_dir: Path, endpoints: Endpoints) -> OutboxDeliverer:
+    """Route the terminal events through a durable outbox in the data directory, delivered by a thread
+    (started by the caller, after the lock is held and before `resume` announces anything)."""
+    from batch_api.adapters.local.webhook_outbox import SqliteWebhookOutbox
+    from batch_api.webhooks.outbox import OutboxEventSink
+    from batch_api.webhooks.sender import AddressGuard, WebhookSender
+
+    settings = deps.settings
+    policy = settings.webhook_retry_policy()
+    outbox = SqliteWebhookOutbox(data_dir / "webhooks.sqlite3")
+    sender = WebhookSender(AddressGuard.local(), timeout_seconds=policy.timeout_seconds)
+    deliverer = OutboxDeliverer(outbox, endpoints, sender.post, policy, clock=deps.clock)
+    deps.events = OutboxEventSink(
+        deps.events, outbox, endpoints, clock=deps.clock, on_enqueued=deliverer.wake
+    )
+    for endpoint in endpoints.all():
+        logger.info("%s", endpoint.describe())
+    return deliverer
 
 
 def _signing_key(data_dir: Path) -> bytes:
@@ -80,6 +126,7 @@ def build_local_app(settings: Settings) -> LocalApp:
         from batch_api.bootstrap_aws import bedrock_clients
 
         upstreams = make_upstream_factory(settings, bedrock=lambda: bedrock_clients(settings))
+    endpoints = webhook_endpoints(settings)  # a bad webhook fails now too
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     lock_handle = _lock(data_dir)
@@ -104,6 +151,7 @@ def build_local_app(settings: Settings) -> LocalApp:
             upstream_factory=upstreams,
         )
     deps.route = upstreams.route
+    webhooks = _with_webhooks(deps, data_dir, endpoints) if endpoints else None
     workflow.bind(deps)
     return LocalApp(
         settings=settings,
@@ -113,4 +161,5 @@ def build_local_app(settings: Settings) -> LocalApp:
         signing_key=signing_key,
         api_factory=partial(create_app, deps),
         lock_handle=lock_handle,
+        webhooks=webhooks,
     )

@@ -23,6 +23,7 @@ from batch_api.client.exit_codes import HELP as EXIT_CODES_HELP
 from batch_api.client.exit_codes import ExitCode
 from batch_api.client.parser import add_client_commands
 from batch_api.config import Settings, redact_url
+from batch_api.webhooks.endpoints import WebhookConfigError, parse_flag
 
 logger = logging.getLogger("batch_api")
 
@@ -61,6 +62,12 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--completion-window-seconds", "completion_window_seconds", int, "length of the '24h' window (86400)"),
     ("--max-request-bytes", "max_request_bytes", int, "largest HTTP request body (80 MiB)"),
     ("--http-concurrency", "http_concurrency", int, "HTTP requests read and resolved at once (16)"),
+    (
+        "--webhooks-file",
+        "webhooks_file",
+        str,
+        "TOML or JSON file of [[webhooks]] (url, secret, project, name): where terminal batch events go",
+    ),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING (INFO)"),
     (
         "--aws-endpoint-url",
@@ -115,6 +122,16 @@ def _parser() -> argparse.ArgumentParser:
         help="require this API key from clients (repeatable; each key is its own project)",
     )
 
+    serve.add_argument(
+        "--webhook",
+        dest="webhook_flags",
+        action="append",
+        default=None,
+        metavar="URL,SECRET[,PROJECT]",
+        help="send terminal batch events to URL signed with SECRET (whsec_...), for PROJECT's batches (an "
+        "API key of --api-key or a project id; default every project); repeatable",
+    )
+
     mock = commands.add_parser(
         "mock-upstream", help="serve the deterministic mock as an OpenAI-compatible server"
     )
@@ -152,6 +169,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides["upstream_api_key"] = SecretStr(args.upstream_api_key)
     if args.api_keys:
         overrides["api_keys"] = [SecretStr(k) for k in args.api_keys]
+    if args.webhook_flags:
+        overrides["webhooks"] = [parse_flag(value) for value in args.webhook_flags]
     return Settings(**overrides)
 
 
@@ -170,7 +189,7 @@ def serve(settings: Settings) -> int:
     except DataDirLocked as exc:
         logger.error("%s; stop it first or use another --data-dir", exc)
         return 2
-    except ValueError as exc:  # the upstreams: a bad file, URL or missing key variable
+    except ValueError as exc:  # the upstreams or webhooks: a bad file, URL or missing key variable
         logger.error("%s", exc)
         return 2
     try:
@@ -204,6 +223,8 @@ def serve(settings: Settings) -> int:
         )
     else:
         logger.info("data directory: %s", settings.data_dir.resolve())
+    if app.webhooks is not None:
+        app.webhooks.start()  # before resume: an end a crash left unannounced is delivered too
     resumed = app.workflow.resume()
     if resumed:
         logger.info("resumed %d unfinished batch(es)", resumed)
@@ -269,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
     except ValidationError as exc:
         print(f"batch-api: invalid settings:\n{describe(exc)}", file=sys.stderr)
+        return 2
+    except WebhookConfigError as exc:
+        print(f"batch-api: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

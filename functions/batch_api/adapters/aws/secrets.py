@@ -116,3 +116,31 @@ def clear_cache() -> None:
         for provider in _providers.values():
             provider.clear_cache()
         _providers.clear()
+
+
+class WebhookSecretsError(ValueError):
+    """The webhook secrets secret is not a JSON object of endpoint name -> whsec_ secret."""
+
+
+def parse_webhook_secrets(secret_name: str, value: str | bytes) -> dict[str, str]:
+    """`{"endpoint name": "whsec_...", ...}`; values are checked when they sign, never logged."""
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise WebhookSecretsError(f"Secret {secret_name!r} is not valid JSON.") from exc
+    if not isinstance(document, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in document.items()
+    ):
+        raise WebhookSecretsError(
+            f'Secret {secret_name!r} must be a JSON object of endpoint name -> "whsec_..." secret.'
+        )
+    return document
+
+
+def webhook_secrets(settings: Settings, secret_name: str) -> dict[str, str]:
+    """The webhook endpoints' secrets by name (cached for SECRET_MAX_AGE_SECONDS: a rotated or added
+    secret is used within that time)."""
+    value = _provider(settings).get(secret_name, max_age=SECRET_MAX_AGE_SECONDS)
+    if value is None or isinstance(value, dict):
+        raise WebhookSecretsError(f"Secret {secret_name!r} could not be read as text.")
+    return parse_webhook_secrets(secret_name, value)
