@@ -188,6 +188,8 @@ def test_requests_are_counted_per_client_and_timed_per_request() -> None:
     assert inner.closed
     latencies = [value for name, unit, value in sink.added if name == UPSTREAM_LATENCY]
     assert len(latencies) == 4 and all(value >= 0 for value in latencies)
+    # to 0.1 ms: each value is a few bytes in the EMF log (it is written per request, twice)
+    assert all(value == round(value, 1) and len(repr(value)) <= 8 for value in latencies)
     assert {unit for name, unit, _ in sink.added if name == UPSTREAM_LATENCY} == {"Milliseconds"}
     counts = [(name, unit, value) for name, unit, value in sink.added if name != UPSTREAM_LATENCY]
     assert counts == [(REQUESTS_SUCCEEDED, "Count", 2), (REQUESTS_FAILED, "Count", 3)]

@@ -71,7 +71,7 @@ class MeteredUpstream:
         except Exception:
             self.failed += 1  # the caller records it as a failed request
             raise
-        latency = (time.perf_counter() - began) * 1000
+        latency = round((time.perf_counter() - began) * 1000, 1)  # 0.1 ms: a few bytes of log, not 18
         self.metrics.add_metric(name=UPSTREAM_LATENCY, unit=MetricUnit.Milliseconds, value=latency)
         if self.gate is not None:
             self.latencies.append(latency)
