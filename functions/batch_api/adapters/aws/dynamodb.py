@@ -13,7 +13,7 @@ Items (record fields are stored as native attributes beside the keys):
                                                           gsi2 ACTIVE#{shard} / {created_at:012d}#{id}
                                                                (non-terminal, or terminal with its event pending)
     chunk progress  pk BATCH#{id}            sk CHUNK#{index:05d}           (PutItem overwrite)
-    input hold      pk FILE#{file_id}        sk HOLD#{batch_id}             project_id, batch_id
+    input hold      pk FILE#{file_id}        sk HOLD#{batch_id}             project_id, batch_id, ttl (batch expiry + 7 d)
     idempotency     pk IDEMP#{project}       sk KEY#{key}                   ttl created_at + 24 h (DynamoDB TTL)
     capacity lease  pk LEASES#{upstream}     sk VERSION | LEASE#{holder} | WAIT#{batch}  (adapters/aws/leases.py)
 
@@ -35,7 +35,7 @@ is absent or ended, so the batch item decides: a hold counts only while its batc
 hold's project, reads that file and has not ended. A hold left behind therefore never keeps a body.
 Every update that leaves a batch ended deletes its hold, and the outbox makes one more follow the end
 (`event_pending` cleared), so only a crash between a hold and its batch's creation leaves a small item
-behind for good.
+behind, which DynamoDB's TTL removes a week after the batch would have expired.
 
 An upload keeps its gsi2sk whatever its status; only gsi2pk comes and goes (a GSI holds an item only
 when both its keys are present), so the sort key is always at hand should an upload become pending
@@ -92,6 +92,10 @@ UPLOAD_EXPIRES_PARTITION = "UPLOAD_EXPIRES"
 # already written. 16 keys may sit on 16 partitions, 16x one key's write rate, while a reader's fan-out
 # stays 16 small Queries.
 STATE_SHARDS = 16
+# A hold's TTL: this long after its batch's own expiry, when the batch has ended for days (an expiring
+# batch ends within minutes); only a hold a crash left behind is still there to be removed. Readers
+# never look at it: the batch item decides whether a hold counts.
+HOLD_TTL_AFTER_BATCH_EXPIRY = 7 * 86400
 _CLAIM_ATTEMPTS = 5  # a claim re-tries only when the item it lost to vanished (TTL) before it could read it
 _CONDITION_FAILED = "ConditionalCheckFailedException"
 
@@ -489,13 +493,18 @@ class DynamoMetadataStore:
             item[GSI2_PARTITION_KEY] = sharded(ACTIVE_PARTITION, record.id)
             item[GSI2_SORT_KEY] = sort_key
             # the hold first: a crash before the batch is written leaves a hold no reader counts
-            self._put_hold(record.project_id, record.input_file_id, record.id)
+            self._put_hold(record.project_id, record.input_file_id, record.id, record.expires_at)
         self._put_new(item, record.id)
 
-    def _put_hold(self, project_id: str, file_id: str, batch_id: str) -> None:
-        self.table.put_item(
-            Item={**_hold_key(file_id, batch_id), "project_id": project_id, "batch_id": batch_id}
-        )
+    def _put_hold(self, project_id: str, file_id: str, batch_id: str, expires_at: int | None) -> None:
+        item: dict[str, Any] = {
+            **_hold_key(file_id, batch_id),
+            "project_id": project_id,
+            "batch_id": batch_id,
+        }
+        if expires_at is not None:  # DynamoDB removes a hold a crash left behind, long after its batch
+            item[TTL_ATTRIBUTE] = expires_at + HOLD_TTL_AFTER_BATCH_EXPIRY
+        self.table.put_item(Item=item)
 
     def get_batch(self, project_id: str, batch_id: str) -> BatchRecord | None:
         item = self._get_scoped(_batch_pk(batch_id), "BATCH", project_id)
@@ -540,7 +549,7 @@ class DynamoMetadataStore:
             current = self.get_batch(project_id, batch_id)
             if current is None:
                 raise ConditionFailed(batch_id)
-            self._put_hold(project_id, current.input_file_id, batch_id)
+            self._put_hold(project_id, current.input_file_id, batch_id, current.expires_at)
         updated = self._conditional_update(
             BatchRecord,
             _batch_pk(batch_id),
