@@ -219,6 +219,30 @@ def test_stop_reasons_become_finish_reasons(
     assert response.body["choices"][0]["finish_reason"] == finish_reason
 
 
+def test_cached_prompt_tokens_count_in_prompt_tokens_as_openai_counts_them(
+    stubbed: tuple[Stubber, BotoBedrockRuntime],
+) -> None:
+    stubber, runtime = stubbed
+    answer = converse_answer([{"text": "x"}])
+    answer["usage"] = {
+        "inputTokens": 3,
+        "outputTokens": 1,
+        "totalTokens": 109,
+        "cacheReadInputTokens": 100,
+        "cacheWriteInputTokens": 5,
+    }
+    stubber.add_response("converse", answer)
+
+    response, _ = send(runtime, {"model": "claude", "messages": [user("hi")]})
+
+    assert response.body["usage"] == {
+        "prompt_tokens": 108,
+        "completion_tokens": 1,
+        "total_tokens": 109,
+        "prompt_tokens_details": {"cached_tokens": 100},
+    }
+
+
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -321,8 +345,10 @@ def test_tools_tool_calls_and_tool_results_round_trip(stubbed: tuple[Stubber, Bo
 @pytest.mark.parametrize(
     ("tool_choice", "tool_config"),
     [
-        (None, {"tools": [WEATHER_SPEC], "toolChoice": {"auto": {}}}),
-        ("auto", {"tools": [WEATHER_SPEC], "toolChoice": {"auto": {}}}),
+        # no toolChoice for auto, Converse's default: models other than Claude 3, Mistral Large and Nova
+        # refuse the field
+        (None, {"tools": [WEATHER_SPEC]}),
+        ("auto", {"tools": [WEATHER_SPEC]}),
         ("required", {"tools": [WEATHER_SPEC], "toolChoice": {"any": {}}}),
         (
             {"type": "function", "function": {"name": "get_weather"}},
@@ -532,6 +558,7 @@ def test_throttling_is_retried_with_backoff_then_succeeds_and_the_gate_backs_off
         ("ServiceUnavailableException", 503),
         ("InternalServerException", 500),
         ("ModelTimeoutException", 408),
+        ("ServiceQuotaExceededException", 429),  # a 400 in the service model: "resubmit later"
     ],
 )
 def test_transient_errors_are_retried(

@@ -297,6 +297,45 @@ def test_a_receiver_that_does_not_answer_is_a_timeout() -> None:
         listener.close()
 
 
+def test_a_receiver_answering_a_byte_at_a_time_is_cut_off_at_the_attempt_s_timeout() -> None:
+    """The timeout bounds the whole attempt: each byte arrives well within it, the answer never does."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+                if stop.wait(0.05):  # a byte every 50 ms, a quarter of the timeout
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    try:
+        began = time.monotonic()
+        answer = WebhookSender(AddressGuard.local(), timeout_seconds=0.5).post(
+            f"http://127.0.0.1:{listener.getsockname()[1]}/", b"{}", {}
+        )
+        took = time.monotonic() - began
+        assert answer.status_code is None and answer.error == "timeout"
+        assert took < 3  # not the 50 s the drip would take
+    finally:
+        stop.set()
+        listener.close()
+        dripper.join(5)
+
+
 # ------------------------------------------------------------------ the outbox and the deliverer
 
 
@@ -450,29 +489,48 @@ def _bus_record(status: str = "completed") -> dict[str, object]:
     return {"messageId": "m1", "receiptHandle": "r1", "body": orjson.dumps(body).decode(), "attributes": {}}
 
 
+def _delivery_record(body: bytes, message_id: str, receives: int) -> dict[str, object]:
+    return {
+        "messageId": message_id,
+        "receiptHandle": f"r-{message_id}",
+        "body": body.decode(),
+        "attributes": {"ApproximateReceiveCount": str(receives)},
+    }
+
+
+def test_an_event_is_fanned_out_to_one_delivery_per_endpoint_before_any_attempt() -> None:
+    clock = FakeClock(NOW)
+    delivery, queue, posted, _ = _queue_delivery({}, clock)
+    assert delivery.handle([_bus_record()]) == []
+    assert posted == []  # nothing attempted: an invocation dying now leaves only queued deliveries
+    messages = [(orjson.loads(body), delay) for body, delay in queue.sent]
+    assert [(m["endpoint"], m["failed_attempts"], delay) for m, delay in messages] == [
+        ("a", 0, 0),
+        ("b", 0, 0),
+    ]
+    assert {m["first_attempt_at"] for m, _ in messages} == {NOW}
+
+    queue.sent.clear()  # the event handed back (its invocation died): the same deliveries again
+    assert delivery.handle([_bus_record()]) == [] and len(queue.sent) == 2 and posted == []
+
+
 def test_queue_delivery_retries_only_the_endpoint_that_failed_with_the_same_event() -> None:
     clock = FakeClock(NOW)
     delivery, queue, posted, _ = _queue_delivery({"https://b.example/h": [500, 500]}, clock)
-    assert delivery.handle([_bus_record()]) == []
+    delivery.handle([_bus_record()])
+    to_a, to_b = (body for body, _ in queue.sent)
+    assert delivery.handle([_delivery_record(to_a, "ma", 1), _delivery_record(to_b, "mb", 1)]) == ["mb"]
     assert [url for url, _ in posted] == ["https://a.example/h", "https://b.example/h"]
-    ((body, delay),) = queue.sent
-    assert delay == 10
-    message = orjson.loads(body)
-    assert message["endpoint"] == "b" and message["failed_attempts"] == 1
-    retry = {
-        "messageId": "m2",
-        "receiptHandle": "r2",
-        "body": body.decode(),
-        "attributes": {"ApproximateReceiveCount": "1"},
-    }
+    assert queue.retried == [("r-mb", 10)]  # attempt 1 failed: again after the first backoff
     clock.now += 10
-    assert delivery.handle([retry]) == ["m2"]  # attempt 2 fails: left on the queue
-    assert queue.retried == [("r2", 20)]
+    assert delivery.handle([_delivery_record(to_b, "mb", 2)]) == ["mb"]  # attempt 2 fails too
+    assert queue.retried[-1] == ("r-mb", 20)
     clock.now += 20
-    assert delivery.handle([{**retry, "attributes": {"ApproximateReceiveCount": "2"}}]) == []
+    assert delivery.handle([_delivery_record(to_b, "mb", 3)]) == []  # attempt 3 delivers
     ids = {headers["webhook-id"] for _, headers in posted}
     assert ids == {event_id("batch_abc", "completed")}
     assert [url for url, _ in posted].count("https://a.example/h") == 1
+    assert [url for url, _ in posted].count("https://b.example/h") == 3
 
 
 def test_queue_delivery_gives_up_after_the_window() -> None:
@@ -482,14 +540,9 @@ def test_queue_delivery_gives_up_after_the_window() -> None:
     )
     delivery.handle([_bus_record()])
     a_body = next(body for body, _ in queue.sent if orjson.loads(body)["endpoint"] == "a")
+    assert delivery.handle([_delivery_record(a_body, "m3", 1)]) == ["m3"]  # in the window: retried
     clock.now += 61
-    record = {
-        "messageId": "m3",
-        "receiptHandle": "r3",
-        "body": a_body.decode(),
-        "attributes": {"ApproximateReceiveCount": "1"},
-    }
-    assert delivery.handle([record]) == []  # dropped, not retried
+    assert delivery.handle([_delivery_record(a_body, "m3", 2)]) == []  # dropped, not retried
     assert gave_up == [("a", event_id("batch_abc", "completed"))]
 
 

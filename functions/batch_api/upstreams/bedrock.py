@@ -269,7 +269,7 @@ def _tool_config(body: Mapping[str, Any], has_tool_blocks: bool) -> dict[str, An
         specs.append({"toolSpec": spec})
     config: dict[str, Any] = {"tools": specs}
     if choice is None or choice == "auto":
-        config["toolChoice"] = {"auto": {}}
+        pass  # Converse's default; and only some models (Claude 3, Mistral Large, Nova) take a toolChoice
     elif choice == "required":
         config["toolChoice"] = {"any": {}}
     elif choice == "none":
@@ -371,7 +371,10 @@ def chat_completion(answer: BedrockAnswer, model: str, created: int) -> dict[str
         message["tool_calls"] = tool_calls
     stop_reason = answer.body.get("stopReason")
     usage = answer.body.get("usage") or {}
-    prompt = int(usage.get("inputTokens", 0))
+    cached = int(usage.get("cacheReadInputTokens", 0))
+    # OpenAI's prompt_tokens counts cached tokens too (`cached_tokens` says how many); Converse's
+    # inputTokens leaves out what it read from or wrote to the prompt cache
+    prompt = int(usage.get("inputTokens", 0)) + cached + int(usage.get("cacheWriteInputTokens", 0))
     completion = int(usage.get("outputTokens", 0))
     return {
         "id": f"chatcmpl-{answer.request_id or new_request_id()}",
@@ -389,8 +392,8 @@ def chat_completion(answer: BedrockAnswer, model: str, created: int) -> dict[str
         "usage": {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
-            "total_tokens": int(usage.get("totalTokens", prompt + completion)),
-            "prompt_tokens_details": {"cached_tokens": int(usage.get("cacheReadInputTokens", 0))},
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         },
     }
 

@@ -1,12 +1,13 @@
 """The AWS delivery: EventBridge rule -> SQS queue -> this logic in the delivery function.
 
 A message is either the terminal event as EventBridge put it on the queue, or one endpoint's delivery
-that failed before (sent back to the queue by this code). An event is attempted at once for every
-endpoint that hears its project; each endpoint that fails gets a delivery message of its own (so a
-retry never sends again to an endpoint that took it), due after the first backoff. A delivery message
-that fails again stays on the queue: its visibility timeout is set to the next backoff and the
-function reports it as a batch item failure, so SQS hands it back then (`ApproximateReceiveCount`
-counts its attempts). After 72 hours from the first attempt the delivery is dropped with an error log
+(put on the queue by this code). An event is only fanned out: one delivery message per endpoint that
+hears its project, at once, before any attempt (so a retry never sends again to an endpoint that took
+it, and an invocation that dies mid-way, handing the event back, can only have queued deliveries, not
+started retry chains). A delivery message is one attempt, bounded by the sender's timeout, so an
+invocation lasts at most its batch size times that. A delivery that fails stays on the queue: its
+visibility timeout is set to the next backoff and the function reports it as a batch item failure, so
+SQS hands it back then (`ApproximateReceiveCount` counts its attempts). After 72 hours from the first attempt the delivery is dropped with an error log
 and the `WebhookGaveUp` metric (alarmed); the dead-letter queue takes what this code cannot handle at
 all (a malformed message, a function that keeps failing).
 """
@@ -77,31 +78,15 @@ class QueueDelivery:
             return True
         now = self.clock()
         for endpoint in self.endpoints.for_project(event.project_id):
-            answer = self._attempt(endpoint, event)
-            if is_delivered(answer.status_code):
-                continue
-            next_at = self.policy.next_attempt_at(
-                failed_attempts=1, now=self.clock(), first_attempt_at=now, rand=self.rand
-            )
-            if next_at is None:  # a window shorter than one attempt
-                self._give_up(endpoint.key, event, 1, answer)
-                continue
-            logger.warning(
-                "webhook %s: event %s attempt 1 failed (%s); retrying",
-                endpoint.key,
-                event.id,
-                answer.describe(),
-            )
             delivery = {
                 "kind": DELIVERY_KIND,
                 "endpoint": endpoint.key,
                 "project_id": event.project_id,
                 "event": event.body.decode(),
                 "first_attempt_at": now,
-                "failed_attempts": 1,
+                "failed_attempts": 0,
             }
-            delay = max(0, min(int(next_at - self.clock() + 0.999), MAX_SEND_DELAY_SECONDS))
-            self.queue.send_later(orjson.dumps(delivery), delay)
+            self.queue.send_later(orjson.dumps(delivery), 0)
         return True
 
     def _redeliver(self, record: Mapping[str, Any], message: Mapping[str, Any]) -> bool:

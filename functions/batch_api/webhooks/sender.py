@@ -11,10 +11,12 @@ same machine.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -142,6 +144,15 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
 
 
+def _cut_off(connection: http.client.HTTPConnection, cut: threading.Event) -> None:
+    """End an attempt whose time is up: shut its socket down, which wakes a read blocked on it."""
+    cut.set()
+    sock = connection.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 @dataclass(frozen=True)
 class WebhookSender:
     """Sends one attempt. http.client never follows a redirect: a 3xx is just a failed attempt."""
@@ -173,6 +184,12 @@ class WebhookSender:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
+        # `timeout_seconds` bounds the whole attempt, not each socket read: a receiver that answers a
+        # byte at a time is cut off when the time is up (the socket's own timeout bounds the connect)
+        cut = threading.Event()
+        watchdog = threading.Timer(self.timeout_seconds, _cut_off, args=(connection, cut))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             connection.request(
                 "POST",
@@ -184,7 +201,12 @@ class WebhookSender:
         except TimeoutError:
             return Attempt(None, "timeout")
         except (OSError, http.client.HTTPException) as exc:
+            if cut.is_set():
+                return Attempt(None, "timeout")
             return Attempt(None, f"{type(exc).__name__}: {exc}")
         finally:
+            watchdog.cancel()
             connection.close()
+        if cut.is_set():  # the status line came, but not in time: a receiver too slow to count on
+            return Attempt(None, "timeout")
         return Attempt(status)

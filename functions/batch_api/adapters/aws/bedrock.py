@@ -46,6 +46,11 @@ def runtime_config(max_connections: int, read_timeout: float, connect_timeout: f
     )
 
 
+# Errors the service model gives a 4xx that Bedrock documents as "resubmit your request later": a rate
+# or token quota of the account, answered as the 429 it is, so the request is retried with backoff.
+RETRY_LATER = {"ServiceQuotaExceededException": 429}
+
+
 def error_statuses(client: Any) -> dict[str, int]:
     """Error code -> HTTP status, as the service model declares them for the calls made here."""
     statuses: dict[str, int] = {}
@@ -100,7 +105,9 @@ class BotoBedrockRuntime:
             error = exc.response.get("Error", {})
             code = str(error.get("Code") or "BedrockError")
             metadata = exc.response.get("ResponseMetadata", {})
-            status = self._statuses.get(code) or metadata.get("HTTPStatusCode") or 500
+            status = (
+                RETRY_LATER.get(code) or self._statuses.get(code) or metadata.get("HTTPStatusCode") or 500
+            )
             raise BedrockCallError(
                 code, str(error.get("Message") or code), int(status), request_id=metadata.get("RequestId")
             ) from exc
