@@ -26,7 +26,8 @@ from infra.functions import FunctionFactory
 
 HANDLER = "batch_api.handlers.webhooks.handler"
 GAVE_UP_METRIC = "WebhookGaveUp"  # batch_api.handlers.webhooks
-FUNCTION_TIMEOUT = Duration.minutes(3)  # a batch of 5 messages, each one attempt of at most 10 s (an event only fans out)
+# a batch of 5 messages, each one attempt of at most 10 s (an event only fans out)
+FUNCTION_TIMEOUT = Duration.minutes(3)
 BATCH_SIZE = 5
 # at least the function's timeout (Lambda requires it): a message whose invocation died comes back then
 VISIBILITY_TIMEOUT = Duration.minutes(15)
