@@ -84,6 +84,7 @@ from tests.integration.conftest import (
     LambdaContext,
 )
 from tests.support.fake_upstream import FakeUpstreamServer
+from tests.support.sqs_source import invoke_with_messages
 from tests.support.webhook_receiver import WebhookReceiver
 from tests.unit.api_events import proxy_event
 
@@ -198,26 +199,17 @@ class Deployment:
             ).get("Messages", [])
             if not messages:
                 continue
-            records = [
-                {
-                    "messageId": m["MessageId"],
-                    "receiptHandle": m["ReceiptHandle"],
-                    "body": m["Body"],
-                    "attributes": m.get("Attributes", {}),
-                    "eventSource": "aws:sqs",
-                }
-                for m in messages
-            ]
-            with self.aws_calls.as_function(WEBHOOKS_HANDLER):
-                answer = webhook_handler.handler({"Records": records}, LambdaContext())
+            answer = invoke_with_messages(
+                self.sqs, self.webhook_queue_url, messages, self._as_webhook_function
+            )
             answers.append(answer)
-            failed = {item["itemIdentifier"] for item in answer["batchItemFailures"]}
-            for message in messages:
-                if message["MessageId"] not in failed:
-                    self.sqs.delete_message(
-                        QueueUrl=self.webhook_queue_url, ReceiptHandle=message["ReceiptHandle"]
-                    )
         return answers
+
+    def _as_webhook_function(self, event: dict[str, Any]) -> Any:
+        """The delivery function's invocation, its AWS calls counted as its own (not the event source's
+        deletes)."""
+        with self.aws_calls.as_function(WEBHOOKS_HANDLER):
+            return webhook_handler.handler(event, LambdaContext())
 
     def call_api(
         self, method: str, path: str, *, body: bytes = b"", content_type: str | None = None, status: int = 200

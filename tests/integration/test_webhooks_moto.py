@@ -36,6 +36,7 @@ from tests.integration.conftest import (
     seed_batch,
     seed_input_file,
 )
+from tests.support.sqs_source import invoke_with_messages
 from tests.support.webhook_receiver import WebhookReceiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:No application metrics to publish")]
@@ -115,22 +116,9 @@ def invoke_with_queue(aws: AwsWorld, queue_url: str, *, timeout: float = 10.0) -
             QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1, AttributeNames=["All"]
         ).get("Messages", [])
     assert messages, "no message reached the webhook queue"
-    records = [
-        {
-            "messageId": m["MessageId"],
-            "receiptHandle": m["ReceiptHandle"],
-            "body": m["Body"],
-            "attributes": m.get("Attributes", {}),
-            "eventSource": "aws:sqs",
-        }
-        for m in messages
-    ]
-    answer: dict[str, Any] = webhook_handler.handler({"Records": records}, LambdaContext())
-    failed = {item["itemIdentifier"] for item in answer["batchItemFailures"]}
-    for message in messages:
-        if message["MessageId"] not in failed:
-            aws.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-    return answer
+    return invoke_with_messages(
+        aws.sqs, queue_url, messages, lambda event: webhook_handler.handler(event, LambdaContext())
+    )
 
 
 def verified(body: bytes, headers: dict[str, str]) -> Any:

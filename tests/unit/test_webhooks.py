@@ -379,6 +379,31 @@ def test_enqueue_is_once_per_event_and_endpoint_and_only_for_the_project(
     assert len(sink.inner.published) == 4  # type: ignore[attr-defined]
 
 
+def test_announces_from_many_threads_at_once_enqueue_each_delivery_once(
+    tmp_path: Path, receiver: WebhookReceiver
+) -> None:
+    """The terminal step, the restart's resume and the sweep may announce the same ends together."""
+    import threading
+
+    _, outbox, _, sink = _wired(tmp_path, receiver)
+    start = threading.Barrier(8)
+
+    def announce(worker: int) -> None:
+        start.wait()
+        for i in range(40):
+            sink.publish("batch.completed", detail(batch_id=f"batch_{(worker + i) % 10}"))
+
+    threads = [threading.Thread(target=announce, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    got = sorted(d.event_id for d in outbox.list_deliveries())
+    assert got == sorted(event_id(f"batch_{n}", "completed") for n in range(10))
+    assert len(sink.inner.published) == 8 * 40  # type: ignore[attr-defined]
+
+
 def test_failed_attempts_retry_with_backoff_and_the_same_id_each_signed_afresh(
     tmp_path: Path, receiver: WebhookReceiver
 ) -> None:

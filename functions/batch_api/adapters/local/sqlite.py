@@ -120,21 +120,26 @@ def _apply(record: RecordT, changes: Mapping[str, Any]) -> RecordT:
     return type(record).model_validate(data)
 
 
+def open_database(path: Path) -> sqlite3.Connection:
+    """A connection shared by the process's threads (each store serialises its use with a lock of its
+    own): no implicit transactions (writes open their own BEGIN IMMEDIATE), WAL with synchronous=NORMAL
+    (every commit survives a kill -9), and 30 s of waiting on a busy database."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA busy_timeout=30000")
+    return connection
+
+
 class SqliteMetadataStore:
     """ports.MetadataStore on SQLite; behaves as `MemoryMetadataStore` (the contract suite checks it)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        # isolation_level=None: no implicit transactions; writes open their own BEGIN IMMEDIATE.
-        self._conn = sqlite3.connect(
-            str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
-        )
+        self._conn = open_database(self.path)
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
             self._migrate()
 
     def _migrate(self) -> None:

@@ -7,11 +7,11 @@ rows are kept for a week for inspection, then removed by `purge`.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from batch_api.adapters.local.sqlite import open_database
 from batch_api.ports import WebhookDelivery
 
 KEEP_FINISHED_SECONDS = 7 * 86400
@@ -53,18 +53,13 @@ def _delivery(row: tuple[object, ...]) -> WebhookDelivery:
 
 
 class SqliteWebhookOutbox:
-    """ports.WebhookOutbox; WAL with synchronous=NORMAL keeps every commit through a kill -9."""
+    """ports.WebhookOutbox (`sqlite.open_database`: every commit survives a kill -9)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
-        )
+        self._conn = open_database(self.path)
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._conn.execute(statement)
